@@ -1,0 +1,3 @@
+//! agentreg: a clustered registry of agent identities.
+//!
+//! See ARCHITECTURE.md for the bird's-eye view and the code map.
