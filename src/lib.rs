@@ -1,3 +1,6 @@
 //! agentreg: a clustered registry of agent identities.
 //!
 //! See ARCHITECTURE.md for the bird's-eye view and the code map.
+
+pub mod identity;
+pub mod registry;

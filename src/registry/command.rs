@@ -1,0 +1,165 @@
+//! The commands of the replicated log and their typed results.
+//!
+//! Every command carries `at`, the proposer's wall clock in Unix seconds: time enters the
+//! state machine only through this field, so apply stays deterministic.
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{Certificate, Invalid, KeyringError, Secret};
+
+/// Identifies one agent connection: the node it is on and that node's id for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ConnRef {
+    pub node_id: u64,
+    pub conn_id: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Proposer's wall clock, Unix seconds.
+    pub at: u64,
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Claim `agent_id` (or re-issue its certificate with `force` and a valid `proof`).
+    Claim {
+        agent_id: String,
+        ttl_secs: u64,
+        force: bool,
+        proof: Option<Certificate>,
+        /// The connection asking, if any: a live session on another connection blocks the claim.
+        conn: Option<ConnRef>,
+    },
+    /// Give up a claim; the certificate is revoked.
+    Release { certificate: Certificate },
+    /// Open a session for `agent_id` on `conn`. Its session id is this entry's log index.
+    Register {
+        agent_id: String,
+        conn: ConnRef,
+        /// The agent's metadata as JSON text.
+        metadata: String,
+        certificate: Option<Certificate>,
+        force_reconnect: bool,
+        /// Whether the proposing node lets `force_reconnect` without a certificate take over
+        /// a session of an unclaimed id.
+        allow_uncertified_takeover: bool,
+    },
+    /// The agent ends its own session.
+    Unregister { agent_id: String, session_id: u64 },
+    /// A node evicts a session that stopped answering or whose connection is gone.
+    Evict { agent_id: String, session_id: u64 },
+    /// Evict every session of `node_id` registered at or before `max_session_id`.
+    EvictNode { node_id: u64, max_session_id: u64 },
+    /// Revoke the certificate presented (whoever holds a certificate may revoke it).
+    RevokeCertificate { certificate: Certificate },
+    /// Operator action: revoke the current certificate of `agent_id` and free the id.
+    RevokeAgent { agent_id: String },
+    /// Installs the first signing key; does nothing when the keyring already has one.
+    InitKeyring { secret: Secret },
+    /// Makes a new signing key active; its id is `k<log index>`.
+    RotateKey { secret: Secret },
+    /// Retires a validating key.
+    RetireKey { key_id: String },
+}
+
+impl Op {
+    /// Short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Claim { .. } => "claim",
+            Op::Release { .. } => "release",
+            Op::Register { .. } => "register",
+            Op::Unregister { .. } => "unregister",
+            Op::Evict { .. } => "evict",
+            Op::EvictNode { .. } => "evict_node",
+            Op::RevokeCertificate { .. } => "revoke_certificate",
+            Op::RevokeAgent { .. } => "revoke_agent",
+            Op::InitKeyring { .. } => "init_keyring",
+            Op::RotateKey { .. } => "rotate_key",
+            Op::RetireKey { .. } => "retire_key",
+        }
+    }
+}
+
+/// A session as the sessions table holds it, enough to find and close its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRef {
+    pub session_id: u64,
+    pub conn: ConnRef,
+}
+
+/// What an applied command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Membership and blank entries.
+    Noop,
+    Claimed {
+        certificate: Certificate,
+    },
+    Released {
+        serial: u64,
+        /// The session registered with that certificate, now ended.
+        ended: Option<(String, SessionRef)>,
+    },
+    Registered {
+        session_id: u64,
+        /// The session this registration took over, whose connection must be closed.
+        replaced: Option<SessionRef>,
+    },
+    /// Unregister or Evict: whether the session was still there with that id.
+    SessionEnded {
+        removed: bool,
+    },
+    NodeEvicted {
+        removed: Vec<(String, SessionRef)>,
+    },
+    Revoked {
+        serial: u64,
+        /// False when it had been revoked before (revocation is idempotent).
+        newly: bool,
+        /// The session registered with that certificate, now ended.
+        ended: Option<(String, SessionRef)>,
+    },
+    KeyringInitialized {
+        key_id: String,
+        created: bool,
+    },
+    KeyRotated {
+        key_id: String,
+    },
+    KeyRetired {
+        key_id: String,
+    },
+}
+
+/// Why a command was refused. Refusals change nothing. `Display` is the text agents see.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RegistryError {
+    #[error("invalid agent_id: {0}")]
+    InvalidAgentId(String),
+    #[error("Agent ID {agent_id} is already claimed")]
+    AlreadyClaimed { agent_id: String },
+    #[error("Agent ID {agent_id} is already claimed; force needs a valid certificate for it")]
+    ForceWithoutProof { agent_id: String },
+    #[error("certificate validation failed: {0}")]
+    Certificate(Invalid),
+    #[error("Agent ID {agent_id} is claimed; register with its certificate")]
+    CertificateRequired { agent_id: String },
+    #[error("Agent ID {agent_id} is already connected (node {node_id}); present its certificate to take over")]
+    AlreadyConnected { agent_id: String, node_id: u64 },
+    #[error("Agent ID {agent_id} is not claimed")]
+    NotClaimed { agent_id: String },
+    #[error("the cluster has no signing key yet; retry shortly")]
+    NoSigningKey,
+    #[error("certificate ttl must be between 1 second and 10 years")]
+    BadTtl,
+    #[error("metadata is too large ({0} bytes, at most 16384)")]
+    MetadataTooLarge(usize),
+    #[error("{0}")]
+    Keyring(KeyringError),
+}
+
+/// The result every log entry produces.
+pub type Response = Result<Outcome, RegistryError>;

@@ -1,0 +1,10 @@
+//! The replicated registry: commands, their results, and the state machine that applies them.
+
+mod command;
+mod state;
+
+pub use command::{Command, ConnRef, Op, Outcome, RegistryError, Response, SessionRef};
+pub use state::{
+    Claim, RegistryState, Revocation, Session, TableSizes, Tables, EXPIRY_GRACE_SECS,
+    MAX_METADATA_LEN, MAX_TTL_SECS,
+};

@@ -1,0 +1,503 @@
+//! The registry state machine: four tables and the deterministic `apply` over them.
+//!
+//! Apply reads nothing but its arguments and the tables: no clock (time is the command's
+//! `at`), no randomness (secrets arrive in the command), no IO. Every node that applies the
+//! same log therefore holds the same tables.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::command::{Command, ConnRef, Op, Outcome, RegistryError, Response, SessionRef};
+use crate::identity::{check_agent_id, Certificate, Invalid, Keyring, Secret};
+
+/// Longest certificate lifetime a claim may ask for: ten years.
+pub const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+/// Largest session metadata accepted, in bytes of JSON text.
+pub const MAX_METADATA_LEN: usize = 16 * 1024;
+/// Revocations (and expired claims) are dropped this long after the certificate expired, so
+/// that a node whose clock runs behind the proposer's still finds the revocation.
+pub const EXPIRY_GRACE_SECS: u64 = 3600;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// Log index of the claim; the serial of the certificate it issued.
+    pub serial: u64,
+    pub issued_at: u64,
+    pub expires_at: u64,
+    pub key_id: String,
+    pub certificate_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// Log index of the registration: the fencing token of this session.
+    pub session_id: u64,
+    pub conn: ConnRef,
+    /// JSON text, as the agent sent it.
+    pub metadata: String,
+    pub registered_at: u64,
+    /// Serial of the certificate the session registered with, if any.
+    pub cert_serial: Option<u64>,
+}
+
+impl Session {
+    pub fn as_ref(&self) -> SessionRef {
+        SessionRef {
+            session_id: self.session_id,
+            conn: self.conn,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub agent_id: String,
+    pub revoked_at: u64,
+    /// When the revoked certificate would have expired; the entry is kept until then.
+    pub expires_at: u64,
+}
+
+/// The replicated tables, exactly as a snapshot carries them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tables {
+    pub claims: BTreeMap<String, Claim>,
+    pub sessions: BTreeMap<String, Session>,
+    pub revocations: BTreeMap<u64, Revocation>,
+    pub keyring: Keyring,
+}
+
+/// Table sizes, for status and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableSizes {
+    pub claims: usize,
+    pub sessions: usize,
+    pub revocations: usize,
+    pub keys: usize,
+}
+
+/// The tables plus indexes derived from them (rebuilt on load, never serialised).
+#[derive(Debug, Clone, Default)]
+pub struct RegistryState {
+    tables: Tables,
+    /// (expires_at, serial) of every revocation, to drop them in order.
+    revocation_expiry: BTreeSet<(u64, u64)>,
+}
+
+impl RegistryState {
+    pub fn from_tables(tables: Tables) -> Self {
+        let revocation_expiry = tables
+            .revocations
+            .iter()
+            .map(|(serial, r)| (r.expires_at, *serial))
+            .collect();
+        RegistryState {
+            tables,
+            revocation_expiry,
+        }
+    }
+
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
+    pub fn sizes(&self) -> TableSizes {
+        TableSizes {
+            claims: self.tables.claims.len(),
+            sessions: self.tables.sessions.len(),
+            revocations: self.tables.revocations.len(),
+            keys: self.tables.keyring.len(),
+        }
+    }
+
+    pub fn claim(&self, agent_id: &str) -> Option<&Claim> {
+        self.tables.claims.get(agent_id)
+    }
+
+    pub fn session(&self, agent_id: &str) -> Option<&Session> {
+        self.tables.sessions.get(agent_id)
+    }
+
+    pub fn keyring(&self) -> &Keyring {
+        &self.tables.keyring
+    }
+
+    /// Validates `cert` at time `now`: known key, intact signature, not expired, not revoked,
+    /// and still the current certificate of its id's claim.
+    ///
+    /// # Errors
+    /// The first reason it is not valid.
+    pub fn validate(&self, cert: &Certificate, now: u64) -> Result<(), Invalid> {
+        self.check_signature(cert)?;
+        if now >= cert.expires_at {
+            return Err(Invalid::Expired);
+        }
+        if self.tables.revocations.contains_key(&cert.serial) {
+            return Err(Invalid::Revoked);
+        }
+        match self.tables.claims.get(&cert.agent_id) {
+            None => Err(Invalid::NotClaimed),
+            Some(c) if c.serial != cert.serial => Err(Invalid::Superseded),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// [`validate`](Self::validate), and the certificate must be for `agent_id`.
+    ///
+    /// # Errors
+    /// [`Invalid::OtherAgent`] first, then whatever `validate` finds.
+    pub fn validate_for(
+        &self,
+        cert: &Certificate,
+        agent_id: &str,
+        now: u64,
+    ) -> Result<(), Invalid> {
+        if cert.agent_id != agent_id {
+            return Err(Invalid::OtherAgent);
+        }
+        self.validate(cert, now)
+    }
+
+    fn check_signature(&self, cert: &Certificate) -> Result<(), Invalid> {
+        let key = self
+            .tables
+            .keyring
+            .get(&cert.key_id)
+            .ok_or(Invalid::UnknownKey)?;
+        let secret = key.secret.as_ref().ok_or(Invalid::RetiredKey)?;
+        cert.verify_signature(secret)
+    }
+
+    /// Applies the command of log entry `index`. A refusal leaves every table unchanged.
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> Response {
+        let at = cmd.at;
+        let result = match &cmd.op {
+            Op::Claim {
+                agent_id,
+                ttl_secs,
+                force,
+                proof,
+                conn,
+            } => self.claim_id(
+                index,
+                at,
+                agent_id,
+                *ttl_secs,
+                *force,
+                proof.as_ref(),
+                *conn,
+            ),
+            Op::Release { certificate } => self.release(at, certificate),
+            Op::Register {
+                agent_id,
+                conn,
+                metadata,
+                certificate,
+                force_reconnect,
+                allow_uncertified_takeover,
+            } => self.register(
+                index,
+                at,
+                agent_id,
+                *conn,
+                metadata,
+                certificate.as_ref(),
+                *force_reconnect && *allow_uncertified_takeover,
+            ),
+            Op::Unregister {
+                agent_id,
+                session_id,
+            }
+            | Op::Evict {
+                agent_id,
+                session_id,
+            } => Ok(Outcome::SessionEnded {
+                removed: self.end_session(agent_id, *session_id).is_some(),
+            }),
+            Op::EvictNode {
+                node_id,
+                max_session_id,
+            } => Ok(self.evict_node(*node_id, *max_session_id)),
+            Op::RevokeCertificate { certificate } => self.revoke_certificate(at, certificate),
+            Op::RevokeAgent { agent_id } => self.revoke_agent(at, agent_id),
+            Op::InitKeyring { secret } => self.init_keyring(index, at, secret),
+            Op::RotateKey { secret } => {
+                let key_id = format!("k{index}");
+                self.tables
+                    .keyring
+                    .rotate(key_id.clone(), secret.clone(), at)
+                    .map(|()| Outcome::KeyRotated { key_id })
+                    .map_err(RegistryError::Keyring)
+            }
+            Op::RetireKey { key_id } => self
+                .tables
+                .keyring
+                .retire(key_id)
+                .map(|()| Outcome::KeyRetired {
+                    key_id: key_id.clone(),
+                })
+                .map_err(RegistryError::Keyring),
+        };
+        self.drop_expired_revocations(at);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn claim_id(
+        &mut self,
+        index: u64,
+        at: u64,
+        agent_id: &str,
+        ttl_secs: u64,
+        force: bool,
+        proof: Option<&Certificate>,
+        conn: Option<ConnRef>,
+    ) -> Response {
+        check_agent_id(agent_id).map_err(RegistryError::InvalidAgentId)?;
+        if ttl_secs == 0 || ttl_secs > MAX_TTL_SECS {
+            return Err(RegistryError::BadTtl);
+        }
+        let live = self
+            .tables
+            .claims
+            .get(agent_id)
+            .filter(|c| c.expires_at > at);
+        if live.is_some() {
+            if !force {
+                return Err(RegistryError::AlreadyClaimed {
+                    agent_id: agent_id.to_owned(),
+                });
+            }
+            let proof = proof.ok_or_else(|| RegistryError::ForceWithoutProof {
+                agent_id: agent_id.to_owned(),
+            })?;
+            self.validate_for(proof, agent_id, at)
+                .map_err(RegistryError::Certificate)?;
+        } else if let Some(s) = self.tables.sessions.get(agent_id) {
+            // Free (or expired) id, but someone is connected under it: only that connection
+            // may claim it.
+            if conn != Some(s.conn) {
+                return Err(RegistryError::AlreadyConnected {
+                    agent_id: agent_id.to_owned(),
+                    node_id: s.conn.node_id,
+                });
+            }
+        }
+        let (key_id, secret) = self
+            .tables
+            .keyring
+            .active()
+            .ok_or(RegistryError::NoSigningKey)?;
+        let certificate = Certificate::issue(agent_id, index, at, at + ttl_secs, key_id, secret);
+        self.tables.claims.insert(
+            agent_id.to_owned(),
+            Claim {
+                serial: index,
+                issued_at: at,
+                expires_at: certificate.expires_at,
+                key_id: key_id.to_owned(),
+                certificate_hash: certificate.certificate_hash.clone(),
+            },
+        );
+        Ok(Outcome::Claimed { certificate })
+    }
+
+    fn release(&mut self, at: u64, cert: &Certificate) -> Response {
+        self.validate(cert, at)
+            .map_err(RegistryError::Certificate)?;
+        let ended = self.revoke_serial(at, &cert.agent_id, cert.serial, cert.expires_at);
+        Ok(Outcome::Released {
+            serial: cert.serial,
+            ended,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn register(
+        &mut self,
+        index: u64,
+        at: u64,
+        agent_id: &str,
+        conn: ConnRef,
+        metadata: &str,
+        certificate: Option<&Certificate>,
+        uncertified_takeover: bool,
+    ) -> Response {
+        check_agent_id(agent_id).map_err(RegistryError::InvalidAgentId)?;
+        if metadata.len() > MAX_METADATA_LEN {
+            return Err(RegistryError::MetadataTooLarge(metadata.len()));
+        }
+        let claimed = self
+            .tables
+            .claims
+            .get(agent_id)
+            .is_some_and(|c| c.expires_at > at);
+        let existing = self.tables.sessions.get(agent_id).map(Session::as_ref);
+        let cert_serial = match certificate {
+            // A certificate is always checked, even for an unclaimed id: a bad one is refused
+            // rather than silently ignored.
+            Some(cert) => {
+                self.validate_for(cert, agent_id, at)
+                    .map_err(RegistryError::Certificate)?;
+                Some(cert.serial)
+            }
+            None if claimed => {
+                return Err(RegistryError::CertificateRequired {
+                    agent_id: agent_id.to_owned(),
+                })
+            }
+            None => {
+                if let Some(s) = existing {
+                    if s.conn != conn && !uncertified_takeover {
+                        return Err(RegistryError::AlreadyConnected {
+                            agent_id: agent_id.to_owned(),
+                            node_id: s.conn.node_id,
+                        });
+                    }
+                }
+                None
+            }
+        };
+        self.tables.sessions.insert(
+            agent_id.to_owned(),
+            Session {
+                session_id: index,
+                conn,
+                metadata: metadata.to_owned(),
+                registered_at: at,
+                cert_serial,
+            },
+        );
+        Ok(Outcome::Registered {
+            session_id: index,
+            replaced: existing.filter(|s| s.conn != conn),
+        })
+    }
+
+    /// Removes the session of `agent_id` if its id is still `session_id` (the fence).
+    fn end_session(&mut self, agent_id: &str, session_id: u64) -> Option<Session> {
+        match self.tables.sessions.get(agent_id) {
+            Some(s) if s.session_id == session_id => self.tables.sessions.remove(agent_id),
+            _ => None,
+        }
+    }
+
+    fn evict_node(&mut self, node_id: u64, max_session_id: u64) -> Outcome {
+        let doomed: Vec<(String, SessionRef)> = self
+            .tables
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.conn.node_id == node_id && s.session_id <= max_session_id)
+            .map(|(id, s)| (id.clone(), s.as_ref()))
+            .collect();
+        for (id, _) in &doomed {
+            self.tables.sessions.remove(id);
+        }
+        Outcome::NodeEvicted { removed: doomed }
+    }
+
+    fn revoke_certificate(&mut self, at: u64, cert: &Certificate) -> Response {
+        // Holding an intact certificate is the authority to revoke it, even once expired or
+        // superseded.
+        self.check_signature(cert)
+            .map_err(RegistryError::Certificate)?;
+        if self.tables.revocations.contains_key(&cert.serial) {
+            return Ok(Outcome::Revoked {
+                serial: cert.serial,
+                newly: false,
+                ended: None,
+            });
+        }
+        let ended = self.revoke_serial(at, &cert.agent_id, cert.serial, cert.expires_at);
+        Ok(Outcome::Revoked {
+            serial: cert.serial,
+            newly: true,
+            ended,
+        })
+    }
+
+    fn revoke_agent(&mut self, at: u64, agent_id: &str) -> Response {
+        let claim = self
+            .tables
+            .claims
+            .get(agent_id)
+            .ok_or_else(|| RegistryError::NotClaimed {
+                agent_id: agent_id.to_owned(),
+            })?;
+        let (serial, expires_at) = (claim.serial, claim.expires_at);
+        let ended = self.revoke_serial(at, agent_id, serial, expires_at);
+        Ok(Outcome::Revoked {
+            serial,
+            newly: true,
+            ended,
+        })
+    }
+
+    /// Records the revocation of `serial`; frees the id if it was its current certificate and
+    /// ends the session that registered with it. Returns that session.
+    fn revoke_serial(
+        &mut self,
+        at: u64,
+        agent_id: &str,
+        serial: u64,
+        expires_at: u64,
+    ) -> Option<(String, SessionRef)> {
+        self.tables.revocations.insert(
+            serial,
+            Revocation {
+                agent_id: agent_id.to_owned(),
+                revoked_at: at,
+                expires_at,
+            },
+        );
+        self.revocation_expiry.insert((expires_at, serial));
+        if self
+            .tables
+            .claims
+            .get(agent_id)
+            .is_some_and(|c| c.serial == serial)
+        {
+            self.tables.claims.remove(agent_id);
+        }
+        let session = self
+            .tables
+            .sessions
+            .get(agent_id)
+            .filter(|s| s.cert_serial == Some(serial))?
+            .as_ref();
+        self.tables.sessions.remove(agent_id);
+        Some((agent_id.to_owned(), session))
+    }
+
+    fn init_keyring(&mut self, index: u64, at: u64, secret: &Secret) -> Response {
+        if let Some((key_id, _)) = self.tables.keyring.active() {
+            return Ok(Outcome::KeyringInitialized {
+                key_id: key_id.to_owned(),
+                created: false,
+            });
+        }
+        let key_id = format!("k{index}");
+        self.tables
+            .keyring
+            .rotate(key_id.clone(), secret.clone(), at)
+            .map_err(RegistryError::Keyring)?;
+        Ok(Outcome::KeyringInitialized {
+            key_id,
+            created: true,
+        })
+    }
+
+    fn drop_expired_revocations(&mut self, at: u64) {
+        while let Some(&(expires_at, serial)) = self.revocation_expiry.first() {
+            if expires_at.saturating_add(EXPIRY_GRACE_SECS) >= at {
+                break;
+            }
+            self.revocation_expiry.pop_first();
+            self.tables.revocations.remove(&serial);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

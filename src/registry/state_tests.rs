@@ -1,0 +1,668 @@
+//! Table-by-table tests of the state machine's rules.
+
+use super::*;
+use crate::identity::KeyState;
+
+const T0: u64 = 1_700_000_000;
+const DAY: u64 = 86_400;
+
+/// A state machine fed by a fake log: every command gets the next index.
+struct Log {
+    sm: RegistryState,
+    next: u64,
+}
+
+impl Log {
+    fn new() -> Self {
+        let mut log = Log {
+            sm: RegistryState::default(),
+            next: 1,
+        };
+        log.ok(
+            T0,
+            Op::InitKeyring {
+                secret: Secret::new(vec![1; 32]),
+            },
+        );
+        log
+    }
+
+    fn apply(&mut self, at: u64, op: Op) -> Response {
+        let index = self.next;
+        self.next += 1;
+        self.sm.apply(index, &Command { at, op })
+    }
+
+    fn ok(&mut self, at: u64, op: Op) -> Outcome {
+        self.apply(at, op).expect("command refused")
+    }
+
+    /// Applies a command that must be refused, and checks the tables did not change.
+    fn refused(&mut self, at: u64, op: Op) -> RegistryError {
+        let before = self.sm.tables().clone();
+        let err = self.apply(at, op).expect_err("command accepted");
+        assert_eq!(
+            self.sm.tables(),
+            &before,
+            "a refused command changed the tables"
+        );
+        err
+    }
+
+    fn claim(&mut self, at: u64, id: &str) -> Certificate {
+        match self.ok(at, claim_op(id, false, None, None)) {
+            Outcome::Claimed { certificate } => certificate,
+            o => panic!("{o:?}"),
+        }
+    }
+
+    fn register(
+        &mut self,
+        at: u64,
+        id: &str,
+        conn: ConnRef,
+        cert: Option<&Certificate>,
+    ) -> Response {
+        self.apply(at, register_op(id, conn, cert, false, false))
+    }
+}
+
+fn claim_op(id: &str, force: bool, proof: Option<&Certificate>, conn: Option<ConnRef>) -> Op {
+    Op::Claim {
+        agent_id: id.into(),
+        ttl_secs: DAY,
+        force,
+        proof: proof.cloned(),
+        conn,
+    }
+}
+
+fn register_op(
+    id: &str,
+    conn: ConnRef,
+    cert: Option<&Certificate>,
+    force: bool,
+    allow: bool,
+) -> Op {
+    Op::Register {
+        agent_id: id.into(),
+        conn,
+        metadata: "{}".into(),
+        certificate: cert.cloned(),
+        force_reconnect: force,
+        allow_uncertified_takeover: allow,
+    }
+}
+
+fn conn(node_id: u64, conn_id: u64) -> ConnRef {
+    ConnRef { node_id, conn_id }
+}
+
+// ---- claims ----
+
+#[test]
+fn first_claim_wins_and_issues_a_valid_certificate() {
+    let mut log = Log::new();
+    let cert = log.claim(T0, "a");
+    assert_eq!(cert.agent_id, "a");
+    assert_eq!(cert.serial, 2, "serial is the claim's log index");
+    assert_eq!((cert.issued_at, cert.expires_at), (T0, T0 + DAY));
+    log.sm.validate(&cert, T0 + 1).unwrap();
+    let claim = log.sm.claim("a").unwrap();
+    assert_eq!(claim.serial, cert.serial);
+    assert_eq!(claim.certificate_hash, cert.certificate_hash);
+    assert_eq!(
+        log.refused(T0 + 1, claim_op("a", false, None, None)),
+        RegistryError::AlreadyClaimed {
+            agent_id: "a".into()
+        }
+    );
+}
+
+#[test]
+fn force_needs_a_valid_certificate_for_the_same_id() {
+    let mut log = Log::new();
+    let a = log.claim(T0, "a");
+    let b = log.claim(T0, "b");
+    assert_eq!(
+        log.refused(T0, claim_op("a", true, None, None)),
+        RegistryError::ForceWithoutProof {
+            agent_id: "a".into()
+        }
+    );
+    assert_eq!(
+        log.refused(T0, claim_op("a", true, Some(&b), None)),
+        RegistryError::Certificate(Invalid::OtherAgent)
+    );
+    let mut forged = a.clone();
+    forged.expires_at += 1;
+    assert_eq!(
+        log.refused(T0, claim_op("a", true, Some(&forged), None)),
+        RegistryError::Certificate(Invalid::BadSignature)
+    );
+    let Outcome::Claimed { certificate: a2 } = log.ok(T0 + 5, claim_op("a", true, Some(&a), None))
+    else {
+        panic!()
+    };
+    assert!(a2.serial > a.serial);
+    log.sm.validate(&a2, T0 + 6).unwrap();
+    assert_eq!(log.sm.validate(&a, T0 + 6), Err(Invalid::Superseded));
+}
+
+#[test]
+fn an_expired_claim_is_free_to_claim_again() {
+    let mut log = Log::new();
+    let old = log.claim(T0, "a");
+    let new = log.claim(T0 + DAY, "a");
+    assert!(new.serial > old.serial);
+    assert_eq!(log.sm.validate(&old, T0 + DAY), Err(Invalid::Expired));
+    log.sm.validate(&new, T0 + DAY).unwrap();
+}
+
+#[test]
+fn a_live_session_on_another_connection_blocks_a_claim() {
+    let mut log = Log::new();
+    log.register(T0, "legacy", conn(1, 1), None).unwrap();
+    assert_eq!(
+        log.refused(T0, claim_op("legacy", false, None, Some(conn(2, 9)))),
+        RegistryError::AlreadyConnected {
+            agent_id: "legacy".into(),
+            node_id: 1
+        }
+    );
+    assert_eq!(
+        log.refused(T0, claim_op("legacy", false, None, None)),
+        RegistryError::AlreadyConnected {
+            agent_id: "legacy".into(),
+            node_id: 1
+        }
+    );
+    // The connection that holds the session may claim it.
+    log.ok(T0, claim_op("legacy", false, None, Some(conn(1, 1))));
+}
+
+#[test]
+fn claims_refuse_bad_ids_and_ttls_and_need_a_key() {
+    let mut log = Log::new();
+    assert!(matches!(
+        log.refused(T0, claim_op("", false, None, None)),
+        RegistryError::InvalidAgentId(_)
+    ));
+    let op = Op::Claim {
+        agent_id: "a".into(),
+        ttl_secs: 0,
+        force: false,
+        proof: None,
+        conn: None,
+    };
+    assert_eq!(log.refused(T0, op), RegistryError::BadTtl);
+    let op = Op::Claim {
+        agent_id: "a".into(),
+        ttl_secs: MAX_TTL_SECS + 1,
+        force: false,
+        proof: None,
+        conn: None,
+    };
+    assert_eq!(log.refused(T0, op), RegistryError::BadTtl);
+
+    let mut empty = Log {
+        sm: RegistryState::default(),
+        next: 1,
+    };
+    assert_eq!(
+        empty.refused(T0, claim_op("a", false, None, None)),
+        RegistryError::NoSigningKey
+    );
+}
+
+// ---- sessions ----
+
+#[test]
+fn claimed_id_registers_only_with_its_own_valid_certificate() {
+    let mut log = Log::new();
+    let a = log.claim(T0, "a");
+    let b = log.claim(T0, "b");
+    let err = log.refused(T0, register_op("a", conn(1, 1), None, false, false));
+    assert_eq!(
+        err,
+        RegistryError::CertificateRequired {
+            agent_id: "a".into()
+        }
+    );
+    assert_eq!(
+        log.refused(T0, register_op("a", conn(1, 1), Some(&b), false, false)),
+        RegistryError::Certificate(Invalid::OtherAgent)
+    );
+    assert_eq!(
+        log.refused(
+            T0 + DAY,
+            register_op("a", conn(1, 1), Some(&a), false, false)
+        ),
+        RegistryError::Certificate(Invalid::Expired)
+    );
+    let Outcome::Registered {
+        session_id,
+        replaced,
+    } = log.register(T0, "a", conn(1, 1), Some(&a)).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(replaced, None);
+    assert_eq!(log.sm.session("a").unwrap().session_id, session_id);
+    assert_eq!(log.sm.session("a").unwrap().cert_serial, Some(a.serial));
+}
+
+#[test]
+fn a_valid_certificate_takes_over_a_session_on_any_node() {
+    let mut log = Log::new();
+    let a = log.claim(T0, "a");
+    let Ok(Outcome::Registered { session_id: s1, .. }) =
+        log.register(T0, "a", conn(1, 1), Some(&a))
+    else {
+        panic!()
+    };
+    let Outcome::Registered {
+        session_id: s2,
+        replaced,
+    } = log.register(T0 + 1, "a", conn(3, 7), Some(&a)).unwrap()
+    else {
+        panic!()
+    };
+    assert!(s2 > s1);
+    assert_eq!(
+        replaced,
+        Some(SessionRef {
+            session_id: s1,
+            conn: conn(1, 1)
+        })
+    );
+    assert_eq!(log.sm.session("a").unwrap().conn, conn(3, 7));
+}
+
+#[test]
+fn unclaimed_ids_register_without_certificate_and_force_needs_permission() {
+    let mut log = Log::new();
+    log.register(T0, "legacy", conn(1, 1), None).unwrap();
+    assert_eq!(
+        log.refused(T0, register_op("legacy", conn(2, 2), None, false, false)),
+        RegistryError::AlreadyConnected {
+            agent_id: "legacy".into(),
+            node_id: 1
+        }
+    );
+    // force_reconnect without a certificate: refused unless the node allows it.
+    assert_eq!(
+        log.refused(T0, register_op("legacy", conn(2, 2), None, true, false)),
+        RegistryError::AlreadyConnected {
+            agent_id: "legacy".into(),
+            node_id: 1
+        }
+    );
+    let Outcome::Registered { replaced, .. } =
+        log.ok(T0, register_op("legacy", conn(2, 2), None, true, true))
+    else {
+        panic!()
+    };
+    assert_eq!(replaced.unwrap().conn, conn(1, 1));
+    // ...but never for a claimed id.
+    let c = log.claim(T0, "c");
+    let _ = c;
+    assert_eq!(
+        log.refused(T0, register_op("c", conn(2, 2), None, true, true)),
+        RegistryError::CertificateRequired {
+            agent_id: "c".into()
+        }
+    );
+}
+
+#[test]
+fn evictions_are_fenced_by_session_id() {
+    let mut log = Log::new();
+    let a = log.claim(T0, "a");
+    let Ok(Outcome::Registered {
+        session_id: old, ..
+    }) = log.register(T0, "a", conn(1, 1), Some(&a))
+    else {
+        panic!()
+    };
+    let Ok(Outcome::Registered {
+        session_id: new, ..
+    }) = log.register(T0, "a", conn(2, 1), Some(&a))
+    else {
+        panic!()
+    };
+    assert_eq!(
+        log.ok(
+            T0,
+            Op::Evict {
+                agent_id: "a".into(),
+                session_id: old
+            }
+        ),
+        Outcome::SessionEnded { removed: false }
+    );
+    assert_eq!(log.sm.session("a").unwrap().session_id, new);
+    assert_eq!(
+        log.ok(
+            T0,
+            Op::Unregister {
+                agent_id: "a".into(),
+                session_id: old
+            }
+        ),
+        Outcome::SessionEnded { removed: false }
+    );
+    assert_eq!(
+        log.ok(
+            T0,
+            Op::Evict {
+                agent_id: "a".into(),
+                session_id: new
+            }
+        ),
+        Outcome::SessionEnded { removed: true }
+    );
+    assert!(log.sm.session("a").is_none());
+    assert!(
+        log.sm.claim("a").is_some(),
+        "evicting frees the connection, not the claim"
+    );
+}
+
+#[test]
+fn evict_node_spares_sessions_newer_than_its_fence_and_other_nodes() {
+    let mut log = Log::new();
+    log.register(T0, "x", conn(1, 1), None).unwrap();
+    log.register(T0, "y", conn(2, 1), None).unwrap();
+    let fence = log.next - 1;
+    log.register(T0, "z", conn(1, 2), None).unwrap();
+    let Outcome::NodeEvicted { removed } = log.ok(
+        T0,
+        Op::EvictNode {
+            node_id: 1,
+            max_session_id: fence,
+        },
+    ) else {
+        panic!()
+    };
+    assert_eq!(
+        removed
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["x"]
+    );
+    assert!(log.sm.session("y").is_some());
+    assert!(log.sm.session("z").is_some());
+}
+
+#[test]
+fn oversized_metadata_is_refused() {
+    let mut log = Log::new();
+    let op = Op::Register {
+        agent_id: "a".into(),
+        conn: conn(1, 1),
+        metadata: "x".repeat(MAX_METADATA_LEN + 1),
+        certificate: None,
+        force_reconnect: false,
+        allow_uncertified_takeover: false,
+    };
+    assert_eq!(
+        log.refused(T0, op),
+        RegistryError::MetadataTooLarge(MAX_METADATA_LEN + 1)
+    );
+}
+
+// ---- revocations ----
+
+#[test]
+fn revocation_invalidates_frees_the_id_and_ends_its_session() {
+    let mut log = Log::new();
+    let a = log.claim(T0, "a");
+    log.register(T0, "a", conn(1, 1), Some(&a)).unwrap();
+    let Outcome::Revoked {
+        serial,
+        newly,
+        ended,
+    } = log.ok(
+        T0 + 1,
+        Op::RevokeCertificate {
+            certificate: a.clone(),
+        },
+    )
+    else {
+        panic!()
+    };
+    assert_eq!((serial, newly), (a.serial, true));
+    assert_eq!(ended.unwrap().1.conn, conn(1, 1));
+    assert_eq!(log.sm.validate(&a, T0 + 2), Err(Invalid::Revoked));
+    assert!(log.sm.claim("a").is_none());
+    assert!(log.sm.session("a").is_none());
+    // Idempotent.
+    assert!(matches!(
+        log.ok(
+            T0 + 2,
+            Op::RevokeCertificate {
+                certificate: a.clone()
+            }
+        ),
+        Outcome::Revoked { newly: false, .. }
+    ));
+    // The revoked certificate proves nothing any more.
+    assert_eq!(
+        log.refused(T0 + 3, register_op("a", conn(1, 1), Some(&a), false, false)),
+        RegistryError::Certificate(Invalid::Revoked)
+    );
+    // The id can be claimed afresh.
+    log.claim(T0 + 3, "a");
+}
+
+#[test]
+fn forged_certificates_cannot_revoke() {
+    let mut log = Log::new();
+    let a = log.claim(T0, "a");
+    let mut forged = a.clone();
+    forged.serial += 100;
+    assert_eq!(
+        log.refused(
+            T0,
+            Op::RevokeCertificate {
+                certificate: forged
+            }
+        ),
+        RegistryError::Certificate(Invalid::BadSignature)
+    );
+    // Signed with a key the cluster never had, under an id it has and under one it has not.
+    let foreign = Certificate::issue("a", a.serial, T0, T0 + DAY, "k1", &Secret::new(vec![9; 32]));
+    assert_eq!(
+        log.refused(
+            T0,
+            Op::RevokeCertificate {
+                certificate: foreign
+            }
+        ),
+        RegistryError::Certificate(Invalid::BadSignature)
+    );
+    let foreign = Certificate::issue(
+        "a",
+        a.serial,
+        T0,
+        T0 + DAY,
+        "k999",
+        &Secret::new(vec![9; 32]),
+    );
+    assert_eq!(
+        log.refused(
+            T0,
+            Op::RevokeCertificate {
+                certificate: foreign
+            }
+        ),
+        RegistryError::Certificate(Invalid::UnknownKey)
+    );
+}
+
+#[test]
+fn release_revokes_and_needs_a_valid_certificate() {
+    let mut log = Log::new();
+    let a = log.claim(T0, "a");
+    assert_eq!(
+        log.refused(
+            T0 + DAY,
+            Op::Release {
+                certificate: a.clone()
+            }
+        ),
+        RegistryError::Certificate(Invalid::Expired)
+    );
+    assert!(matches!(
+        log.ok(
+            T0,
+            Op::Release {
+                certificate: a.clone()
+            }
+        ),
+        Outcome::Released { .. }
+    ));
+    assert!(log.sm.claim("a").is_none());
+    assert_eq!(log.sm.validate(&a, T0), Err(Invalid::Revoked));
+}
+
+#[test]
+fn operator_revocation_by_agent_id() {
+    let mut log = Log::new();
+    let a = log.claim(T0, "a");
+    assert_eq!(
+        log.refused(
+            T0,
+            Op::RevokeAgent {
+                agent_id: "nobody".into()
+            }
+        ),
+        RegistryError::NotClaimed {
+            agent_id: "nobody".into()
+        }
+    );
+    log.ok(
+        T0,
+        Op::RevokeAgent {
+            agent_id: "a".into(),
+        },
+    );
+    assert_eq!(log.sm.validate(&a, T0), Err(Invalid::Revoked));
+}
+
+#[test]
+fn revocations_are_kept_until_the_certificate_expired_plus_grace() {
+    let mut log = Log::new();
+    let a = log.claim(T0, "a");
+    log.ok(
+        T0,
+        Op::RevokeCertificate {
+            certificate: a.clone(),
+        },
+    );
+    log.claim(a.expires_at + EXPIRY_GRACE_SECS, "other");
+    assert_eq!(log.sm.sizes().revocations, 1);
+    log.claim(a.expires_at + EXPIRY_GRACE_SECS + 1, "other2");
+    assert_eq!(log.sm.sizes().revocations, 0);
+    // Rebuilding from the tables (a snapshot) keeps the index consistent.
+    let b = log.claim(T0 + 10, "b");
+    log.ok(
+        T0 + 10,
+        Op::RevokeCertificate {
+            certificate: b.clone(),
+        },
+    );
+    let mut restored = RegistryState::from_tables(log.sm.tables().clone());
+    restored
+        .apply(
+            1000,
+            &Command {
+                at: b.expires_at + EXPIRY_GRACE_SECS + 1,
+                op: Op::RetireKey {
+                    key_id: "none".into(),
+                },
+            },
+        )
+        .unwrap_err();
+    assert_eq!(restored.sizes().revocations, 0);
+}
+
+// ---- keyring ----
+
+#[test]
+fn keyring_initialises_once() {
+    let mut log = Log::new();
+    let Outcome::KeyringInitialized { key_id, created } = log.ok(
+        T0,
+        Op::InitKeyring {
+            secret: Secret::new(vec![2; 32]),
+        },
+    ) else {
+        panic!()
+    };
+    assert_eq!((key_id.as_str(), created), ("k1", false));
+    assert_eq!(log.sm.keyring().len(), 1);
+}
+
+#[test]
+fn rotated_keys_keep_validating_until_retired() {
+    let mut log = Log::new();
+    let a = log.claim(T0, "a");
+    let Outcome::KeyRotated { key_id } = log.ok(
+        T0,
+        Op::RotateKey {
+            secret: Secret::new(vec![3; 32]),
+        },
+    ) else {
+        panic!()
+    };
+    let b = log.claim(T0, "b");
+    assert_eq!(b.key_id, key_id);
+    assert_eq!(a.key_id, "k1");
+    log.sm.validate(&a, T0).unwrap();
+    assert!(matches!(
+        log.refused(
+            T0,
+            Op::RetireKey {
+                key_id: key_id.clone()
+            }
+        ),
+        RegistryError::Keyring(_)
+    ));
+    log.ok(
+        T0,
+        Op::RetireKey {
+            key_id: "k1".into(),
+        },
+    );
+    assert_eq!(log.sm.keyring().get("k1").unwrap().state, KeyState::Retired);
+    assert_eq!(log.sm.validate(&a, T0), Err(Invalid::RetiredKey));
+    log.sm.validate(&b, T0).unwrap();
+}
+
+#[test]
+fn apply_is_deterministic() {
+    let ops = |log: &mut Log| {
+        let a = log.claim(T0, "a");
+        let _ = log.register(T0, "a", conn(1, 1), Some(&a));
+        let _ = log.apply(
+            T0 + 1,
+            Op::RotateKey {
+                secret: Secret::new(vec![5; 32]),
+            },
+        );
+        let _ = log.apply(T0 + 2, claim_op("a", true, Some(&a), None));
+        let _ = log.apply(
+            T0 + 3,
+            Op::RevokeAgent {
+                agent_id: "a".into(),
+            },
+        );
+    };
+    let (mut x, mut y) = (Log::new(), Log::new());
+    ops(&mut x);
+    ops(&mut y);
+    assert_eq!(x.sm.tables(), y.sm.tables());
+}
