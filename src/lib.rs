@@ -3,4 +3,5 @@
 //! See ARCHITECTURE.md for the bird's-eye view and the code map.
 
 pub mod identity;
+pub mod raft;
 pub mod registry;

@@ -1,0 +1,11 @@
+//! Raft plumbing: openraft types, sled storage for the log and state machine, and (in
+//! `network`) the peer transport.
+
+mod log_store;
+mod state_machine;
+mod store;
+pub mod types;
+
+pub use log_store::LogStore;
+pub use state_machine::{Applied, StateMachineStore, StateReader};
+pub use store::{DataDir, DataDirError};

@@ -1,0 +1,108 @@
+//! A node's data directory: one sled database holding the log, the vote, the latest snapshot
+//! and the identity of the node that wrote it.
+
+use std::path::{Path, PathBuf};
+
+use super::log_store::LogStore;
+use super::state_machine::StateMachineStore;
+use super::types::StorageError;
+
+/// Opened data directory.
+pub struct DataDir {
+    pub db: sled::Db,
+    pub log: LogStore,
+    pub state_machine: StateMachineStore,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error("cannot open data dir {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error(
+        "data dir {path} belongs to cluster {found:?}, node {found_node}, but this node is configured as \
+         cluster {expected:?}, node {expected_node}; refusing to start (nothing was changed)"
+    )]
+    Mismatch {
+        path: PathBuf,
+        found: String,
+        found_node: u64,
+        expected: String,
+        expected_node: u64,
+    },
+    #[error("data dir {path} holds Raft data but no node identity; refusing to start (nothing was changed)")]
+    Unidentified { path: PathBuf },
+    #[error("cannot read data dir {path}: {source}")]
+    Storage { path: PathBuf, source: StorageError },
+}
+
+const CLUSTER_ID: &[u8] = b"cluster_id";
+const NODE_ID: &[u8] = b"node_id";
+
+impl DataDir {
+    /// Opens (or creates) the data directory of `node_id` in `cluster_id`.
+    ///
+    /// # Errors
+    /// The directory cannot be opened, or it was written by another cluster or node id. In
+    /// that case nothing in it is modified.
+    pub fn open(path: &Path, cluster_id: &str, node_id: u64) -> Result<Self, DataDirError> {
+        let open_err = |source| DataDirError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(path.join("db"))
+            .open()
+            .map_err(open_err)?;
+        let identity = db.open_tree("identity").map_err(open_err)?;
+        let stored_cluster = identity.get(CLUSTER_ID).map_err(open_err)?;
+        let stored_node = identity.get(NODE_ID).map_err(open_err)?;
+        let log = LogStore::open(&db).map_err(open_err)?;
+        match (stored_cluster, stored_node) {
+            (Some(c), Some(n)) => {
+                let found = String::from_utf8_lossy(&c).into_owned();
+                let found_node = n
+                    .as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(u64::MAX);
+                if found != cluster_id || found_node != node_id {
+                    return Err(DataDirError::Mismatch {
+                        path: path.to_owned(),
+                        found,
+                        found_node,
+                        expected: cluster_id.to_owned(),
+                        expected_node: node_id,
+                    });
+                }
+            }
+            _ => {
+                let pristine = log.is_pristine().map_err(|source| DataDirError::Storage {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                if !pristine {
+                    return Err(DataDirError::Unidentified {
+                        path: path.to_owned(),
+                    });
+                }
+                identity
+                    .insert(CLUSTER_ID, cluster_id.as_bytes())
+                    .map_err(open_err)?;
+                identity
+                    .insert(NODE_ID, &node_id.to_be_bytes())
+                    .map_err(open_err)?;
+                db.flush().map_err(open_err)?;
+            }
+        }
+        let state_machine =
+            StateMachineStore::open(&db).map_err(|source| DataDirError::Storage {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(DataDir {
+            db,
+            log,
+            state_machine,
+        })
+    }
+}
