@@ -1,3 +1,5 @@
 //! agentreg: a clustered registry of agent identities.
 //!
 //! See ARCHITECTURE.md for the bird's-eye view and the code map.
+
+pub mod transport;
