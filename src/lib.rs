@@ -5,3 +5,4 @@
 pub mod identity;
 pub mod raft;
 pub mod registry;
+pub mod transport;

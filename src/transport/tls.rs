@@ -1,0 +1,591 @@
+//! TLS configuration for the QUIC transport.
+//!
+//! Every node serves one UDP port and tells its three kinds of caller apart by
+//! ALPN:
+//!
+//! * [`ALPN_AGENT`]: agents, which have no client certificate; they only check
+//!   that they talk to a node of the cluster.
+//! * [`ALPN_PEER`]: node-to-node Raft traffic, mutual TLS.
+//! * [`ALPN_ADMIN`]: the operator CLI, mutual TLS.
+//!
+//! Because the agent ALPN must work without a client certificate, the server
+//! makes client certificates *optional* at the TLS layer; a certificate that
+//! *is* presented must still chain to the cluster CA or the handshake fails.
+//! Whether a certificate is *required* depends on the negotiated ALPN, which is
+//! only known after the handshake, so [`classify`] enforces it right after a
+//! connection is accepted.
+//!
+//! All configurations are built with an explicit ring [`CryptoProvider`] so
+//! nothing depends on a process-wide default provider having been installed,
+//! and they only offer TLS 1.3, the only version QUIC allows.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use quinn::crypto::rustls::{
+    HandshakeData, NoInitialCipherSuite, QuicClientConfig, QuicServerConfig,
+};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::RootCertStore;
+
+pub use super::devcerts::{generate_dev_material, write_dev_material, DevMaterial};
+
+/// ALPN of agent connections (no client certificate).
+pub const ALPN_AGENT: &[u8] = b"agentreg/1";
+/// ALPN of node-to-node (Raft) connections (mutual TLS).
+pub const ALPN_PEER: &[u8] = b"agentreg-peer/1";
+/// ALPN of operator CLI connections (mutual TLS).
+pub const ALPN_ADMIN: &[u8] = b"agentreg-admin/1";
+/// Default TLS server name every node certificate carries and clients verify.
+///
+/// Nodes are dialled by address, and addresses change (containers, NAT), so
+/// clients verify this one shared name instead of a per-node host name.
+pub const DEFAULT_SERVER_NAME: &str = "agentreg";
+
+/// Keep-alive interval of [`transport_config`].
+const KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// Idle timeout of [`transport_config`].
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent bidirectional streams a peer may open: Raft and agents open one
+/// stream per request, so the quinn default of 100 is too tight.
+const MAX_BIDI_STREAMS: u32 = 1024;
+
+/// Errors from loading TLS material, building configurations, generating dev
+/// material and classifying connections.
+///
+/// Messages never include key material: parse errors for private keys carry no
+/// detail from the parser, which could quote bytes of the key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A file to read does not exist.
+    #[error("{} does not exist", path.display())]
+    Missing {
+        /// The missing file.
+        path: PathBuf,
+    },
+    /// A file exists but could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The unreadable file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A PEM input contains no certificate.
+    #[error("no certificate in {what}")]
+    NoCertificate {
+        /// The file path, or a label such as "ca pem" for in-memory input.
+        what: String,
+    },
+    /// A PEM input contains no private key.
+    #[error("no private key in {what}")]
+    NoPrivateKey {
+        /// The file path, or a label such as "key pem" for in-memory input.
+        what: String,
+    },
+    /// A certificate PEM input is malformed.
+    #[error("malformed certificate pem in {what}: {detail}")]
+    CertificatePem {
+        /// The file path or label.
+        what: String,
+        /// What the PEM parser objected to.
+        detail: String,
+    },
+    /// A private key PEM input is malformed (no detail, see the type docs).
+    #[error("malformed private key pem in {what}")]
+    KeyPem {
+        /// The file path or label.
+        what: String,
+    },
+    /// A CA certificate cannot be used as a trust anchor.
+    #[error("invalid ca certificate in {what}: {source}")]
+    InvalidCa {
+        /// The file path or label.
+        what: String,
+        /// Why rustls rejected it.
+        source: rustls::Error,
+    },
+    /// The private key cannot be used, or does not belong to the certificate.
+    #[error("private key in {key} does not fit the certificate in {cert}: {source}")]
+    KeyMismatch {
+        /// Where the certificate came from.
+        cert: String,
+        /// Where the key came from.
+        key: String,
+        /// Why rustls rejected the pair.
+        source: rustls::Error,
+    },
+    /// The certificate does not chain to the CA (or is expired, or lacks the
+    /// clientAuth extended key usage).
+    #[error("certificate in {cert} is not trusted by the ca in {ca}: {source}")]
+    Untrusted {
+        /// Where the certificate came from.
+        cert: String,
+        /// Where the CA came from.
+        ca: String,
+        /// Why verification failed.
+        source: rustls::Error,
+    },
+    /// rustls refused to build a configuration.
+    #[error("cannot build tls config: {0}")]
+    Config(#[from] rustls::Error),
+    /// The client certificate verifier could not be built.
+    #[error("cannot build client certificate verifier: {0}")]
+    Verifier(#[from] VerifierBuilderError),
+    /// The rustls configuration lacks what QUIC needs.
+    #[error("tls config is unusable for quic: {0}")]
+    Quic(#[from] NoInitialCipherSuite),
+    /// Certificate generation failed.
+    #[error("cannot generate certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// An extra subject alternative name is neither an IP address nor a valid DNS name.
+    #[error("invalid subject alternative name {name:?}")]
+    InvalidSan {
+        /// The rejected name.
+        name: String,
+    },
+    /// The same node id was given twice.
+    #[error("duplicate node id {0}")]
+    DuplicateNodeId(u64),
+    /// Dev material was asked for a node it does not contain.
+    #[error("no dev material for node {0}")]
+    UnknownNodeId(u64),
+    /// A file exists and overwriting was not allowed.
+    #[error("refusing to overwrite existing file {}", path.display())]
+    WouldOverwrite {
+        /// The existing file.
+        path: PathBuf,
+    },
+    /// A directory could not be created.
+    #[error("cannot create directory {}: {source}", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A file could not be written.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The connection negotiated no ALPN.
+    #[error("connection negotiated no application protocol")]
+    NoAlpn,
+    /// The connection negotiated an ALPN this node does not serve.
+    #[error("unknown application protocol {0:?}")]
+    UnknownAlpn(String),
+    /// A peer or admin connection came without a client certificate.
+    #[error("{kind} connection presented no client certificate")]
+    NoClientCertificate {
+        /// What the connection asked to be.
+        kind: ConnectionKind,
+    },
+}
+
+/// Paths of the PEM files a node (or the operator CLI) loads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The cluster CA certificate(s); several are allowed during CA rotation.
+    pub ca: PathBuf,
+    /// This node's certificate, optionally followed by intermediates.
+    pub cert: PathBuf,
+    /// This node's private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+}
+
+/// The TLS identity of a node (or of the operator): CA roots, certificate
+/// chain and private key, checked for consistency when loaded.
+pub struct NodeTls {
+    provider: Arc<CryptoProvider>,
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for NodeTls {
+    fn clone(&self) -> Self {
+        Self {
+            provider: self.provider.clone(),
+            roots: self.roots.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+/// Shows only counts, so the private key never ends up in a log.
+impl fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeTls")
+            .field("roots", &self.roots.len())
+            .field("chain", &self.chain.len())
+            .field("key", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeTls {
+    /// Loads and checks the PEM files named in `files`.
+    ///
+    /// # Errors
+    ///
+    /// Names the offending file when it is missing or unreadable, holds no
+    /// certificate or no key, is malformed, when the key does not belong to the
+    /// certificate, or when the certificate does not chain to the CA (see
+    /// [`NodeTls::from_pem`]).
+    pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
+        let ca = read_file(&files.ca)?;
+        let cert = read_file(&files.cert)?;
+        let key = read_file(&files.key)?;
+        Self::parse(
+            (&ca, &files.ca.display().to_string()),
+            (&cert, &files.cert.display().to_string()),
+            (&key, &files.key.display().to_string()),
+        )
+    }
+
+    /// Builds the identity from in-memory PEM text.
+    ///
+    /// Checks up front what would otherwise surface as an obscure handshake
+    /// failure later: that the key belongs to the certificate, and that the
+    /// certificate is currently valid, chains to the CA and allows client
+    /// authentication (nodes present it when dialling peers).
+    ///
+    /// # Errors
+    ///
+    /// [`TlsError::NoCertificate`], [`TlsError::NoPrivateKey`],
+    /// [`TlsError::CertificatePem`], [`TlsError::KeyPem`],
+    /// [`TlsError::InvalidCa`], [`TlsError::KeyMismatch`] or
+    /// [`TlsError::Untrusted`], labelled "ca pem", "certificate pem" or "key pem".
+    pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        Self::parse(
+            (ca_pem.as_bytes(), "ca pem"),
+            (cert_pem.as_bytes(), "certificate pem"),
+            (key_pem.as_bytes(), "key pem"),
+        )
+    }
+
+    /// Each argument is the PEM bytes and what to call their source in errors.
+    fn parse(ca: (&[u8], &str), cert: (&[u8], &str), key: (&[u8], &str)) -> Result<Self, TlsError> {
+        let provider = ring_provider();
+        let roots = parse_roots(ca.0, ca.1)?;
+        let chain = parse_certs(cert.0, cert.1)?;
+        let private_key = parse_key(key.0, key.1)?;
+
+        CertifiedKey::from_der(chain.clone(), private_key.clone_key(), &provider).map_err(
+            |source| TlsError::KeyMismatch {
+                cert: cert.1.to_owned(),
+                key: key.1.to_owned(),
+                source,
+            },
+        )?;
+
+        let (leaf, intermediates) = chain.split_first().ok_or_else(|| TlsError::NoCertificate {
+            what: cert.1.to_owned(),
+        })?;
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()?
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map_err(|source| TlsError::Untrusted {
+                cert: cert.1.to_owned(),
+                ca: ca.1.to_owned(),
+                source,
+            })?;
+
+        Ok(Self {
+            provider,
+            roots,
+            chain,
+            key: private_key,
+        })
+    }
+
+    /// Server side of a node, serving all three ALPNs.
+    ///
+    /// Client certificates are optional at the TLS layer because agents have
+    /// none, but a presented certificate that does not chain to the cluster CA
+    /// fails the handshake. Use [`classify`] on each accepted connection to
+    /// require a certificate for peer and admin traffic.
+    ///
+    /// # Errors
+    ///
+    /// [`TlsError::Verifier`], [`TlsError::Config`] or [`TlsError::Quic`] if
+    /// rustls or quinn refuse the material; not expected for material that
+    /// passed [`NodeTls::load`].
+    pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+                .allow_unauthenticated()
+                .build()?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        tls.alpn_protocols = vec![ALPN_AGENT.to_vec(), ALPN_PEER.to_vec(), ALPN_ADMIN.to_vec()];
+        // `max_early_data_size` stays 0: 0-RTT data can be replayed, which is a
+        // poor fit for registry writes.
+        let quic = QuicServerConfig::try_from(tls)?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        config.transport_config(transport_config());
+        Ok(config)
+    }
+
+    /// Client config a node uses to dial peers: presents its own certificate,
+    /// verifies the server against the CA, ALPN [`ALPN_PEER`].
+    ///
+    /// Connect with server name [`DEFAULT_SERVER_NAME`].
+    ///
+    /// # Errors
+    ///
+    /// [`TlsError::Config`] or [`TlsError::Quic`] if rustls or quinn refuse
+    /// the material.
+    pub fn peer_client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
+        self.mutual_client_config(ALPN_PEER)
+    }
+
+    /// Client config for the operator CLI: presents the operator certificate,
+    /// verifies the server against the CA, ALPN [`ALPN_ADMIN`].
+    ///
+    /// # Errors
+    ///
+    /// [`TlsError::Config`] or [`TlsError::Quic`] if rustls or quinn refuse
+    /// the material.
+    pub fn admin_client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
+        self.mutual_client_config(ALPN_ADMIN)
+    }
+
+    /// The certificate chain this identity presents, leaf first.
+    #[must_use]
+    pub fn cert_chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    fn mutual_client_config(&self, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
+        let tls = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        quic_client_config(tls, alpn)
+    }
+}
+
+/// Agent-side client config: verifies nodes against the CA in `ca_pem`,
+/// presents no client certificate, ALPN [`ALPN_AGENT`].
+///
+/// Connect with server name [`DEFAULT_SERVER_NAME`].
+///
+/// # Errors
+///
+/// [`TlsError::NoCertificate`], [`TlsError::CertificatePem`] or
+/// [`TlsError::InvalidCa`] (labelled "ca pem") if the CA is unusable.
+pub fn agent_client_config(ca_pem: &str) -> Result<quinn::ClientConfig, TlsError> {
+    agent_config(parse_roots(ca_pem.as_bytes(), "ca pem")?)
+}
+
+/// [`agent_client_config`] with the CA read from a file.
+///
+/// # Errors
+///
+/// As [`agent_client_config`], naming the file, plus [`TlsError::Missing`]
+/// and [`TlsError::Read`].
+pub fn agent_client_config_from_file(ca: &Path) -> Result<quinn::ClientConfig, TlsError> {
+    let pem = read_file(ca)?;
+    agent_config(parse_roots(&pem, &ca.display().to_string())?)
+}
+
+fn agent_config(roots: Arc<RootCertStore>) -> Result<quinn::ClientConfig, TlsError> {
+    let tls = rustls::ClientConfig::builder_with_provider(ring_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    quic_client_config(tls, ALPN_AGENT)
+}
+
+fn quic_client_config(
+    mut tls: rustls::ClientConfig,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, TlsError> {
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let quic = QuicClientConfig::try_from(tls)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(transport_config());
+    Ok(config)
+}
+
+/// What an accepted connection is for, from its negotiated ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnectionKind {
+    /// An agent ([`ALPN_AGENT`]); may have no client certificate.
+    Agent,
+    /// Another node ([`ALPN_PEER`]); presented a CA-signed certificate.
+    Peer,
+    /// The operator CLI ([`ALPN_ADMIN`]); presented a CA-signed certificate.
+    Admin,
+}
+
+impl ConnectionKind {
+    /// The ALPN identifier of this kind.
+    #[must_use]
+    pub fn alpn(self) -> &'static [u8] {
+        match self {
+            Self::Agent => ALPN_AGENT,
+            Self::Peer => ALPN_PEER,
+            Self::Admin => ALPN_ADMIN,
+        }
+    }
+
+    /// The kind an ALPN identifier stands for, if any.
+    #[must_use]
+    pub fn from_alpn(alpn: &[u8]) -> Option<Self> {
+        [Self::Agent, Self::Peer, Self::Admin]
+            .into_iter()
+            .find(|kind| kind.alpn() == alpn)
+    }
+
+    /// Whether this kind of connection must present a client certificate.
+    #[must_use]
+    pub fn requires_client_certificate(self) -> bool {
+        !matches!(self, Self::Agent)
+    }
+}
+
+impl fmt::Display for ConnectionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Agent => "agent",
+            Self::Peer => "peer",
+            Self::Admin => "admin",
+        })
+    }
+}
+
+/// Classifies a connection the server accepted, by negotiated ALPN and client
+/// certificate.
+///
+/// A presented certificate was already verified against the CA during the
+/// handshake, so here only its presence matters. Note that any CA-signed
+/// client certificate qualifies for [`ConnectionKind::Peer`] and
+/// [`ConnectionKind::Admin`]; callers wanting finer policy can inspect
+/// [`peer_certificates`].
+///
+/// # Errors
+///
+/// [`TlsError::NoAlpn`] or [`TlsError::UnknownAlpn`] when the ALPN is missing
+/// or unknown, and [`TlsError::NoClientCertificate`] when a peer or admin
+/// connection presented no certificate. The caller should then close the
+/// connection.
+pub fn classify(conn: &quinn::Connection) -> Result<ConnectionKind, TlsError> {
+    let alpn = conn
+        .handshake_data()
+        .and_then(|data| data.downcast::<HandshakeData>().ok())
+        .and_then(|data| data.protocol)
+        .ok_or(TlsError::NoAlpn)?;
+    let kind = ConnectionKind::from_alpn(&alpn)
+        .ok_or_else(|| TlsError::UnknownAlpn(String::from_utf8_lossy(&alpn).into_owned()))?;
+    if kind.requires_client_certificate() && peer_certificates(conn).is_none() {
+        return Err(TlsError::NoClientCertificate { kind });
+    }
+    Ok(kind)
+}
+
+/// The client certificate chain the peer presented (leaf first), or `None` if
+/// it presented none.
+#[must_use]
+pub fn peer_certificates(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
+    conn.peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|chain| *chain)
+        .filter(|chain| !chain.is_empty())
+}
+
+/// Transport settings shared by servers and clients: keep-alive every second
+/// and a 10 s idle timeout, so a dead peer is noticed quickly (Raft relies on
+/// it), and room for 1024 concurrent bidirectional streams.
+#[must_use]
+pub fn transport_config() -> Arc<quinn::TransportConfig> {
+    client_transport(KEEP_ALIVE, IDLE_TIMEOUT)
+}
+
+/// Like [`transport_config`] with a custom keep-alive interval and idle
+/// timeout; zero disables either. Idle timeouts beyond what QUIC can encode
+/// (about 146 million years) are capped.
+#[must_use]
+pub fn client_transport(keep_alive: Duration, idle: Duration) -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval((!keep_alive.is_zero()).then_some(keep_alive));
+    let idle = quinn::IdleTimeout::try_from(idle)
+        .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::MAX));
+    transport.max_idle_timeout(Some(idle));
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_BIDI_STREAMS));
+    Arc::new(transport)
+}
+
+/// The ring provider, built once; passed explicitly to every builder.
+pub(crate) fn ring_provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => TlsError::Missing {
+            path: path.to_owned(),
+        },
+        _ => TlsError::Read {
+            path: path.to_owned(),
+            source,
+        },
+    })
+}
+
+fn parse_certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| TlsError::CertificatePem {
+            what: what.to_owned(),
+            detail: err.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            what: what.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+fn parse_roots(pem: &[u8], what: &str) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in parse_certs(pem, what)? {
+        roots.add(cert).map_err(|source| TlsError::InvalidCa {
+            what: what.to_owned(),
+            source,
+        })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+fn parse_key(pem: &[u8], what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|err| match err {
+        pem::Error::NoItemsFound => TlsError::NoPrivateKey {
+            what: what.to_owned(),
+        },
+        // The parser's message may quote parts of the key: keep it out.
+        _ => TlsError::KeyPem {
+            what: what.to_owned(),
+        },
+    })
+}
