@@ -9,3 +9,4 @@ pub mod types;
 pub use log_store::LogStore;
 pub use state_machine::{Applied, StateMachineStore, StateReader};
 pub use store::{DataDir, DataDirError};
+pub mod network;

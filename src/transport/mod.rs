@@ -5,6 +5,7 @@
 //! throwaway cluster material for development and tests.
 
 pub mod devcerts;
+pub mod frame;
 pub mod tls;
 
 pub use devcerts::{generate_dev_material, write_dev_material, DevMaterial};

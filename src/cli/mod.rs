@@ -1,0 +1,163 @@
+//! The `agentreg` command line: run a node, write dev TLS material and configs, operate a
+//! cluster. `main.rs` only parses arguments and sets up logging; everything is here.
+
+mod admin_client;
+mod dev;
+mod status;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use admin_client::AdminClient;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agentreg",
+    version,
+    about = "A clustered registry of agent identities"
+)]
+pub struct Cli {
+    /// Log format: text or json. The level comes from RUST_LOG (default: info).
+    #[arg(long, global = true, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one node.
+    Node {
+        /// The node's TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Write development TLS material: a cluster CA, a certificate per node, one for the operator.
+    DevCerts {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Node ids to issue certificates for.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        nodes: Vec<u64>,
+        /// Extra DNS names or IP addresses to put in every node certificate.
+        #[arg(long)]
+        san: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write TLS material and node configs for a local cluster on 127.0.0.1 (kept if present).
+    DevCluster {
+        /// Directory to write into.
+        #[arg(long, default_value = ".local-cluster")]
+        dir: PathBuf,
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        /// UDP port of node 1; node N listens on base_port + N - 1.
+        #[arg(long, default_value_t = 7101)]
+        base_port: u16,
+    },
+    /// Show every member: role, leader, term, log and applied index, table sizes.
+    Status {
+        #[command(flatten)]
+        conn: AdminArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How the operator reaches the cluster.
+#[derive(Debug, Clone, Args)]
+pub struct AdminArgs {
+    /// Node addresses (host:port), tried in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "AGENTREG_ENDPOINTS",
+        default_value = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
+    )]
+    pub endpoints: Vec<String>,
+    /// Cluster CA certificate.
+    #[arg(long, env = "AGENTREG_CA", default_value = ".local-cluster/tls/ca.pem")]
+    pub ca: PathBuf,
+    /// Operator certificate.
+    #[arg(
+        long,
+        env = "AGENTREG_CERT",
+        default_value = ".local-cluster/tls/operator.pem"
+    )]
+    pub cert: PathBuf,
+    /// Operator private key.
+    #[arg(
+        long,
+        env = "AGENTREG_KEY",
+        default_value = ".local-cluster/tls/operator.key"
+    )]
+    pub key: PathBuf,
+    /// Name to verify in node certificates.
+    #[arg(long, default_value = crate::transport::tls::DEFAULT_SERVER_NAME)]
+    pub server_name: String,
+}
+
+/// Runs a parsed command.
+///
+/// # Errors
+/// Whatever the command fails with, with context for the operator.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Node { config } => run_node(&config).await,
+        Command::DevCerts {
+            out,
+            nodes,
+            san,
+            force,
+        } => dev::certs(&out, &nodes, &san, force),
+        Command::DevCluster {
+            dir,
+            nodes,
+            base_port,
+        } => dev::cluster(&dir, nodes, base_port),
+        Command::Status { conn, json } => status::run(&conn, json).await,
+    }
+}
+
+async fn run_node(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = crate::config::NodeConfig::load(path)?;
+    let node = crate::node::Node::start(config, None).await?;
+    shutdown_signal().await;
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,75 @@
+//! `agentreg status`: every member's view, like `etcdctl endpoint status --cluster`.
+
+use anyhow::Context;
+
+use super::{AdminArgs, AdminClient};
+use crate::node::{AdminRequest, NodeStatus};
+
+pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
+    let client = AdminClient::new(args)?;
+    let (_, first) = client
+        .call_any(&args.endpoints, &AdminRequest::Status)
+        .await?;
+    let first: NodeStatus =
+        serde_json::from_value(first["status"].clone()).context("malformed status")?;
+    let mut rows: Vec<(u64, String, Result<NodeStatus, String>)> = Vec::new();
+    for m in &first.members {
+        let status = if m.id == first.node_id {
+            Ok(first.clone())
+        } else {
+            match client.call(&m.addr, &AdminRequest::Status).await {
+                Ok(v) => serde_json::from_value(v["status"].clone())
+                    .map_err(|e| format!("malformed status: {e}")),
+                Err(e) => Err(format!("{e:#}")),
+            }
+        };
+        rows.push((m.id, m.addr.clone(), status));
+    }
+    client.close().await;
+    if json {
+        let out: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(id, addr, s)| match s {
+                Ok(s) => serde_json::json!({"id": id, "addr": addr, "status": s}),
+                Err(e) => serde_json::json!({"id": id, "addr": addr, "error": e}),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{:<4} {:<22} {:<10} {:<7} {:<6} {:>9} {:>9} {:>7} {:>9} {:>12} {:>5}",
+        "ID",
+        "ADDRESS",
+        "ROLE",
+        "LEADER",
+        "TERM",
+        "LAST LOG",
+        "APPLIED",
+        "CLAIMS",
+        "SESSIONS",
+        "REVOCATIONS",
+        "KEYS"
+    );
+    let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+    for (id, addr, s) in rows {
+        match s {
+            Ok(s) => println!(
+                "{:<4} {:<22} {:<10} {:<7} {:<6} {:>9} {:>9} {:>7} {:>9} {:>12} {:>5}",
+                id,
+                addr,
+                s.role,
+                opt(s.leader),
+                s.term,
+                opt(s.last_log_index),
+                opt(s.applied_index),
+                s.tables.claims,
+                s.tables.sessions,
+                s.tables.revocations,
+                s.tables.keys
+            ),
+            Err(e) => println!("{id:<4} {addr:<22} unreachable: {e}"),
+        }
+    }
+    Ok(())
+}

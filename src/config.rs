@@ -1,0 +1,349 @@
+//! Node configuration: one TOML file per node.
+//!
+//! Every key is documented in docs/configuration.md. Unknown keys are refused, so a typo
+//! never silently falls back to a default.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Whether this node starts a brand-new cluster or joins an existing one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitialClusterState {
+    /// Members in `peers` form a new cluster; a pristine node initialises the membership once.
+    #[default]
+    New,
+    /// The node waits to be added by `agentreg members add`; it never initialises.
+    Existing,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub id: u64,
+    /// The peer's UDP address (host:port); it serves all three ALPNs there.
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This node's certificate (PEM), signed by the CA.
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+    /// The name peers and agents verify in this node's certificate.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+}
+
+fn default_server_name() -> String {
+    crate::transport::tls::DEFAULT_SERVER_NAME.to_owned()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and purge the log before it) after this many applied entries.
+    pub snapshot_logs_since_last: u64,
+    /// Entries kept in the log behind the snapshot, so slightly lagging followers catch up
+    /// without a snapshot.
+    pub max_in_snapshot_log_to_keep: u64,
+    /// How long a write may wait for a leader and its commit before failing.
+    pub write_timeout_ms: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            snapshot_logs_since_last: 10_000,
+            max_in_snapshot_log_to_keep: 1_000,
+            write_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Lifetime of issued certificates.
+    pub certificate_ttl_hours: u64,
+    /// File holding the initial HMAC secret (at least 32 bytes); when absent the first
+    /// leader generates one from the OS random source.
+    pub hmac_secret_file: Option<PathBuf>,
+    /// Whether `force_reconnect` without a certificate may take over a session of an
+    /// unclaimed id (a migration aid for legacy agents; off by default).
+    pub allow_uncertified_takeover: bool,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            certificate_ttl_hours: 24,
+            hmac_secret_file: None,
+            allow_uncertified_takeover: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Name of the cluster; a data dir written for another cluster is refused.
+    pub cluster_id: String,
+    pub node_id: u64,
+    /// UDP address to bind (agents, peers and operators all use it).
+    pub listen: SocketAddr,
+    /// Address other nodes and agents use to reach this node; defaults to `listen`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub initial_cluster_state: InitialClusterState,
+    /// The initial members of the cluster, this node included.
+    pub peers: Vec<Peer>,
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub raft: RaftConfig,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+}
+
+impl NodeConfig {
+    /// Reads and validates a config file.
+    ///
+    /// # Errors
+    /// The file cannot be read, a key is missing, unknown or of the wrong type, or the
+    /// values do not make sense together; the message names the file and the key.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: one_line(&e),
+        })?;
+        // Relative paths in the file are relative to the file, not to the working directory.
+        if let Some(base) = path.parent() {
+            config.resolve_paths(base);
+        }
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data_dir);
+        fix(&mut self.tls.ca);
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        if let Some(p) = self.identity.hmac_secret_file.as_mut() {
+            fix(p);
+        }
+    }
+
+    /// Checks the values make sense together.
+    ///
+    /// # Errors
+    /// One line naming the key and the problem.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cluster_id.trim().is_empty() {
+            return Err("cluster_id must not be empty".into());
+        }
+        let mut ids = BTreeSet::new();
+        let mut addrs = BTreeSet::new();
+        for p in &self.peers {
+            if !ids.insert(p.id) {
+                return Err(format!("peers: node id {} appears twice", p.id));
+            }
+            if !addrs.insert(p.addr.as_str()) {
+                return Err(format!("peers: address {} appears twice", p.addr));
+            }
+            check_host_port(&p.addr)
+                .map_err(|e| format!("peers: node {}: addr {:?}: {e}", p.id, p.addr))?;
+        }
+        if self.initial_cluster_state == InitialClusterState::New && !ids.contains(&self.node_id) {
+            return Err(format!(
+                "node_id {} is not among the peers of a new cluster (add it to peers)",
+                self.node_id
+            ));
+        }
+        if let Some(a) = &self.advertise {
+            check_host_port(a).map_err(|e| format!("advertise {a:?}: {e}"))?;
+        }
+        let r = &self.raft;
+        if r.heartbeat_interval_ms == 0 {
+            return Err("raft.heartbeat_interval_ms must be above 0".into());
+        }
+        if r.election_timeout_min_ms <= 2 * r.heartbeat_interval_ms {
+            return Err(format!(
+                "raft.election_timeout_min_ms ({}) must be more than twice raft.heartbeat_interval_ms ({})",
+                r.election_timeout_min_ms, r.heartbeat_interval_ms
+            ));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(format!(
+                "raft.election_timeout_max_ms ({}) must be above raft.election_timeout_min_ms ({})",
+                r.election_timeout_max_ms, r.election_timeout_min_ms
+            ));
+        }
+        if r.snapshot_logs_since_last == 0 {
+            return Err("raft.snapshot_logs_since_last must be above 0".into());
+        }
+        if r.write_timeout_ms < r.election_timeout_max_ms {
+            return Err(format!(
+                "raft.write_timeout_ms ({}) must be at least raft.election_timeout_max_ms ({}) so a write can outlast an election",
+                r.write_timeout_ms, r.election_timeout_max_ms
+            ));
+        }
+        let ttl = self.identity.certificate_ttl_hours;
+        if ttl == 0 || ttl > 10 * 365 * 24 {
+            return Err(format!(
+                "identity.certificate_ttl_hours ({ttl}) must be between 1 and 87600"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The address this node is reached at.
+    pub fn advertise_addr(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.raft.write_timeout_ms)
+    }
+
+    pub fn certificate_ttl_secs(&self) -> u64 {
+        self.identity.certificate_ttl_hours * 3600
+    }
+}
+
+fn check_host_port(addr: &str) -> Result<(), String> {
+    let (host, port) = addr.rsplit_once(':').ok_or("expected host:port")?;
+    if host.is_empty() {
+        return Err("host is empty".into());
+    }
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or("port must be a number from 1 to 65535")?;
+    Ok(())
+}
+
+/// toml's errors span several lines (with a source excerpt); keep them on one line.
+fn one_line(e: &toml::de::Error) -> String {
+    let mut msg = e.message().to_owned();
+    if let Some(span) = e.span() {
+        msg = format!("{msg} (at byte {})", span.start);
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+cluster_id = "test"
+node_id = 1
+listen = "127.0.0.1:7101"
+data_dir = "data/node1"
+peers = [
+  { id = 1, addr = "127.0.0.1:7101" },
+  { id = 2, addr = "127.0.0.1:7102" },
+  { id = 3, addr = "127.0.0.1:7103" },
+]
+[tls]
+ca = "tls/ca.pem"
+cert = "tls/node1.pem"
+key = "tls/node1.key"
+"#;
+
+    fn load(text: &str) -> Result<NodeConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).unwrap();
+        NodeConfig::load(&path)
+    }
+
+    #[test]
+    fn good_config_loads_with_defaults_and_paths_relative_to_the_file() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.node_id, 1);
+        assert_eq!(c.identity.certificate_ttl_hours, 24);
+        assert!(c.data_dir.is_absolute() && c.data_dir.ends_with("data/node1"));
+        assert!(c.tls.ca.ends_with("tls/ca.pem"));
+        assert_eq!(c.tls.server_name, "agentreg");
+    }
+
+    fn err(text: &str) -> String {
+        let e = load(text).expect_err("accepted").to_string();
+        assert!(e.contains("node.toml"), "error does not name the file: {e}");
+        assert!(!e.contains('\n'), "error spans lines: {e}");
+        e
+    }
+
+    #[test]
+    fn missing_unknown_and_mistyped_keys_are_named() {
+        let e = err(&GOOD.replace("node_id = 1\n", ""));
+        assert!(e.contains("node_id"), "{e}");
+        let e = err(&GOOD.replace("node_id = 1", "node_id = 1\nnode_idd = 2"));
+        assert!(e.contains("node_idd"), "{e}");
+        let e = err(&GOOD.replace("node_id = 1", "node_id = \"one\""));
+        assert!(e.contains("invalid type"), "{e}");
+        let e = err(&GOOD.replace("listen = \"127.0.0.1:7101\"", "listen = \"nowhere\""));
+        assert!(e.contains("invalid socket address"), "{e}");
+        let e = err(&format!("{GOOD}\n[raft]\nheartbeat_ms = 5\n"));
+        assert!(e.contains("heartbeat_ms"), "{e}");
+    }
+
+    #[test]
+    fn nonsense_values_are_refused() {
+        let e = err(&GOOD.replace("node_id = 1", "node_id = 9"));
+        assert!(e.contains("node_id 9"), "{e}");
+        let e = err(&GOOD.replace("127.0.0.1:7102", "127.0.0.1:7101"));
+        assert!(e.contains("appears twice"), "{e}");
+        let e = err(&GOOD.replace("127.0.0.1:7103", "127.0.0.1"));
+        assert!(e.contains("host:port"), "{e}");
+        let e = err(&format!("{GOOD}\n[raft]\nheartbeat_interval_ms = 300\n"));
+        assert!(e.contains("election_timeout_min_ms"), "{e}");
+        let e = err(&format!("{GOOD}\n[identity]\ncertificate_ttl_hours = 0\n"));
+        assert!(e.contains("certificate_ttl_hours"), "{e}");
+    }
+}

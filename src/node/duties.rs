@@ -1,0 +1,56 @@
+//! Work only the leader does, driven by changes in Raft metrics: installing the first signing
+//! key of a new cluster.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use openraft::ServerState;
+
+use super::Inner;
+use crate::identity::Secret;
+use crate::registry::{Command, Op};
+
+/// Proposer-side clock: the `at` of every command this node proposes.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(super) fn spawn(inner: Arc<Inner>) {
+    let tasks = inner.tasks.clone();
+    tasks.spawn(async move {
+        let mut metrics = inner.raft.metrics();
+        loop {
+            let leads = metrics.borrow_and_update().state == ServerState::Leader;
+            if leads && inner.state.read().state.keyring().is_empty() {
+                init_keyring(&inner).await;
+            }
+            tokio::select! {
+                _ = inner.shutdown.cancelled() => break,
+                changed = metrics.changed() => if changed.is_err() { break },
+            }
+        }
+    });
+}
+
+async fn init_keyring(inner: &Inner) {
+    // The secret comes from the configured file or the OS random source, here on the
+    // proposer: apply must not draw randomness. InitKeyring is a no-op if a key exists, so a
+    // second leader racing this one changes nothing.
+    let secret = inner
+        .initial_secret
+        .clone()
+        .unwrap_or_else(Secret::generate);
+    let cmd = Command {
+        at: unix_now(),
+        op: Op::InitKeyring { secret },
+    };
+    match super::write::write(inner, cmd).await {
+        Ok(w) => {
+            tracing::info!(index = w.index, result = ?w.response, "signing keyring initialised")
+        }
+        Err(e) => tracing::warn!(error = %e, "could not initialise the signing keyring yet"),
+    }
+}

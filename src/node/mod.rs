@@ -1,0 +1,312 @@
+//! A running agentreg node: the QUIC endpoint, the Raft instance, and the services on top.
+//!
+//! ```text
+//!             UDP socket (one per node)
+//!                   │ quinn endpoint
+//!   ┌───────────────┼──────────────────┐
+//!   agentreg/1      agentreg-peer/1    agentreg-admin/1
+//!   (agents)        peer_service       admin
+//!                   │                  │
+//!                   └──── Raft (openraft) ─── sled (log, vote, snapshot)
+//! ```
+
+mod admin;
+mod duties;
+mod peer_service;
+mod write;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::BasicNode;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use admin::{AdminRequest, MemberStatus, NodeStatus};
+pub use write::{WriteError, Written};
+
+use crate::config::{InitialClusterState, NodeConfig};
+use crate::identity::Secret;
+use crate::raft::network::{PeerDialer, Peers};
+use crate::raft::types::{NodeId, Raft};
+use crate::raft::{DataDir, DataDirError, StateReader};
+use crate::transport::tls::{self, ConnectionKind, NodeTls, TlsFiles};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("hmac secret file {path}: {reason}")]
+    Secret {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+}
+
+/// Shared by every task of the node.
+pub(crate) struct Inner {
+    pub(crate) id: NodeId,
+    pub(crate) config: NodeConfig,
+    pub(crate) raft: Raft,
+    pub(crate) state: StateReader,
+    pub(crate) peers: Peers,
+    pub(crate) db: sled::Db,
+    pub(crate) initial_secret: Option<Secret>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+}
+
+/// A running node. Dropping it does not stop it; call [`Node::shutdown`].
+pub struct Node {
+    inner: Arc<Inner>,
+    endpoint: quinn::Endpoint,
+}
+
+impl Node {
+    /// Starts a node: opens its data dir, binds its UDP port (or uses `socket`, already bound),
+    /// starts Raft and its services, and initialises a brand-new cluster once.
+    ///
+    /// # Errors
+    /// The data dir belongs to another cluster or node, the TLS files are unusable, the
+    /// port cannot be bound, or Raft refuses the configuration.
+    pub async fn start(
+        config: NodeConfig,
+        socket: Option<std::net::UdpSocket>,
+    ) -> Result<Node, NodeError> {
+        let initial_secret = read_secret_file(&config)?;
+        let tls = NodeTls::load(&TlsFiles {
+            ca: config.tls.ca.clone(),
+            cert: config.tls.cert.clone(),
+            key: config.tls.key.clone(),
+        })?;
+        let data = DataDir::open(&config.data_dir, &config.cluster_id, config.node_id)?;
+        let pristine = data
+            .log
+            .is_pristine()
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+
+        let socket = match socket {
+            Some(s) => s,
+            None => std::net::UdpSocket::bind(config.listen).map_err(|source| NodeError::Bind {
+                addr: config.listen,
+                source,
+            })?,
+        };
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(tls.server_config()?),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| NodeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let peers = Peers::new(PeerDialer {
+            endpoint: endpoint.clone(),
+            client_config: tls.peer_client_config()?,
+            server_name: config.tls.server_name.clone(),
+        });
+
+        let raft_config = raft_config(&config)?;
+        let state = data.state_machine.reader();
+        let raft = Raft::new(
+            config.node_id,
+            raft_config,
+            peers.clone(),
+            data.log,
+            data.state_machine,
+        )
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+
+        let inner = Arc::new(Inner {
+            id: config.node_id,
+            config,
+            raft,
+            state,
+            peers,
+            db: data.db,
+            initial_secret,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        let node = Node { inner, endpoint };
+        node.spawn_accept_loop();
+        duties::spawn(node.inner.clone());
+
+        if pristine && node.inner.config.initial_cluster_state == InitialClusterState::New {
+            node.initialize().await?;
+        }
+        tracing::info!(node_id = node.inner.id, addr = %node.local_addr(), "node started");
+        Ok(node)
+    }
+
+    async fn initialize(&self) -> Result<(), NodeError> {
+        let members: BTreeMap<NodeId, BasicNode> = self
+            .inner
+            .config
+            .peers
+            .iter()
+            .map(|p| (p.id, BasicNode::new(&p.addr)))
+            .collect();
+        // Every member of a new cluster initialises with the same membership; openraft
+        // accepts that, and refuses (NotAllowed) on a node that already has a log.
+        match self.inner.raft.initialize(members).await {
+            Ok(()) => {
+                tracing::info!(
+                    node_id = self.inner.id,
+                    "initialised a new cluster membership"
+                );
+                Ok(())
+            }
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::InitializeError::NotAllowed(e),
+            )) => {
+                tracing::info!(node_id = self.inner.id, reason = %e, "cluster already initialised");
+                Ok(())
+            }
+            Err(e) => Err(NodeError::Raft(e.to_string())),
+        }
+    }
+
+    fn spawn_accept_loop(&self) {
+        let inner = self.inner.clone();
+        let endpoint = self.endpoint.clone();
+        self.inner.tasks.spawn(async move {
+            loop {
+                let incoming = tokio::select! {
+                    _ = inner.shutdown.cancelled() => break,
+                    i = endpoint.accept() => match i {
+                        Some(i) => i,
+                        None => break,
+                    },
+                };
+                let inner = inner.clone();
+                inner.tasks.clone().spawn(async move {
+                    let remote = incoming.remote_address();
+                    let conn = match incoming.await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::debug!(%remote, error = %e, "handshake failed");
+                            return;
+                        }
+                    };
+                    match tls::classify(&conn) {
+                        Ok(ConnectionKind::Peer) => peer_service::serve(inner, conn).await,
+                        Ok(ConnectionKind::Admin) => admin::serve(inner, conn).await,
+                        Ok(ConnectionKind::Agent) => {
+                            conn.close(
+                                quinn::VarInt::from_u32(2),
+                                b"agent protocol not served by this node yet",
+                            );
+                        }
+                        Err(e) => {
+                            tracing::warn!(%remote, error = %e, "refusing connection");
+                            conn.close(quinn::VarInt::from_u32(1), e.to_string().as_bytes());
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The UDP address the node is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .unwrap_or(self.inner.config.listen)
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// The applied tables, as this node knows them.
+    pub fn state(&self) -> &StateReader {
+        &self.inner.state
+    }
+
+    /// Commits a command through the leader, forwarding it if this node is not the leader.
+    ///
+    /// # Errors
+    /// See [`WriteError`]; a refusal by the registry is not an error but `Written::response`.
+    pub async fn write(&self, cmd: crate::registry::Command) -> Result<Written, WriteError> {
+        write::write(&self.inner, cmd).await
+    }
+
+    /// This node's view of itself and the cluster.
+    pub fn status(&self) -> NodeStatus {
+        admin::status(&self.inner)
+    }
+
+    /// Stops the node: no new connections, Raft stopped, sled flushed, QUIC closed.
+    pub async fn shutdown(self) {
+        tracing::info!(node_id = self.inner.id, "shutting down");
+        self.inner.shutdown.cancel();
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"node shutting down");
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not stop cleanly");
+        }
+        self.inner.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.inner.tasks.wait()).await;
+        if let Err(e) = self.inner.db.flush_async().await {
+            tracing::error!(error = %e, "flushing sled on shutdown failed");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, NodeError> {
+    let r = &config.raft;
+    let c = openraft::Config {
+        cluster_name: config.cluster_id.clone(),
+        heartbeat_interval: r.heartbeat_interval_ms,
+        election_timeout_min: r.election_timeout_min_ms,
+        election_timeout_max: r.election_timeout_max_ms,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
+        max_in_snapshot_log_to_keep: r.max_in_snapshot_log_to_keep,
+        // Chunks well under MAX_PEER_FRAME: snapshots stream instead of filling one frame.
+        snapshot_max_chunk_size: 1024 * 1024,
+        max_payload_entries: 256,
+        ..Default::default()
+    };
+    Ok(Arc::new(
+        c.validate().map_err(|e| NodeError::Raft(e.to_string()))?,
+    ))
+}
+
+fn read_secret_file(config: &NodeConfig) -> Result<Option<Secret>, NodeError> {
+    let Some(path) = &config.identity.hmac_secret_file else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(path).map_err(|e| NodeError::Secret {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    // A trailing newline from `echo` or an editor is not part of the secret.
+    let trimmed = bytes.trim_ascii_end().to_vec();
+    if trimmed.len() < 32 {
+        return Err(NodeError::Secret {
+            path: path.clone(),
+            reason: format!("holds {} bytes; at least 32 are needed", trimmed.len()),
+        });
+    }
+    Ok(Some(Secret::new(trimmed)))
+}

@@ -1,0 +1,82 @@
+//! The callee side of the peer transport: Raft RPCs and forwarded writes from other nodes.
+
+use std::sync::Arc;
+
+use super::{write, Inner};
+use crate::raft::network::{PeerRequest, PeerResponse, MAX_PEER_FRAME};
+use crate::raft::types::codec;
+use crate::transport::frame::{read_frame, write_frame};
+
+/// Application error code for a stream closed because of a bad frame.
+const BAD_FRAME: quinn::VarInt = quinn::VarInt::from_u32(0x10);
+
+pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    tracing::debug!(%remote, "peer connected");
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = inner.shutdown.cancelled() => break,
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%remote, error = %e, "peer connection ended");
+                    break;
+                }
+            },
+        };
+        let inner = inner.clone();
+        inner.tasks.clone().spawn(async move {
+            serve_stream(&inner, send, recv, remote).await;
+        });
+    }
+}
+
+async fn serve_stream(
+    inner: &Inner,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    remote: std::net::SocketAddr,
+) {
+    let req: PeerRequest = match read_frame(&mut recv, MAX_PEER_FRAME).await {
+        Ok(bytes) => match codec::decode(&bytes) {
+            Ok(req) => req,
+            Err(e) => {
+                tracing::warn!(%remote, error = %e, "malformed peer request; closing the stream");
+                let _ = recv.stop(BAD_FRAME);
+                let _ = send.reset(BAD_FRAME);
+                return;
+            }
+        },
+        Err(e) => {
+            tracing::warn!(%remote, error = %e, "bad peer frame; closing the stream");
+            let _ = recv.stop(BAD_FRAME);
+            let _ = send.reset(BAD_FRAME);
+            return;
+        }
+    };
+    let raft = &inner.raft;
+    let resp = match req {
+        PeerRequest::AppendEntries(r) => PeerResponse::AppendEntries(raft.append_entries(r).await),
+        PeerRequest::Vote(r) => PeerResponse::Vote(raft.vote(r).await),
+        PeerRequest::InstallSnapshot(r) => {
+            PeerResponse::InstallSnapshot(raft.install_snapshot(r).await)
+        }
+        PeerRequest::Forward(cmd) => {
+            tracing::debug!(%remote, op = cmd.op.name(), "forwarded write");
+            PeerResponse::Forward(write::serve_forward(inner, cmd).await)
+        }
+    };
+    let bytes = match codec::encode(&resp) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode peer response");
+            let _ = send.reset(BAD_FRAME);
+            return;
+        }
+    };
+    if let Err(e) = write_frame(&mut send, &bytes).await {
+        tracing::debug!(%remote, error = %e, "peer went away before the answer");
+        return;
+    }
+    let _ = send.finish();
+}

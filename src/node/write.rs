@@ -1,0 +1,125 @@
+//! The write path: propose on the leader, or forward to it over the peer link.
+
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::time::Instant;
+
+use super::Inner;
+use crate::raft::network::{ForwardError, PeerError, PeerRequest, PeerResponse};
+use crate::raft::types::NodeId;
+use crate::registry::{Command, Response};
+
+/// A committed and applied write.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// Log index of the entry.
+    pub index: u64,
+    /// What the state machine answered (a refusal is a committed no-op).
+    pub response: Response,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// Certainly not applied.
+    #[error("no leader could take the write within {0:?}; the cluster may have lost its quorum")]
+    NoLeader(Duration),
+    /// May or may not have been applied: the answer was lost.
+    #[error("write outcome unknown: {0}")]
+    Unknown(String),
+    #[error("node is shutting down")]
+    ShuttingDown,
+}
+
+/// How long to wait between attempts while no leader is known.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+pub(super) async fn write(inner: &Inner, cmd: Command) -> Result<Written, WriteError> {
+    let budget = inner.config.write_timeout();
+    let deadline = Instant::now() + budget;
+    loop {
+        let leader = match propose_locally(inner, cmd.clone()).await {
+            Ok(w) => return Ok(w),
+            Err(Attempt::Elsewhere(leader)) => leader,
+            Err(Attempt::Failed(e)) => return Err(e),
+        };
+        if let Some((leader_id, addr)) = leader.filter(|(id, _)| *id != inner.id) {
+            let client = inner.peers.client(leader_id, &addr);
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match client
+                .call(&PeerRequest::Forward(cmd.clone()), remaining)
+                .await
+            {
+                Ok(PeerResponse::Forward(Ok((index, response)))) => {
+                    return Ok(Written { index, response })
+                }
+                Ok(PeerResponse::Forward(Err(ForwardError::NotLeader { .. }))) => {}
+                Ok(PeerResponse::Forward(Err(ForwardError::Unknown(e)))) => {
+                    return Err(WriteError::Unknown(e))
+                }
+                Ok(_) => {
+                    return Err(WriteError::Unknown(format!(
+                        "node {leader_id} answered a forward with another message"
+                    )))
+                }
+                // Not delivered: safe to try again once a leader is known.
+                Err(PeerError::Unreachable { .. }) => {}
+                Err(PeerError::Timeout { .. }) if Instant::now() >= deadline => {
+                    return Err(WriteError::Unknown(format!(
+                        "leader {leader_id} did not answer within {budget:?}"
+                    )))
+                }
+                Err(e) => return Err(WriteError::Unknown(e.to_string())),
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(WriteError::NoLeader(budget));
+        }
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return Err(WriteError::ShuttingDown),
+            _ = tokio::time::sleep(RETRY_PAUSE) => {}
+        }
+    }
+}
+
+enum Attempt {
+    /// This node is not the leader; the leader as far as it knows.
+    Elsewhere(Option<(NodeId, String)>),
+    Failed(WriteError),
+}
+
+async fn propose_locally(inner: &Inner, cmd: Command) -> Result<Written, Attempt> {
+    match inner.raft.client_write(cmd).await {
+        Ok(resp) => Ok(Written {
+            index: resp.log_id.index,
+            response: resp.data,
+        }),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(Attempt::Elsewhere(
+            f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+        )),
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+            Err(Attempt::Failed(WriteError::Unknown(e.to_string())))
+        }
+        Err(RaftError::Fatal(e)) => {
+            if inner.shutdown.is_cancelled() {
+                Err(Attempt::Failed(WriteError::ShuttingDown))
+            } else {
+                Err(Attempt::Failed(WriteError::Unknown(format!(
+                    "raft stopped: {e}"
+                ))))
+            }
+        }
+    }
+}
+
+/// Serves a write forwarded by a follower: propose it here if this node leads.
+pub(super) async fn serve_forward(
+    inner: &Inner,
+    cmd: Command,
+) -> Result<(u64, Response), ForwardError> {
+    match propose_locally(inner, cmd).await {
+        Ok(w) => Ok((w.index, w.response)),
+        Err(Attempt::Elsewhere(leader)) => Err(ForwardError::NotLeader { leader }),
+        Err(Attempt::Failed(e)) => Err(ForwardError::Unknown(e.to_string())),
+    }
+}

@@ -1,0 +1,400 @@
+//! The peer transport: Raft RPCs and forwarded writes between nodes, over QUIC with mutual
+//! TLS (ALPN `agentreg-peer/1`).
+//!
+//! Every call is one bidirectional stream on a connection that is kept and reused:
+//!
+//! ```text
+//! caller                                   callee
+//!   open_bi ─── frame(bincode(PeerRequest)) ──▶   (finish)
+//!           ◀── frame(bincode(PeerResponse)) ───  (finish)
+//! frame = u32 big-endian length, then that many bytes (at most MAX_PEER_FRAME)
+//! ```
+//!
+//! Snapshots travel as openraft's chunked `InstallSnapshot` calls (`snapshot_max_chunk_size`
+//! bytes each), so a large snapshot never has to fit one frame. A peer that cannot be reached
+//! is reported as `Unreachable`; openraft then waits out [`RaftNetwork::backoff`] (exponential,
+//! capped) before the next attempt, which reconnects.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
+use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use super::types::{codec, Node, NodeId, TypeConfig};
+use crate::registry::{Command, Response};
+use crate::transport::frame::{read_frame, write_frame};
+
+/// Largest peer frame accepted: a full AppendEntries batch of the largest commands fits.
+pub const MAX_PEER_FRAME: usize = 16 * 1024 * 1024;
+
+/// A request from one node to another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerRequest {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A write received by a follower, for the leader to propose.
+    Forward(Command),
+}
+
+/// Why a forwarded write was not applied by the node it was sent to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ForwardError {
+    /// Certainly not applied: the callee is not the leader.
+    #[error("node is not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<(NodeId, String)> },
+    /// May or may not have been applied.
+    #[error("write outcome unknown: {0}")]
+    Unknown(String),
+}
+
+/// The answer to a [`PeerRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerResponse {
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
+    /// The log index the write was committed at, and its result.
+    Forward(Result<(u64, Response), ForwardError>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The request was certainly not delivered.
+    #[error("cannot reach node {target} at {addr}: {reason}")]
+    Unreachable {
+        target: NodeId,
+        addr: String,
+        reason: String,
+    },
+    /// The request may have been delivered; its answer was lost.
+    #[error("call to node {target} failed: {reason}")]
+    Failed { target: NodeId, reason: String },
+    #[error("call to node {target} timed out after {after:?}")]
+    Timeout { target: NodeId, after: Duration },
+    #[error("node {target} answered with a {got} response to a {sent} request")]
+    Mismatch {
+        target: NodeId,
+        sent: &'static str,
+        got: &'static str,
+    },
+}
+
+impl PeerRequest {
+    fn kind(&self) -> &'static str {
+        match self {
+            PeerRequest::AppendEntries(_) => "append_entries",
+            PeerRequest::Vote(_) => "vote",
+            PeerRequest::InstallSnapshot(_) => "install_snapshot",
+            PeerRequest::Forward(_) => "forward",
+        }
+    }
+}
+
+impl PeerResponse {
+    fn kind(&self) -> &'static str {
+        match self {
+            PeerResponse::AppendEntries(_) => "append_entries",
+            PeerResponse::Vote(_) => "vote",
+            PeerResponse::InstallSnapshot(_) => "install_snapshot",
+            PeerResponse::Forward(_) => "forward",
+        }
+    }
+}
+
+/// Everything a node needs to dial its peers.
+#[derive(Clone)]
+pub struct PeerDialer {
+    pub endpoint: quinn::Endpoint,
+    pub client_config: quinn::ClientConfig,
+    pub server_name: String,
+}
+
+/// One peer: its address and the connection to it, kept for reuse.
+pub struct PeerClient {
+    target: NodeId,
+    addr: String,
+    dialer: PeerDialer,
+    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+}
+
+impl PeerClient {
+    pub fn new(target: NodeId, addr: String, dialer: PeerDialer) -> Self {
+        PeerClient {
+            target,
+            addr,
+            dialer,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn unreachable(&self, reason: impl std::fmt::Display) -> PeerError {
+        PeerError::Unreachable {
+            target: self.target,
+            addr: self.addr.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// The open connection to this peer, dialling a new one if there is none.
+    async fn connection(&self) -> Result<quinn::Connection, PeerError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            if conn.close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+        }
+        *slot = None;
+        let addr = resolve(&self.addr).await.map_err(|e| self.unreachable(e))?;
+        let connecting = self
+            .dialer
+            .endpoint
+            .connect_with(
+                self.dialer.client_config.clone(),
+                addr,
+                &self.dialer.server_name,
+            )
+            .map_err(|e| self.unreachable(e))?;
+        let conn = connecting.await.map_err(|e| self.unreachable(e))?;
+        tracing::debug!(target_node = self.target, addr = %self.addr, "connected to peer");
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Forgets `conn` if it is still the cached one, so the next call dials afresh.
+    async fn discard(&self, conn: &quinn::Connection) {
+        let mut slot = self.conn.lock().await;
+        if slot
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            *slot = None;
+        }
+    }
+
+    /// Sends one request and waits for its answer, for at most `timeout`.
+    ///
+    /// # Errors
+    /// [`PeerError::Unreachable`] when the request was certainly not delivered; the other
+    /// variants when it may have been.
+    pub async fn call(
+        &self,
+        req: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, PeerError> {
+        match tokio::time::timeout(timeout, self.call_inner(req)).await {
+            Ok(r) => r,
+            Err(_) => Err(PeerError::Timeout {
+                target: self.target,
+                after: timeout,
+            }),
+        }
+    }
+
+    async fn call_inner(&self, req: &PeerRequest) -> Result<PeerResponse, PeerError> {
+        let bytes = codec::encode(req).map_err(|e| PeerError::Failed {
+            target: self.target,
+            reason: format!("cannot encode request: {e}"),
+        })?;
+        let conn = self.connection().await?;
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                self.discard(&conn).await;
+                return Err(self.unreachable(e));
+            }
+        };
+        let failed = |reason: String| PeerError::Failed {
+            target: self.target,
+            reason,
+        };
+        let exchange = async {
+            write_frame(&mut send, &bytes)
+                .await
+                .map_err(|e| failed(format!("sending: {e}")))?;
+            send.finish().map_err(|e| failed(format!("sending: {e}")))?;
+            read_frame(&mut recv, MAX_PEER_FRAME)
+                .await
+                .map_err(|e| failed(format!("receiving: {e}")))
+        };
+        let answer = match exchange.await {
+            Ok(a) => a,
+            Err(e) => {
+                if conn.close_reason().is_some() {
+                    self.discard(&conn).await;
+                }
+                return Err(e);
+            }
+        };
+        let resp: PeerResponse =
+            codec::decode(&answer).map_err(|e| failed(format!("malformed response: {e}")))?;
+        Ok(resp)
+    }
+}
+
+async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
+    tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to no address")))
+}
+
+/// The peers this node talks to, one [`PeerClient`] each. Clones share the clients.
+#[derive(Clone)]
+pub struct Peers {
+    dialer: PeerDialer,
+    clients: Arc<Mutex<HashMap<NodeId, Arc<PeerClient>>>>,
+}
+
+impl Peers {
+    pub fn new(dialer: PeerDialer) -> Self {
+        Peers {
+            dialer,
+            clients: Arc::default(),
+        }
+    }
+
+    /// The client for `target` at `addr`; a changed address replaces the old client.
+    pub fn client(&self, target: NodeId, addr: &str) -> Arc<PeerClient> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get(&target) {
+            if c.addr == addr {
+                return c.clone();
+            }
+        }
+        let c = Arc::new(PeerClient::new(
+            target,
+            addr.to_owned(),
+            self.dialer.clone(),
+        ));
+        clients.insert(target, c.clone());
+        c
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Peers {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerNetwork {
+        PeerNetwork {
+            client: self.client(target, &node.addr),
+        }
+    }
+}
+
+/// openraft's view of one peer.
+pub struct PeerNetwork {
+    client: Arc<PeerClient>,
+}
+
+type RpcError<E = openraft::error::Infallible> = RPCError<NodeId, Node, RaftError<NodeId, E>>;
+
+impl PeerNetwork {
+    async fn rpc<T, E: std::error::Error>(
+        &self,
+        req: PeerRequest,
+        action: RPCTypes,
+        option: &RPCOption,
+        unpack: impl FnOnce(PeerResponse) -> Option<Result<T, RaftError<NodeId, E>>>,
+    ) -> Result<T, RpcError<E>> {
+        let target = self.client.target;
+        let sent = req.kind();
+        let timeout = option.hard_ttl();
+        let resp = self.client.call(&req, timeout).await.map_err(|e| match e {
+            PeerError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+            PeerError::Timeout { .. } => RPCError::Timeout(Timeout {
+                action,
+                id: 0,
+                target,
+                timeout,
+            }),
+            _ => RPCError::Network(NetworkError::new(&e)),
+        })?;
+        let got = resp.kind();
+        match unpack(resp) {
+            Some(Ok(v)) => Ok(v),
+            Some(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(target, e))),
+            None => Err(RPCError::Network(NetworkError::new(&PeerError::Mismatch {
+                target,
+                sent,
+                got,
+            }))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcError> {
+        self.rpc(
+            PeerRequest::AppendEntries(rpc),
+            RPCTypes::AppendEntries,
+            &option,
+            |r| match r {
+                PeerResponse::AppendEntries(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcError<InstallSnapshotError>> {
+        self.rpc(
+            PeerRequest::InstallSnapshot(rpc),
+            RPCTypes::InstallSnapshot,
+            &option,
+            |r| match r {
+                PeerResponse::InstallSnapshot(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcError> {
+        self.rpc(
+            PeerRequest::Vote(rpc),
+            RPCTypes::Vote,
+            &option,
+            |r| match r {
+                PeerResponse::Vote(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    fn backoff(&self) -> Backoff {
+        // 50 ms, 100 ms, 200 ms, ... capped at 2 s between attempts to reach a lost peer.
+        Backoff::new(
+            (0u32..).map(|i| Duration::from_millis(50u64.saturating_mul(1 << i.min(6)).min(2000))),
+        )
+    }
+}

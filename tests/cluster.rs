@@ -1,0 +1,194 @@
+//! The replicated core over real QUIC on 127.0.0.1: elections, forwarding, leader loss,
+//! catch-up by snapshot, full restarts.
+
+mod common;
+
+use agentreg::config::RaftConfig;
+use agentreg::registry::Outcome;
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_sent_to_a_follower_is_applied_on_all_three() {
+    let cluster = TestCluster::start(Options::default()).await;
+    tracing::info!("--- waiting for a leader and the keyring");
+    let leader = cluster.leader().await;
+    cluster.keyring_ready().await;
+    let follower = cluster.follower().await;
+    assert_ne!(leader, follower);
+
+    tracing::info!("--- claiming through follower {follower}");
+    let w = claim_ok(cluster.node(follower), "agent-1").await;
+    cluster.applied_everywhere(w.index).await;
+    let Ok(Outcome::Claimed { certificate }) = &w.response else {
+        unreachable!()
+    };
+    for id in 1..=3 {
+        let t = cluster.tables(id);
+        let claim = t
+            .claims
+            .get("agent-1")
+            .unwrap_or_else(|| panic!("node {id} lacks the claim"));
+        assert_eq!(claim.serial, certificate.serial, "node {id}");
+        assert_eq!(claim.serial, w.index, "the serial is the claim's log index");
+    }
+    assert_eq!(cluster.tables(1), cluster.tables(2));
+    assert_eq!(cluster.tables(2), cluster.tables(3));
+
+    tracing::info!("--- a second claim of the same id through another node is refused");
+    let other = (1..=3).find(|id| *id != follower).unwrap();
+    let w2 = cluster.node(other).write(claim("agent-1")).await.unwrap();
+    assert!(w2.response.is_err(), "{:?}", w2.response);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_the_leader_is_killed_a_new_one_takes_writes_and_nothing_acknowledged_is_lost() {
+    let mut cluster = TestCluster::start(Options::default()).await;
+    let old = cluster.leader().await;
+    cluster.keyring_ready().await;
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let via = 1 + (i % 3);
+        let id = format!("before-{i}");
+        claim_ok(cluster.node(via), &id).await;
+        acked.push(id);
+    }
+
+    tracing::info!("--- killing leader {old}");
+    cluster.stop(old).await;
+    let new = cluster.leader().await;
+    assert_ne!(new, old);
+
+    tracing::info!("--- writing through the survivors");
+    let mut last = 0;
+    for (i, via) in cluster
+        .nodes
+        .keys()
+        .copied()
+        .collect::<Vec<_>>()
+        .into_iter()
+        .cycle()
+        .take(10)
+        .enumerate()
+    {
+        let id = format!("after-{i}");
+        last = claim_ok(cluster.node(via), &id).await.index;
+        acked.push(id);
+    }
+    cluster.applied_everywhere(last).await;
+    for id in cluster.nodes.keys() {
+        let t = cluster.tables(*id);
+        for a in &acked {
+            assert!(
+                t.claims.contains_key(a),
+                "node {id} lost acknowledged claim {a}"
+            );
+        }
+    }
+
+    tracing::info!("--- the old leader comes back and converges");
+    cluster.restart(old).await;
+    cluster.applied_everywhere(last).await;
+    assert_eq!(cluster.tables(old), cluster.tables(new));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_node_catches_up_by_snapshot_after_the_log_was_purged() {
+    let opts = Options {
+        raft: RaftConfig {
+            snapshot_logs_since_last: 50,
+            max_in_snapshot_log_to_keep: 0,
+            ..Options::default().raft
+        },
+        ..Options::default()
+    };
+    let mut cluster = TestCluster::start(opts).await;
+    let leader = cluster.leader().await;
+    cluster.keyring_ready().await;
+    let lagger = cluster.follower().await;
+    let lagger_index = cluster
+        .node(lagger)
+        .raft()
+        .metrics()
+        .borrow()
+        .last_log_index
+        .unwrap_or(0);
+
+    tracing::info!("--- stopping node {lagger}, then writing more than a snapshot's worth");
+    cluster.stop(lagger).await;
+    let mut last = 0;
+    for i in 0..150 {
+        last = claim_ok(cluster.node(leader), &format!("bulk-{i}"))
+            .await
+            .index;
+    }
+    cluster.applied_everywhere(last).await;
+    let purged = wait_for("the leader to purge its log", TIMEOUT, || async {
+        let m = cluster.node(leader).raft().metrics().borrow().clone();
+        m.purged.map(|p| p.index).filter(|p| *p > lagger_index)
+    })
+    .await;
+    tracing::info!(
+        purged,
+        lagger_index,
+        "--- leader purged past what the stopped node has"
+    );
+
+    cluster.restart(lagger).await;
+    cluster.applied_everywhere(last).await;
+    let m = cluster.node(lagger).raft().metrics().borrow().clone();
+    assert!(
+        m.snapshot.is_some_and(|s| s.index > lagger_index),
+        "node {lagger} caught up without installing a snapshot: {:?}",
+        m.snapshot
+    );
+    assert_eq!(cluster.tables(lagger), cluster.tables(leader));
+    assert_eq!(cluster.tables(lagger).claims.len(), 150);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn all_three_restart_from_disk_to_exactly_the_acknowledged_state() {
+    let opts = Options {
+        raft: RaftConfig {
+            // Restart with part of the state in a snapshot and part in the log.
+            snapshot_logs_since_last: 30,
+            ..Options::default().raft
+        },
+        ..Options::default()
+    };
+    let mut cluster = TestCluster::start(opts).await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
+    let mut last = 0;
+    for i in 0..45 {
+        last = claim_ok(cluster.node(1 + i % 3), &format!("durable-{i}"))
+            .await
+            .index;
+    }
+    cluster.applied_everywhere(last).await;
+    let before = cluster.tables(1);
+
+    tracing::info!("--- stopping all three");
+    for id in 1..=3 {
+        cluster.stop(id).await;
+    }
+    tracing::info!("--- restarting all three");
+    for id in 1..=3 {
+        cluster.restart(id).await;
+    }
+    cluster.leader().await;
+    cluster.applied_everywhere(last).await;
+    for id in 1..=3 {
+        assert_eq!(
+            cluster.tables(id),
+            before,
+            "node {id} restarted to another state"
+        );
+    }
+    // Still one cluster that takes writes; nothing was re-initialised.
+    let w = claim_ok(cluster.node(2), "after-restart").await;
+    assert!(w.index > last);
+    for id in 1..=3 {
+        let members = cluster.node(id).status().members;
+        assert_eq!(members.len(), 3);
+    }
+}

@@ -1,0 +1,254 @@
+//! A cluster of in-process nodes on 127.0.0.1 for tests: OS-chosen ports, a temp dir per
+//! cluster (removed on drop, also when a test fails), and waits with deadlines.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentreg::config::{
+    IdentityConfig, InitialClusterState, NodeConfig, Peer, RaftConfig, TlsConfig,
+};
+use agentreg::node::{Node, Written};
+use agentreg::registry::{Command, Op, Outcome, Tables};
+use agentreg::transport::tls;
+
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,agentreg=info")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub addrs: BTreeMap<u64, SocketAddr>,
+    pub nodes: BTreeMap<u64, Node>,
+    pub configs: BTreeMap<u64, NodeConfig>,
+}
+
+/// Options for a test cluster.
+#[derive(Clone)]
+pub struct Options {
+    pub nodes: u64,
+    pub raft: RaftConfig,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            nodes: 3,
+            raft: RaftConfig {
+                heartbeat_interval_ms: 100,
+                election_timeout_min_ms: 400,
+                election_timeout_max_ms: 800,
+                snapshot_logs_since_last: 10_000,
+                max_in_snapshot_log_to_keep: 100,
+                write_timeout_ms: 10_000,
+            },
+        }
+    }
+}
+
+impl TestCluster {
+    pub async fn start(opts: Options) -> TestCluster {
+        init_tracing();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ids: Vec<u64> = (1..=opts.nodes).collect();
+        tls::write_dev_material(&dir.path().join("tls"), &ids, &[], false).expect("dev tls");
+        let sockets: BTreeMap<u64, UdpSocket> = ids
+            .iter()
+            .map(|id| (*id, UdpSocket::bind("127.0.0.1:0").expect("bind")))
+            .collect();
+        let addrs: BTreeMap<u64, SocketAddr> = sockets
+            .iter()
+            .map(|(id, s)| (*id, s.local_addr().unwrap()))
+            .collect();
+        let peers: Vec<Peer> = addrs
+            .iter()
+            .map(|(id, a)| Peer {
+                id: *id,
+                addr: a.to_string(),
+            })
+            .collect();
+        let mut configs = BTreeMap::new();
+        for id in &ids {
+            let tls_dir = dir.path().join("tls");
+            let c = NodeConfig {
+                cluster_id: "test".into(),
+                node_id: *id,
+                listen: addrs[id],
+                advertise: None,
+                data_dir: dir.path().join(format!("node{id}")),
+                initial_cluster_state: InitialClusterState::New,
+                peers: peers.clone(),
+                tls: TlsConfig {
+                    ca: tls_dir.join("ca.pem"),
+                    cert: tls_dir.join(format!("node{id}.pem")),
+                    key: tls_dir.join(format!("node{id}.key")),
+                    server_name: tls::DEFAULT_SERVER_NAME.into(),
+                },
+                raft: opts.raft.clone(),
+                identity: IdentityConfig::default(),
+            };
+            c.validate().expect("valid test config");
+            configs.insert(*id, c);
+        }
+        let mut cluster = TestCluster {
+            dir,
+            addrs,
+            nodes: BTreeMap::new(),
+            configs,
+        };
+        for (id, socket) in sockets {
+            let node = Node::start(cluster.configs[&id].clone(), Some(socket))
+                .await
+                .expect("node starts");
+            cluster.nodes.insert(id, node);
+        }
+        cluster
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        self.nodes
+            .get(&id)
+            .unwrap_or_else(|| panic!("node {id} is not running"))
+    }
+
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.path().join("tls")
+    }
+
+    /// Stops a node (its data dir stays).
+    pub async fn stop(&mut self, id: u64) {
+        tracing::info!("--- stopping node {id}");
+        let node = self.nodes.remove(&id).expect("node running");
+        node.shutdown().await;
+    }
+
+    /// Restarts a stopped node from its data dir, on its old address.
+    pub async fn restart(&mut self, id: u64) {
+        tracing::info!("--- restarting node {id}");
+        let socket = wait_for(
+            &format!("port of node {id} free again"),
+            TIMEOUT,
+            || async { UdpSocket::bind(self.addrs[&id]).ok() },
+        )
+        .await;
+        let node = Node::start(self.configs[&id].clone(), Some(socket))
+            .await
+            .expect("node restarts");
+        self.nodes.insert(id, node);
+    }
+
+    /// Waits until every running node agrees on one leader, and returns it.
+    pub async fn leader(&self) -> u64 {
+        wait_for("a leader all running nodes agree on", TIMEOUT, || async {
+            let leaders: Vec<Option<u64>> = self
+                .nodes
+                .values()
+                .map(|n| n.raft().metrics().borrow().current_leader)
+                .collect();
+            let first = leaders.first().copied().flatten()?;
+            (leaders.iter().all(|l| *l == Some(first)) && self.nodes.contains_key(&first))
+                .then_some(first)
+        })
+        .await
+    }
+
+    /// Waits until the signing keyring is replicated to every running node.
+    pub async fn keyring_ready(&self) {
+        wait_for("signing keyring on every node", TIMEOUT, || async {
+            self.nodes
+                .values()
+                .all(|n| !n.state().read().state.keyring().is_empty())
+                .then_some(())
+        })
+        .await
+    }
+
+    /// Waits until every running node applied at least `index`.
+    pub async fn applied_everywhere(&self, index: u64) {
+        for (id, node) in &self.nodes {
+            node.raft()
+                .wait(Some(TIMEOUT))
+                .applied_index_at_least(Some(index), format!("node {id} applies {index}"))
+                .await
+                .unwrap_or_else(|e| panic!("node {id} did not apply {index}: {e}"));
+        }
+    }
+
+    /// The tables of a running node.
+    pub fn tables(&self, id: u64) -> Tables {
+        self.node(id).state().read().state.tables().clone()
+    }
+
+    /// A follower (a running node that is not the leader).
+    pub async fn follower(&self) -> u64 {
+        let leader = self.leader().await;
+        *self
+            .nodes
+            .keys()
+            .find(|id| **id != leader)
+            .expect("a follower")
+    }
+}
+
+/// Polls `f` until it returns `Some`, for at most `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+pub fn claim(agent_id: &str) -> Command {
+    Command {
+        at: now(),
+        op: Op::Claim {
+            agent_id: agent_id.into(),
+            ttl_secs: 3600,
+            force: false,
+            proof: None,
+            conn: None,
+        },
+    }
+}
+
+/// Claims `agent_id` through `node`; panics unless the claim is acknowledged as granted.
+pub async fn claim_ok(node: &Node, agent_id: &str) -> Written {
+    let w = node
+        .write(claim(agent_id))
+        .await
+        .expect("write acknowledged");
+    assert!(
+        matches!(w.response, Ok(Outcome::Claimed { .. })),
+        "claim of {agent_id} refused: {:?}",
+        w.response
+    );
+    w
+}
