@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod node;
+pub mod proto;
 pub mod raft;
 pub mod registry;
 pub mod transport;

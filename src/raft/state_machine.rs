@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::types::{
     codec, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
-use crate::registry::{Outcome, RegistryState, Response, Tables};
+use crate::registry::{Outcome, RegistryState, Response, SessionEnd, Tables};
 
 const SNAP_META: &[u8] = b"meta";
 const SNAP_DATA: &[u8] = b"data";
@@ -57,10 +57,14 @@ impl StateReader {
     }
 }
 
+/// Where applied session ends are reported (to close the connections they belonged to).
+type EventSink = Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<SessionEnd>>>>;
+
 /// The openraft state machine handle. Clones share state.
 #[derive(Clone)]
 pub struct StateMachineStore {
     applied: StateReader,
+    events: EventSink,
     db: sled::Db,
     snapshots: sled::Tree,
 }
@@ -82,6 +86,7 @@ impl StateMachineStore {
         let snapshots = db.open_tree("snapshot").map_err(sm_read_err)?;
         let store = StateMachineStore {
             applied: StateReader::default(),
+            events: EventSink::default(),
             db: db.clone(),
             snapshots,
         };
@@ -93,6 +98,14 @@ impl StateMachineStore {
 
     pub fn reader(&self) -> StateReader {
         self.applied.clone()
+    }
+
+    /// Reports every session that applied entries end from now on. Reporting is outside the
+    /// state: it does not influence what apply computes. A later call replaces the receiver.
+    pub fn subscribe(&self) -> tokio::sync::mpsc::UnboundedReceiver<SessionEnd> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.events.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
     }
 
     fn stored_snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
@@ -181,6 +194,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let mut applied = self.applied.0.write().unwrap_or_else(|e| e.into_inner());
+        let events = self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut results = Vec::new();
         for entry in entries {
             let log_id = *entry.get_log_id();
@@ -191,7 +209,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     applied.membership = StoredMembership::new(Some(log_id), m);
                     Ok(Outcome::Noop)
                 }
-                EntryPayload::Normal(cmd) => applied.state.apply(log_id.index, &cmd),
+                EntryPayload::Normal(cmd) => {
+                    let result = applied.state.apply(log_id.index, &cmd);
+                    if let (Some(tx), Ok(outcome)) = (&events, &result) {
+                        for end in SessionEnd::from_applied(&cmd.op, outcome) {
+                            // A closed receiver means the node is stopping; nothing to tell.
+                            let _ = tx.send(end);
+                        }
+                    }
+                    result
+                }
             };
             results.push(result);
         }

@@ -108,9 +108,9 @@ pub enum Outcome {
         /// The session this registration took over, whose connection must be closed.
         replaced: Option<SessionRef>,
     },
-    /// Unregister or Evict: whether the session was still there with that id.
+    /// Unregister or Evict: the session, if it was still there with that id.
     SessionEnded {
-        removed: bool,
+        ended: Option<SessionRef>,
     },
     NodeEvicted {
         removed: Vec<(String, SessionRef)>,
@@ -163,3 +163,91 @@ pub enum RegistryError {
 
 /// The result every log entry produces.
 pub type Response = Result<Outcome, RegistryError>;
+
+/// Why a session ended, as told to the node holding its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndCause {
+    /// A newer registration of the same id (on any node) replaced it.
+    TakenOver { by_session: u64 },
+    /// Its certificate was revoked or released.
+    Revoked,
+    /// The agent unregistered.
+    Unregistered,
+    /// It was evicted (missed heartbeats, lost connection, or its node was lost).
+    Evicted,
+}
+
+impl std::fmt::Display for EndCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndCause::TakenOver { by_session } => write!(
+                f,
+                "taken over by a newer registration (session {by_session})"
+            ),
+            EndCause::Revoked => f.write_str("its certificate was revoked"),
+            EndCause::Unregistered => f.write_str("unregistered"),
+            EndCause::Evicted => f.write_str("evicted"),
+        }
+    }
+}
+
+/// A session that an applied command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEnd {
+    pub agent_id: String,
+    pub session: SessionRef,
+    pub cause: EndCause,
+}
+
+impl SessionEnd {
+    /// The sessions that applying `op` with result `outcome` ended.
+    pub fn from_applied(op: &Op, outcome: &Outcome) -> Vec<SessionEnd> {
+        let end = |agent_id: &str, session: SessionRef, cause| SessionEnd {
+            agent_id: agent_id.to_owned(),
+            session,
+            cause,
+        };
+        match (op, outcome) {
+            (
+                Op::Register { agent_id, .. },
+                Outcome::Registered {
+                    session_id,
+                    replaced: Some(old),
+                },
+            ) => {
+                vec![end(
+                    agent_id,
+                    *old,
+                    EndCause::TakenOver {
+                        by_session: *session_id,
+                    },
+                )]
+            }
+            (Op::Unregister { agent_id, .. }, Outcome::SessionEnded { ended: Some(s) }) => {
+                vec![end(agent_id, *s, EndCause::Unregistered)]
+            }
+            (Op::Evict { agent_id, .. }, Outcome::SessionEnded { ended: Some(s) }) => {
+                vec![end(agent_id, *s, EndCause::Evicted)]
+            }
+            (_, Outcome::NodeEvicted { removed }) => removed
+                .iter()
+                .map(|(id, s)| end(id, *s, EndCause::Evicted))
+                .collect(),
+            (
+                _,
+                Outcome::Revoked {
+                    ended: Some((id, s)),
+                    ..
+                },
+            )
+            | (
+                _,
+                Outcome::Released {
+                    ended: Some((id, s)),
+                    ..
+                },
+            ) => vec![end(id, *s, EndCause::Revoked)],
+            _ => Vec::new(),
+        }
+    }
+}

@@ -3,7 +3,9 @@
 mod command;
 mod state;
 
-pub use command::{Command, ConnRef, Op, Outcome, RegistryError, Response, SessionRef};
+pub use command::{
+    Command, ConnRef, EndCause, Op, Outcome, RegistryError, Response, SessionEnd, SessionRef,
+};
 pub use state::{
     Claim, RegistryState, Revocation, Session, TableSizes, Tables, EXPIRY_GRACE_SECS,
     MAX_METADATA_LEN, MAX_TTL_SECS,

@@ -212,7 +212,7 @@ impl RegistryState {
                 agent_id,
                 session_id,
             } => Ok(Outcome::SessionEnded {
-                removed: self.end_session(agent_id, *session_id).is_some(),
+                ended: self.end_session(agent_id, *session_id).map(|s| s.as_ref()),
             }),
             Op::EvictNode {
                 node_id,

@@ -339,7 +339,7 @@ fn evictions_are_fenced_by_session_id() {
                 session_id: old
             }
         ),
-        Outcome::SessionEnded { removed: false }
+        Outcome::SessionEnded { ended: None }
     );
     assert_eq!(log.sm.session("a").unwrap().session_id, new);
     assert_eq!(
@@ -350,7 +350,7 @@ fn evictions_are_fenced_by_session_id() {
                 session_id: old
             }
         ),
-        Outcome::SessionEnded { removed: false }
+        Outcome::SessionEnded { ended: None }
     );
     assert_eq!(
         log.ok(
@@ -360,7 +360,12 @@ fn evictions_are_fenced_by_session_id() {
                 session_id: new
             }
         ),
-        Outcome::SessionEnded { removed: true }
+        Outcome::SessionEnded {
+            ended: Some(SessionRef {
+                session_id: new,
+                conn: conn(2, 1)
+            })
+        }
     );
     assert!(log.sm.session("a").is_none());
     assert!(

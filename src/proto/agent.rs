@@ -1,0 +1,332 @@
+//! The JSON messages of the agent protocol (ALPN `agentreg/1`), as specified in
+//! docs/protocol.md. Requests are parsed field by field so that every error names the field
+//! and what was expected; unknown fields are ignored (forward compatibility).
+//!
+//! ```text
+//! {"type":"system_request","command":"claim_agent_id","agent_id":"a","force":false,"request_id":7}
+//! {"type":"system_response","command":"claim_agent_id","success":true,"request_id":7,"agent_id":"a","certificate":{...}}
+//! {"type":"system_response","command":"claim_agent_id","success":false,"request_id":7,"error":"Agent ID a is already claimed"}
+//! ```
+
+use serde_json::{Map, Value};
+
+use crate::identity::{check_agent_id, Certificate};
+
+pub const CLAIM_AGENT_ID: &str = "claim_agent_id";
+pub const VALIDATE_CERTIFICATE: &str = "validate_certificate";
+pub const PING_AGENT: &str = "ping_agent";
+pub const REGISTER_AGENT: &str = "register_agent";
+pub const UNREGISTER_AGENT: &str = "unregister_agent";
+pub const RELEASE_AGENT_ID: &str = "release_agent_id";
+pub const REVOKE_CERTIFICATE: &str = "revoke_certificate";
+
+/// Every command a node serves.
+pub const COMMANDS: &[&str] = &[
+    CLAIM_AGENT_ID,
+    VALIDATE_CERTIFICATE,
+    PING_AGENT,
+    REGISTER_AGENT,
+    UNREGISTER_AGENT,
+    RELEASE_AGENT_ID,
+    REVOKE_CERTIFICATE,
+];
+
+/// A parsed request of the agent protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentRequest {
+    ClaimAgentId {
+        agent_id: String,
+        force: bool,
+        certificate: Option<Certificate>,
+    },
+    ValidateCertificate {
+        certificate: Certificate,
+    },
+    PingAgent {
+        /// Echoed back verbatim.
+        timestamp: Value,
+    },
+    RegisterAgent {
+        agent_id: String,
+        metadata: Map<String, Value>,
+        certificate: Option<Certificate>,
+        force_reconnect: bool,
+    },
+    UnregisterAgent {
+        agent_id: String,
+    },
+    ReleaseAgentId {
+        certificate: Certificate,
+    },
+    RevokeCertificate {
+        certificate: Certificate,
+    },
+}
+
+/// A request as far as it could be read: `command` and `request_id` are kept whenever the
+/// bytes were a JSON object, so an error answer can still echo them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    pub command: Option<String>,
+    pub request_id: Option<Value>,
+    pub request: Result<AgentRequest, String>,
+}
+
+/// Parses one request frame. Never panics, whatever the bytes.
+pub fn parse_request(bytes: &[u8]) -> Envelope {
+    let mut env = Envelope {
+        command: None,
+        request_id: None,
+        request: Err(String::new()),
+    };
+    let obj = match parse_object(bytes) {
+        Ok(o) => o,
+        Err(e) => {
+            env.request = Err(e);
+            return env;
+        }
+    };
+    env.command = obj
+        .get("command")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    env.request = match obj.get("request_id") {
+        None | Some(Value::Null) => Ok(()),
+        Some(v @ (Value::String(_) | Value::Number(_))) => {
+            env.request_id = Some(v.clone());
+            Ok(())
+        }
+        Some(_) => Err("field request_id must be a string or a number".to_owned()),
+    }
+    .and_then(|()| parse_fields(&obj));
+    env
+}
+
+fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "request is not valid UTF-8".to_owned())?;
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(o)) => Ok(o),
+        Ok(other) => Err(format!(
+            "request must be a JSON object, not {}",
+            kind(&other)
+        )),
+        Err(e) => Err(format!("request is not valid JSON: {e}")),
+    }
+}
+
+fn parse_fields(obj: &Map<String, Value>) -> Result<AgentRequest, String> {
+    match obj.get("type") {
+        Some(Value::String(t)) if t == "system_request" => {}
+        Some(Value::String(t)) => {
+            return Err(format!("field type must be \"system_request\", not {t:?}"))
+        }
+        Some(other) => return Err(format!("field type must be a string, not {}", kind(other))),
+        None => return Err("missing field type (expected \"system_request\")".to_owned()),
+    }
+    let command = match obj.get("command") {
+        Some(Value::String(c)) => c.as_str(),
+        Some(other) => {
+            return Err(format!(
+                "field command must be a string, not {}",
+                kind(other)
+            ))
+        }
+        None => return Err("missing field command".to_owned()),
+    };
+    let f = Fields(obj);
+    Ok(match command {
+        CLAIM_AGENT_ID => AgentRequest::ClaimAgentId {
+            agent_id: f.agent_id()?,
+            force: f.bool_or("force", false)?,
+            certificate: f.certificate_opt()?,
+        },
+        VALIDATE_CERTIFICATE => AgentRequest::ValidateCertificate {
+            certificate: f.certificate()?,
+        },
+        PING_AGENT => {
+            let timestamp = match obj.get("timestamp") {
+                Some(v @ Value::Number(_)) => v.clone(),
+                Some(other) => {
+                    return Err(format!(
+                        "field timestamp must be a number, not {}",
+                        kind(other)
+                    ))
+                }
+                None => return Err("missing field timestamp".to_owned()),
+            };
+            AgentRequest::PingAgent { timestamp }
+        }
+        REGISTER_AGENT => AgentRequest::RegisterAgent {
+            agent_id: f.agent_id()?,
+            metadata: match obj.get("metadata") {
+                None | Some(Value::Null) => Map::new(),
+                Some(Value::Object(m)) => m.clone(),
+                Some(other) => {
+                    return Err(format!(
+                        "field metadata must be an object, not {}",
+                        kind(other)
+                    ))
+                }
+            },
+            certificate: f.certificate_opt()?,
+            force_reconnect: f.bool_or("force_reconnect", false)?,
+        },
+        UNREGISTER_AGENT => AgentRequest::UnregisterAgent {
+            agent_id: f.agent_id()?,
+        },
+        RELEASE_AGENT_ID => {
+            let certificate = f.certificate()?;
+            if let Some(id) = obj.get("agent_id") {
+                if id.as_str() != Some(certificate.agent_id.as_str()) {
+                    return Err(
+                        "certificate validation failed: issued for another agent".to_owned()
+                    );
+                }
+            }
+            AgentRequest::ReleaseAgentId { certificate }
+        }
+        REVOKE_CERTIFICATE => AgentRequest::RevokeCertificate {
+            certificate: f.certificate()?,
+        },
+        other => {
+            return Err(format!(
+                "unknown command {other:?} (known: {})",
+                COMMANDS.join(", ")
+            ))
+        }
+    })
+}
+
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn agent_id(&self) -> Result<String, String> {
+        let id = match self.0.get("agent_id") {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => {
+                return Err(format!(
+                    "field agent_id must be a string, not {}",
+                    kind(other)
+                ))
+            }
+            None => return Err("missing field agent_id".to_owned()),
+        };
+        check_agent_id(&id)?;
+        Ok(id)
+    }
+
+    fn bool_or(&self, name: &str, default: bool) -> Result<bool, String> {
+        match self.0.get(name) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(other) => Err(format!(
+                "field {name} must be true or false, not {}",
+                kind(other)
+            )),
+        }
+    }
+
+    fn certificate_opt(&self) -> Result<Option<Certificate>, String> {
+        match self.0.get("certificate") {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => parse_certificate(v).map(Some),
+        }
+    }
+
+    fn certificate(&self) -> Result<Certificate, String> {
+        self.certificate_opt()?
+            .ok_or_else(|| "missing field certificate".to_owned())
+    }
+}
+
+/// Reads a certificate object.
+///
+/// # Errors
+/// Which field is missing or malformed.
+pub fn parse_certificate(v: &Value) -> Result<Certificate, String> {
+    if !v.is_object() {
+        return Err(format!(
+            "field certificate must be an object, not {}",
+            kind(v)
+        ));
+    }
+    serde_json::from_value(v.clone()).map_err(|e| format!("certificate is malformed: {e}"))
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn response(
+    command: Option<&str>,
+    request_id: Option<&Value>,
+    success: bool,
+) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("type".into(), "system_response".into());
+    if let Some(c) = command {
+        m.insert("command".into(), c.into());
+    }
+    m.insert("success".into(), success.into());
+    if let Some(id) = request_id {
+        m.insert("request_id".into(), id.clone());
+    }
+    m
+}
+
+/// A successful response carrying `fields`.
+pub fn ok_response(
+    command: &str,
+    request_id: Option<&Value>,
+    fields: Map<String, Value>,
+) -> Vec<u8> {
+    let mut m = response(Some(command), request_id, true);
+    m.extend(fields);
+    Value::Object(m).to_string().into_bytes()
+}
+
+/// A failed response with an `error` text.
+pub fn error_response(command: Option<&str>, request_id: Option<&Value>, error: &str) -> Vec<u8> {
+    let mut m = response(command, request_id, false);
+    m.insert("error".into(), error.into());
+    Value::Object(m).to_string().into_bytes()
+}
+
+/// Builds a request (used by clients and by nodes pinging agents).
+pub fn request(command: &str, request_id: Option<Value>, fields: Map<String, Value>) -> Vec<u8> {
+    let mut m = Map::new();
+    m.insert("type".into(), "system_request".into());
+    m.insert("command".into(), command.into());
+    if let Some(id) = request_id {
+        m.insert("request_id".into(), id);
+    }
+    m.extend(fields);
+    Value::Object(m).to_string().into_bytes()
+}
+
+/// Reads a response: it must be a `system_response` object. Returns the object, whether it
+/// succeeded or not (look at `success` and `error`).
+///
+/// # Errors
+/// The bytes are not a response object.
+pub fn parse_response(bytes: &[u8]) -> Result<Map<String, Value>, String> {
+    let obj = parse_object(bytes)?;
+    if obj.get("type").and_then(Value::as_str) != Some("system_response") {
+        return Err("answer is not a system_response".to_owned());
+    }
+    if !obj.get("success").is_some_and(Value::is_boolean) {
+        return Err("answer lacks a boolean success field".to_owned());
+    }
+    Ok(obj)
+}
+
+#[cfg(test)]
+#[path = "agent_tests.rs"]
+mod tests;

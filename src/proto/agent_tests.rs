@@ -1,0 +1,220 @@
+use serde_json::json;
+
+use super::*;
+use crate::identity::Secret;
+
+fn cert() -> Certificate {
+    Certificate::issue(
+        "my-agent",
+        4,
+        1_700_000_000,
+        1_700_086_400,
+        "k1",
+        &Secret::new(vec![1; 32]),
+    )
+}
+
+fn parse(v: Value) -> Envelope {
+    parse_request(v.to_string().as_bytes())
+}
+
+fn err_of(v: Value) -> String {
+    parse(v).request.expect_err("accepted")
+}
+
+#[test]
+fn every_command_parses() {
+    let c = serde_json::to_value(cert()).unwrap();
+    let cases = [
+        (
+            json!({"type":"system_request","command":"claim_agent_id","agent_id":"my-agent","force":true,"certificate":c}),
+            AgentRequest::ClaimAgentId {
+                agent_id: "my-agent".into(),
+                force: true,
+                certificate: Some(cert()),
+            },
+        ),
+        (
+            json!({"type":"system_request","command":"claim_agent_id","agent_id":"my-agent"}),
+            AgentRequest::ClaimAgentId {
+                agent_id: "my-agent".into(),
+                force: false,
+                certificate: None,
+            },
+        ),
+        (
+            json!({"type":"system_request","command":"validate_certificate","certificate":c}),
+            AgentRequest::ValidateCertificate {
+                certificate: cert(),
+            },
+        ),
+        (
+            json!({"type":"system_request","command":"ping_agent","timestamp":1640995200.5}),
+            AgentRequest::PingAgent {
+                timestamp: json!(1640995200.5),
+            },
+        ),
+        (
+            json!({"type":"system_request","command":"register_agent","agent_id":"my-agent","metadata":{"name":"x"},"certificate":c,"force_reconnect":true}),
+            AgentRequest::RegisterAgent {
+                agent_id: "my-agent".into(),
+                metadata: json!({"name":"x"}).as_object().unwrap().clone(),
+                certificate: Some(cert()),
+                force_reconnect: true,
+            },
+        ),
+        (
+            json!({"type":"system_request","command":"unregister_agent","agent_id":"my-agent"}),
+            AgentRequest::UnregisterAgent {
+                agent_id: "my-agent".into(),
+            },
+        ),
+        (
+            json!({"type":"system_request","command":"release_agent_id","agent_id":"my-agent","certificate":c}),
+            AgentRequest::ReleaseAgentId {
+                certificate: cert(),
+            },
+        ),
+        (
+            json!({"type":"system_request","command":"revoke_certificate","certificate":c,"future_field":1}),
+            AgentRequest::RevokeCertificate {
+                certificate: cert(),
+            },
+        ),
+    ];
+    for (msg, want) in cases {
+        assert_eq!(parse(msg.clone()).request, Ok(want), "{msg}");
+    }
+}
+
+#[test]
+fn request_id_is_kept_even_when_the_request_is_bad() {
+    let e = parse(json!({"type":"system_request","command":"nope","request_id":"r-1"}));
+    assert_eq!(e.request_id, Some(json!("r-1")));
+    assert_eq!(e.command.as_deref(), Some("nope"));
+    assert!(e.request.unwrap_err().contains("unknown command \"nope\""));
+    let e = parse(json!({"type":"system_request","command":"claim_agent_id","request_id":7}));
+    assert_eq!(e.request_id, Some(json!(7)));
+    assert_eq!(e.request.unwrap_err(), "missing field agent_id");
+    assert!(err_of(
+        json!({"type":"system_request","command":"ping_agent","timestamp":1,"request_id":[1]})
+    )
+    .contains("request_id"));
+}
+
+#[test]
+fn responses_echo_request_id_and_keep_the_shapes() {
+    let ok = ok_response(
+        "ping_agent",
+        Some(&json!(7)),
+        json!({"timestamp": 5}).as_object().unwrap().clone(),
+    );
+    let v: Value = serde_json::from_slice(&ok).unwrap();
+    assert_eq!(
+        v,
+        json!({"type":"system_response","command":"ping_agent","success":true,"request_id":7,"timestamp":5})
+    );
+    let err = error_response(
+        Some("claim_agent_id"),
+        Some(&json!("abc")),
+        "Agent ID a is already claimed",
+    );
+    let v: Value = serde_json::from_slice(&err).unwrap();
+    assert_eq!(
+        v,
+        json!({"type":"system_response","command":"claim_agent_id","success":false,"request_id":"abc","error":"Agent ID a is already claimed"})
+    );
+    let v: Value = serde_json::from_slice(&error_response(None, None, "x")).unwrap();
+    assert_eq!(
+        v,
+        json!({"type":"system_response","success":false,"error":"x"})
+    );
+    assert!(parse_response(&err).is_ok());
+    assert!(parse_response(b"{\"type\":\"system_request\"}").is_err());
+}
+
+#[test]
+fn bad_inputs_get_clear_errors() {
+    let c = serde_json::to_value(cert()).unwrap();
+    let e = parse_request(&[0xff, 0xfe, b'{']).request.unwrap_err();
+    assert_eq!(e, "request is not valid UTF-8");
+    assert!(parse_request(b"{not json")
+        .request
+        .unwrap_err()
+        .contains("not valid JSON"));
+    for (v, k) in [
+        (json!([1]), "an array"),
+        (json!("s"), "a string"),
+        (json!(3), "a number"),
+        (json!(null), "null"),
+    ] {
+        assert_eq!(err_of(v), format!("request must be a JSON object, not {k}"));
+    }
+    assert!(err_of(json!({"command":"ping_agent","timestamp":1})).contains("missing field type"));
+    assert!(
+        err_of(json!({"type":"system_response","command":"ping_agent","timestamp":1}))
+            .contains("system_request")
+    );
+    assert_eq!(
+        err_of(json!({"type":"system_request"})),
+        "missing field command"
+    );
+    assert!(
+        err_of(json!({"type":"system_request","command":5})).contains("command must be a string")
+    );
+    assert_eq!(
+        err_of(json!({"type":"system_request","command":"claim_agent_id","agent_id":5})),
+        "field agent_id must be a string, not a number"
+    );
+    assert!(
+        err_of(json!({"type":"system_request","command":"claim_agent_id","agent_id":""}))
+            .contains("empty")
+    );
+    assert_eq!(
+        err_of(
+            json!({"type":"system_request","command":"claim_agent_id","agent_id":"a","force":"yes"})
+        ),
+        "field force must be true or false, not a string"
+    );
+    assert_eq!(
+        err_of(
+            json!({"type":"system_request","command":"register_agent","agent_id":"a","metadata":[1]})
+        ),
+        "field metadata must be an object, not an array"
+    );
+    assert_eq!(
+        err_of(
+            json!({"type":"system_request","command":"validate_certificate","certificate":"abc"})
+        ),
+        "field certificate must be an object, not a string"
+    );
+    assert_eq!(
+        err_of(json!({"type":"system_request","command":"validate_certificate"})),
+        "missing field certificate"
+    );
+    let mut no_sig = c.clone();
+    no_sig.as_object_mut().unwrap().remove("signature");
+    let e = err_of(
+        json!({"type":"system_request","command":"validate_certificate","certificate":no_sig}),
+    );
+    assert!(
+        e.starts_with("certificate is malformed") && e.contains("signature"),
+        "{e}"
+    );
+    let mut frac = c.clone();
+    frac["issued_at"] = json!(1700000000.25);
+    let e = err_of(
+        json!({"type":"system_request","command":"validate_certificate","certificate":frac}),
+    );
+    assert!(e.starts_with("certificate is malformed"), "{e}");
+    assert_eq!(
+        err_of(json!({"type":"system_request","command":"ping_agent","timestamp":"now"})),
+        "field timestamp must be a number, not a string"
+    );
+    assert_eq!(
+        err_of(
+            json!({"type":"system_request","command":"release_agent_id","agent_id":"other","certificate":c})
+        ),
+        "certificate validation failed: issued for another agent"
+    );
+}
