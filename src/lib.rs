@@ -6,6 +6,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod identity;
 pub mod node;

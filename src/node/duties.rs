@@ -18,6 +18,14 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Wall clock as fractional Unix seconds (ping timestamps, renewal schedule).
+pub fn unix_now_f64() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
 pub(super) fn spawn(inner: Arc<Inner>) {
     let tasks = inner.tasks.clone();
     tasks.spawn(async move {

@@ -11,8 +11,11 @@
 //! ```
 
 mod admin;
+mod agent_service;
+mod connections;
 mod duties;
 mod peer_service;
+mod read;
 mod write;
 
 use std::collections::BTreeMap;
@@ -25,6 +28,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use admin::{AdminRequest, MemberStatus, NodeStatus};
+pub use agent_service::close_code;
+pub use duties::unix_now_f64;
+pub use read::ReadError;
 pub use write::{WriteError, Written};
 
 use crate::config::{InitialClusterState, NodeConfig};
@@ -61,6 +67,7 @@ pub(crate) struct Inner {
     pub(crate) raft: Raft,
     pub(crate) state: StateReader,
     pub(crate) peers: Peers,
+    pub(crate) conns: connections::Connections,
     pub(crate) db: sled::Db,
     pub(crate) initial_secret: Option<Secret>,
     pub(crate) shutdown: CancellationToken,
@@ -121,6 +128,7 @@ impl Node {
 
         let raft_config = raft_config(&config)?;
         let state = data.state_machine.reader();
+        let session_ends = data.state_machine.subscribe();
         let raft = Raft::new(
             config.node_id,
             raft_config,
@@ -137,6 +145,7 @@ impl Node {
             raft,
             state,
             peers,
+            conns: connections::Connections::new(),
             db: data.db,
             initial_secret,
             shutdown: CancellationToken::new(),
@@ -145,6 +154,7 @@ impl Node {
         let node = Node { inner, endpoint };
         node.spawn_accept_loop();
         duties::spawn(node.inner.clone());
+        agent_service::spawn_session_closer(node.inner.clone(), session_ends);
 
         if pristine && node.inner.config.initial_cluster_state == InitialClusterState::New {
             node.initialize().await?;
@@ -206,12 +216,7 @@ impl Node {
                     match tls::classify(&conn) {
                         Ok(ConnectionKind::Peer) => peer_service::serve(inner, conn).await,
                         Ok(ConnectionKind::Admin) => admin::serve(inner, conn).await,
-                        Ok(ConnectionKind::Agent) => {
-                            conn.close(
-                                quinn::VarInt::from_u32(2),
-                                b"agent protocol not served by this node yet",
-                            );
-                        }
+                        Ok(ConnectionKind::Agent) => agent_service::serve(inner, conn).await,
                         Err(e) => {
                             tracing::warn!(%remote, error = %e, "refusing connection");
                             conn.close(quinn::VarInt::from_u32(1), e.to_string().as_bytes());
@@ -250,6 +255,19 @@ impl Node {
         write::write(&self.inner, cmd).await
     }
 
+    /// Waits until this node has applied every write acknowledged before the call.
+    ///
+    /// # Errors
+    /// No leader with a quorum could be reached in time.
+    pub async fn read_barrier(&self) -> Result<(), ReadError> {
+        read::barrier(&self.inner).await
+    }
+
+    /// Agent connections currently open on this node.
+    pub fn agent_connections(&self) -> usize {
+        self.inner.conns.len()
+    }
+
     /// This node's view of itself and the cluster.
     pub fn status(&self) -> NodeStatus {
         admin::status(&self.inner)
@@ -259,6 +277,10 @@ impl Node {
     pub async fn shutdown(self) {
         tracing::info!(node_id = self.inner.id, "shutting down");
         self.inner.shutdown.cancel();
+        self.inner.conns.close_all(
+            quinn::VarInt::from_u32(close_code::SHUTTING_DOWN),
+            b"node shutting down; reconnect to another node",
+        );
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"node shutting down");
         if let Err(e) = self.inner.raft.shutdown().await {

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{write, Inner};
+use super::{read, write, Inner};
 use crate::raft::network::{PeerRequest, PeerResponse, MAX_PEER_FRAME};
 use crate::raft::types::codec;
 use crate::transport::frame::{read_frame, write_frame};
@@ -65,6 +65,7 @@ async fn serve_stream(
             tracing::debug!(%remote, op = cmd.op.name(), "forwarded write");
             PeerResponse::Forward(write::serve_forward(inner, cmd).await)
         }
+        PeerRequest::ReadIndex => PeerResponse::ReadIndex(read::serve_read_index(inner).await),
     };
     let bytes = match codec::encode(&resp) {
         Ok(b) => b,

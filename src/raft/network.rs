@@ -45,6 +45,8 @@ pub enum PeerRequest {
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     /// A write received by a follower, for the leader to propose.
     Forward(Command),
+    /// A follower asks the leader for its read index (see node/read.rs).
+    ReadIndex,
 }
 
 /// Why a forwarded write was not applied by the node it was sent to.
@@ -68,6 +70,7 @@ pub enum PeerResponse {
     ),
     /// The log index the write was committed at, and its result.
     Forward(Result<(u64, Response), ForwardError>),
+    ReadIndex(Result<u64, ForwardError>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +102,7 @@ impl PeerRequest {
             PeerRequest::Vote(_) => "vote",
             PeerRequest::InstallSnapshot(_) => "install_snapshot",
             PeerRequest::Forward(_) => "forward",
+            PeerRequest::ReadIndex => "read_index",
         }
     }
 }
@@ -110,6 +114,7 @@ impl PeerResponse {
             PeerResponse::Vote(_) => "vote",
             PeerResponse::InstallSnapshot(_) => "install_snapshot",
             PeerResponse::Forward(_) => "forward",
+            PeerResponse::ReadIndex(_) => "read_index",
         }
     }
 }

@@ -262,17 +262,23 @@ impl RegistryState {
             .claims
             .get(agent_id)
             .filter(|c| c.expires_at > at);
+        // A certificate sent along is always checked, even for a free id: a bad one is
+        // refused, not silently ignored.
+        if let Some(proof) = proof {
+            self.validate_for(proof, agent_id, at)
+                .map_err(RegistryError::Certificate)?;
+        }
         if live.is_some() {
             if !force {
                 return Err(RegistryError::AlreadyClaimed {
                     agent_id: agent_id.to_owned(),
                 });
             }
-            let proof = proof.ok_or_else(|| RegistryError::ForceWithoutProof {
-                agent_id: agent_id.to_owned(),
-            })?;
-            self.validate_for(proof, agent_id, at)
-                .map_err(RegistryError::Certificate)?;
+            if proof.is_none() {
+                return Err(RegistryError::ForceWithoutProof {
+                    agent_id: agent_id.to_owned(),
+                });
+            }
         } else if let Some(s) = self.tables.sessions.get(agent_id) {
             // Free (or expired) id, but someone is connected under it: only that connection
             // may claim it.

@@ -150,6 +150,24 @@ fn force_needs_a_valid_certificate_for_the_same_id() {
 }
 
 #[test]
+fn a_bad_proof_is_refused_even_for_a_free_id() {
+    let mut log = Log::new();
+    let a = log.claim(T0, "a");
+    let mut forged = a.clone();
+    forged.agent_id = "free".into();
+    assert_eq!(
+        log.refused(T0, claim_op("free", true, Some(&forged), None)),
+        RegistryError::Certificate(Invalid::BadSignature)
+    );
+    // An expired certificate of a lapsed claim: claim without it instead.
+    assert_eq!(
+        log.refused(T0 + DAY, claim_op("a", false, Some(&a), None)),
+        RegistryError::Certificate(Invalid::Expired)
+    );
+    log.ok(T0 + DAY, claim_op("a", false, None, None));
+}
+
+#[test]
 fn an_expired_claim_is_free_to_claim_again() {
     let mut log = Log::new();
     let old = log.claim(T0, "a");

@@ -252,3 +252,82 @@ pub async fn claim_ok(node: &Node, agent_id: &str) -> Written {
     );
     w
 }
+
+// ---- agent side ----
+
+use agentreg::client::{AgentClient, ClientConfig};
+
+impl TestCluster {
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.tls_dir().join("ca.pem")).expect("ca.pem")
+    }
+
+    /// Client config listing `first` first, then the other nodes.
+    pub fn client_config(&self, first: u64) -> ClientConfig {
+        let mut nodes = vec![self.addrs[&first].to_string()];
+        nodes.extend(
+            self.addrs
+                .iter()
+                .filter(|(id, _)| **id != first)
+                .map(|(_, a)| a.to_string()),
+        );
+        let mut c = ClientConfig::new(nodes, self.ca_pem());
+        c.request_timeout = Duration::from_secs(15);
+        c.reconnect_max = Duration::from_millis(500);
+        c
+    }
+
+    /// An AgentClient connected to node `first` (falling over to the others).
+    pub async fn agent(&self, first: u64) -> AgentClient {
+        AgentClient::connect(self.client_config(first))
+            .await
+            .expect("client connects")
+    }
+
+    /// A raw QUIC connection to node `id` speaking ALPN agentreg/1.
+    pub async fn raw(&self, id: u64) -> RawAgent {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(tls::agent_client_config(&self.ca_pem()).unwrap());
+        let conn = endpoint
+            .connect(self.addrs[&id], tls::DEFAULT_SERVER_NAME)
+            .unwrap()
+            .await
+            .expect("raw agent connects");
+        RawAgent {
+            _endpoint: endpoint,
+            conn,
+        }
+    }
+}
+
+/// Speaks the agent protocol byte by byte, for bad-input tests.
+pub struct RawAgent {
+    _endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+}
+
+impl RawAgent {
+    /// Writes `bytes` as-is on a new stream, finishes, returns what came back (None when the
+    /// stream was closed without an answer).
+    pub async fn send_raw(&self, bytes: &[u8]) -> Option<serde_json::Value> {
+        let (mut send, mut recv) = self.conn.open_bi().await.expect("open stream");
+        let _ = send.write_all(bytes).await;
+        let _ = send.finish();
+        let answer = tokio::time::timeout(TIMEOUT, recv.read_to_end(1 << 20))
+            .await
+            .expect("answer in time")
+            .ok()?;
+        if answer.len() < 4 {
+            return None;
+        }
+        Some(serde_json::from_slice(&answer[4..]).expect("answer is JSON"))
+    }
+
+    /// Sends one JSON request in a proper frame.
+    pub async fn request(&self, v: serde_json::Value) -> serde_json::Value {
+        let body = v.to_string().into_bytes();
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        self.send_raw(&frame).await.expect("an answer")
+    }
+}

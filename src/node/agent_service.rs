@@ -1,0 +1,319 @@
+//! The agent endpoint (ALPN `agentreg/1`): one request per client-opened stream, JSON in
+//! length-prefixed frames (docs/protocol.md). Writes go through the Raft log; validations
+//! pass the read-index barrier first.
+
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use super::duties::unix_now;
+use super::{read, write, Inner};
+use crate::identity::Certificate;
+use crate::proto::agent::{self, AgentRequest};
+use crate::registry::{Command, ConnRef, EndCause, Op, Outcome, RegistryError, SessionEnd};
+use crate::transport::frame::{read_frame, write_frame, FrameError, MAX_AGENT_FRAME};
+
+/// QUIC close codes a node uses on agent connections (documented in docs/protocol.md).
+pub mod close_code {
+    pub const NORMAL: u32 = 0;
+    pub const TAKEN_OVER: u32 = 0x100;
+    pub const REVOKED: u32 = 0x101;
+    pub const EVICTED: u32 = 0x102;
+    pub const SHUTTING_DOWN: u32 = 0x103;
+}
+
+pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
+    let conn_id = inner.conns.add(conn.clone());
+    let remote = conn.remote_address();
+    tracing::debug!(%remote, conn_id, "agent connected");
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = inner.shutdown.cancelled() => break,
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%remote, conn_id, reason = %e, "agent connection ended");
+                    break;
+                }
+            },
+        };
+        let inner = inner.clone();
+        inner.tasks.clone().spawn(async move {
+            serve_stream(&inner, conn_id, send, recv).await;
+        });
+    }
+    if let Some(agent_id) = inner.conns.remove(conn_id) {
+        if !inner.shutdown.is_cancelled() {
+            evict_after_disconnect(&inner, conn_id, &agent_id).await;
+        }
+    }
+}
+
+/// The agent's connection is gone: end its session through the log (if it is still the
+/// session of this connection), so the id is free to reconnect elsewhere at once.
+async fn evict_after_disconnect(inner: &Inner, conn_id: u64, agent_id: &str) {
+    let session = inner
+        .state
+        .read()
+        .state
+        .session(agent_id)
+        .filter(|s| {
+            s.conn
+                == ConnRef {
+                    node_id: inner.id,
+                    conn_id,
+                }
+        })
+        .map(|s| s.session_id);
+    let Some(session_id) = session else { return };
+    let cmd = Command {
+        at: unix_now(),
+        op: Op::Evict {
+            agent_id: agent_id.to_owned(),
+            session_id,
+        },
+    };
+    match write::write(inner, cmd).await {
+        Ok(_) => tracing::info!(
+            agent_id,
+            session_id,
+            "evicted session of a closed connection"
+        ),
+        Err(e) => {
+            tracing::warn!(agent_id, session_id, error = %e, "could not evict session of a closed connection")
+        }
+    }
+}
+
+async fn serve_stream(
+    inner: &Inner,
+    conn_id: u64,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let answer = match read_frame(&mut recv, MAX_AGENT_FRAME).await {
+        Ok(bytes) => {
+            inner.conns.touch(conn_id);
+            let env = agent::parse_request(&bytes);
+            let command = env.command.as_deref();
+            let rid = env.request_id.as_ref();
+            match env.request {
+                Ok(req) => {
+                    let command = command.unwrap_or_default();
+                    match handle(inner, conn_id, req).await {
+                        Ok(fields) => agent::ok_response(command, rid, fields),
+                        Err(e) => agent::error_response(Some(command), rid, &e),
+                    }
+                }
+                Err(e) => agent::error_response(command, rid, &e),
+            }
+        }
+        Err(FrameError::Io(e)) => {
+            tracing::debug!(conn_id, error = %e, "agent stream failed");
+            return;
+        }
+        Err(e) => {
+            tracing::debug!(conn_id, error = %e, "bad agent frame");
+            let _ = recv.stop(quinn::VarInt::from_u32(0x10));
+            agent::error_response(None, None, &format!("bad frame: {e}"))
+        }
+    };
+    if write_frame(&mut send, &answer).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+type Fields = Map<String, Value>;
+
+fn fields(v: Value) -> Fields {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// Commits `op` and returns what the registry answered, or the text of why it could not.
+async fn commit(inner: &Inner, op: Op) -> Result<Outcome, String> {
+    let cmd = Command { at: unix_now(), op };
+    match write::write(inner, cmd).await {
+        Ok(w) => w.response.map_err(|e: RegistryError| e.to_string()),
+        Err(e) => Err(format!("cluster unavailable: {e}")),
+    }
+}
+
+async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields, String> {
+    let conn = ConnRef {
+        node_id: inner.id,
+        conn_id,
+    };
+    match req {
+        AgentRequest::PingAgent { timestamp } => Ok(fields(json!({ "timestamp": timestamp }))),
+        AgentRequest::ClaimAgentId {
+            agent_id,
+            force,
+            certificate,
+        } => {
+            let op = Op::Claim {
+                agent_id: agent_id.clone(),
+                ttl_secs: inner.config.certificate_ttl_secs(),
+                force,
+                proof: certificate,
+                conn: Some(conn),
+            };
+            match commit(inner, op).await? {
+                Outcome::Claimed { certificate } => {
+                    tracing::info!(agent_id, serial = certificate.serial, "claimed");
+                    Ok(fields(
+                        json!({ "agent_id": agent_id, "certificate": certificate }),
+                    ))
+                }
+                other => Err(unexpected(&other)),
+            }
+        }
+        AgentRequest::ValidateCertificate { certificate } => {
+            read::barrier(inner)
+                .await
+                .map_err(|e| format!("cluster unavailable: {e}"))?;
+            Ok(validation(inner, &certificate))
+        }
+        AgentRequest::RegisterAgent {
+            agent_id,
+            metadata,
+            certificate,
+            force_reconnect,
+        } => {
+            if let Some(other) = inner.conns.agent_of(conn_id).filter(|a| *a != agent_id) {
+                return Err(format!(
+                    "this connection is registered as agent {other}; open another connection for agent {agent_id}"
+                ));
+            }
+            let op = Op::Register {
+                agent_id: agent_id.clone(),
+                conn,
+                metadata: Value::Object(metadata).to_string(),
+                certificate,
+                force_reconnect,
+                allow_uncertified_takeover: inner.config.identity.allow_uncertified_takeover,
+            };
+            match commit(inner, op).await? {
+                Outcome::Registered {
+                    session_id,
+                    replaced,
+                } => {
+                    inner.conns.set_agent(conn_id, Some(agent_id.clone()));
+                    tracing::info!(
+                        agent_id,
+                        session_id,
+                        took_over = replaced.is_some(),
+                        "registered"
+                    );
+                    Ok(fields(json!({
+                        "agent_id": agent_id,
+                        "session_id": session_id,
+                        "node_id": inner.id,
+                        "took_over": replaced.is_some(),
+                    })))
+                }
+                other => Err(unexpected(&other)),
+            }
+        }
+        AgentRequest::UnregisterAgent { agent_id } => {
+            let session = inner
+                .state
+                .read()
+                .state
+                .session(&agent_id)
+                .filter(|s| s.conn == conn)
+                .map(|s| s.session_id);
+            let session_id = session.ok_or_else(|| {
+                format!("Agent ID {agent_id} is not registered on this connection")
+            })?;
+            commit(
+                inner,
+                Op::Unregister {
+                    agent_id: agent_id.clone(),
+                    session_id,
+                },
+            )
+            .await?;
+            inner.conns.set_agent(conn_id, None);
+            Ok(fields(
+                json!({ "agent_id": agent_id, "session_id": session_id }),
+            ))
+        }
+        AgentRequest::ReleaseAgentId { certificate } => {
+            let agent_id = certificate.agent_id.clone();
+            match commit(inner, Op::Release { certificate }).await? {
+                Outcome::Released { serial, .. } => {
+                    tracing::info!(agent_id, serial, "released");
+                    Ok(fields(json!({ "agent_id": agent_id, "serial": serial })))
+                }
+                other => Err(unexpected(&other)),
+            }
+        }
+        AgentRequest::RevokeCertificate { certificate } => {
+            let agent_id = certificate.agent_id.clone();
+            match commit(inner, Op::RevokeCertificate { certificate }).await? {
+                Outcome::Revoked { serial, newly, .. } => {
+                    tracing::info!(agent_id, serial, newly, "revoked");
+                    Ok(fields(
+                        json!({ "agent_id": agent_id, "serial": serial, "revoked": true }),
+                    ))
+                }
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+}
+
+fn validation(inner: &Inner, certificate: &Certificate) -> Fields {
+    let result = inner.state.read().state.validate(certificate, unix_now());
+    match result {
+        Ok(()) => fields(json!({ "valid": true, "agent_id": certificate.agent_id })),
+        Err(reason) => fields(json!({
+            "valid": false,
+            "agent_id": certificate.agent_id,
+            "reason": reason.to_string(),
+        })),
+    }
+}
+
+fn unexpected(outcome: &Outcome) -> String {
+    tracing::error!(?outcome, "unexpected outcome");
+    "internal error: unexpected result".to_owned()
+}
+
+/// Closes the local connections of sessions that applied entries ended.
+pub(super) fn spawn_session_closer(
+    inner: Arc<Inner>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<SessionEnd>,
+) {
+    let tasks = inner.tasks.clone();
+    tasks.spawn(async move {
+        loop {
+            let end = tokio::select! {
+                _ = inner.shutdown.cancelled() => break,
+                e = events.recv() => match e {
+                    Some(e) => e,
+                    None => break,
+                },
+            };
+            if end.session.conn.node_id != inner.id {
+                continue;
+            }
+            let Some(conn) = inner.conns.detach(end.session.conn.conn_id, &end.agent_id) else {
+                continue;
+            };
+            let code = match end.cause {
+                EndCause::TakenOver { .. } => close_code::TAKEN_OVER,
+                EndCause::Revoked => close_code::REVOKED,
+                EndCause::Evicted => close_code::EVICTED,
+                // The agent asked; its connection stays open for further requests.
+                EndCause::Unregistered => continue,
+            };
+            let reason = format!("session {} of agent {} ended: {}", end.session.session_id, end.agent_id, end.cause);
+            tracing::info!(agent_id = %end.agent_id, session_id = end.session.session_id, cause = %end.cause, "closing agent connection");
+            conn.close(quinn::VarInt::from_u32(code), reason.as_bytes());
+        }
+    });
+}

@@ -1,0 +1,407 @@
+//! The agent protocol end to end over real QUIC against a three-node cluster: claims,
+//! validation, registration, takeover, revocation, and AgentClient failover.
+
+mod common;
+
+use std::time::Duration;
+
+use agentreg::client::{load_certificate, ClientError, ClientEvent};
+use agentreg::registry::{Command, Op};
+use common::*;
+use serde_json::{json, Map};
+
+async fn ready() -> TestCluster {
+    let cluster = TestCluster::start(Options::default()).await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
+    cluster
+}
+
+fn refused(r: Result<impl std::fmt::Debug, ClientError>) -> String {
+    match r {
+        Err(ClientError::Refused(e)) => e,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_through_node_1_validates_through_node_3() {
+    let cluster = ready().await;
+    let a = cluster.agent(1).await;
+    let cert = a.claim_agent_id("alpha", false).await.unwrap();
+    assert_eq!(cert.agent_id, "alpha");
+    let c = cluster.agent(3).await;
+    assert_eq!(c.current_node().unwrap(), cluster.addrs[&3].to_string());
+    let v = c.validate_certificate(&cert).await.unwrap();
+    assert!(v.valid, "{v:?}");
+    assert_eq!(v.agent_id, "alpha");
+    // The same id cannot be claimed again, through any node.
+    let e = refused(c.claim_agent_id("alpha", false).await);
+    assert_eq!(e, "Agent ID alpha is already claimed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revocation_acknowledged_by_node_2_fails_validation_on_all_three_at_once() {
+    let cluster = ready().await;
+    let owner = cluster.agent(1).await;
+    let cert = owner.claim_agent_id("to-revoke", false).await.unwrap();
+    let clients = [
+        cluster.agent(1).await,
+        cluster.agent(2).await,
+        cluster.agent(3).await,
+    ];
+    for c in &clients {
+        assert!(c.validate_certificate(&cert).await.unwrap().valid);
+    }
+    clients[1].revoke_certificate(&cert).await.unwrap();
+    // No waiting: the very next validation on every node must see the revocation.
+    for (i, c) in clients.iter().enumerate() {
+        let v = c.validate_certificate(&cert).await.unwrap();
+        assert!(
+            !v.valid,
+            "node {} still validates a revoked certificate",
+            i + 1
+        );
+        assert_eq!(v.reason.as_deref(), Some("revoked"));
+    }
+    // The revoked certificate proves nothing any more.
+    let e = refused(
+        owner
+            .register("to-revoke", Map::new(), Some(cert.clone()), false)
+            .await,
+    );
+    assert_eq!(e, "certificate validation failed: revoked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_clients_racing_for_one_id_produce_exactly_one_owner() {
+    let cluster = ready().await;
+    let mut tasks = Vec::new();
+    for i in 0..50u64 {
+        let config = cluster.client_config(1 + i % 3);
+        tasks.push(tokio::spawn(async move {
+            let c = agentreg::client::AgentClient::connect(config)
+                .await
+                .unwrap();
+            let r = c.claim_agent_id("contested", false).await;
+            c.close().await;
+            r
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(cert) => winners.push(cert),
+            Err(ClientError::Refused(e)) => assert_eq!(e, "Agent ID contested is already claimed"),
+            Err(e) => panic!("claim failed without an answer: {e}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "{} clients won", winners.len());
+    let serial = winners[0].serial;
+    cluster.applied_everywhere(serial).await;
+    for id in 1..=3 {
+        assert_eq!(
+            cluster.tables(id).claims["contested"].serial,
+            serial,
+            "node {id} disagrees"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn force_needs_a_valid_certificate_for_the_same_id() {
+    let cluster = ready().await;
+    let owner = cluster.agent(1).await;
+    let cert = owner.claim_agent_id("forced", false).await.unwrap();
+    let other = cluster.agent(2).await;
+    let other_cert = other.claim_agent_id("someone-else", false).await.unwrap();
+
+    // Force without proof.
+    let e = refused(other.claim_agent_id("forced", true).await);
+    assert_eq!(
+        e,
+        "Agent ID forced is already claimed; force needs a valid certificate for it"
+    );
+    // Force with a certificate for another id, sent raw so the client cannot pick the right one.
+    let raw = cluster.raw(3).await;
+    let a = raw
+        .request(json!({"type":"system_request","command":"claim_agent_id","agent_id":"forced","force":true,"certificate":other_cert}))
+        .await;
+    assert_eq!(a["success"], false);
+    assert_eq!(
+        a["error"],
+        "certificate validation failed: issued for another agent"
+    );
+    // The owner re-issues with its certificate; the old one is superseded.
+    let renewed = owner.claim_agent_id("forced", true).await.unwrap();
+    assert!(renewed.serial > cert.serial);
+    assert_eq!(
+        other
+            .validate_certificate(&cert)
+            .await
+            .unwrap()
+            .reason
+            .as_deref(),
+        Some("superseded by a newer certificate")
+    );
+    assert!(other.validate_certificate(&renewed).await.unwrap().valid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_claim_is_free_to_claim_again() {
+    let cluster = ready().await;
+    // A claim made two hours ago with a one-hour lifetime, as the log would hold it.
+    let w = cluster
+        .node(1)
+        .write(Command {
+            at: now() - 7200,
+            op: Op::Claim {
+                agent_id: "stale".into(),
+                ttl_secs: 3600,
+                force: false,
+                proof: None,
+                conn: None,
+            },
+        })
+        .await
+        .unwrap();
+    let Ok(agentreg::registry::Outcome::Claimed { certificate: old }) = w.response else {
+        panic!("{w:?}")
+    };
+    let c = cluster.agent(2).await;
+    let v = c.validate_certificate(&old).await.unwrap();
+    assert_eq!(v.reason.as_deref(), Some("expired"));
+    let e = refused(
+        c.register("stale", Map::new(), Some(old.clone()), false)
+            .await,
+    );
+    assert_eq!(e, "certificate validation failed: expired");
+    let fresh = c.claim_agent_id("stale", false).await.unwrap();
+    assert!(fresh.serial > old.serial);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registration_rules_and_takeover_across_nodes() {
+    let cluster = ready().await;
+    let owner = cluster.agent(1).await;
+    let cert = owner.claim_agent_id("worker", false).await.unwrap();
+    let other_cert = owner.claim_agent_id("worker-2", false).await.unwrap();
+    owner.set_certificate(cert.clone());
+
+    let stranger = cluster.agent(2).await;
+    assert_eq!(
+        refused(stranger.register("worker", Map::new(), None, false).await),
+        "Agent ID worker is claimed; register with its certificate"
+    );
+    assert_eq!(
+        refused(
+            stranger
+                .register("worker", Map::new(), Some(other_cert), false)
+                .await
+        ),
+        "certificate validation failed: issued for another agent"
+    );
+
+    let reg1 = owner
+        .register("worker", Map::new(), Some(cert.clone()), false)
+        .await
+        .unwrap();
+    assert_eq!(reg1.node_id, 1);
+    let mut owner_events = owner.events();
+
+    // The same certificate on node 2 takes the session over; node 1 closes the old connection.
+    let heir = cluster.agent(2).await;
+    let reg2 = heir
+        .register("worker", Map::new(), Some(cert.clone()), false)
+        .await
+        .unwrap();
+    assert!(reg2.took_over);
+    assert!(reg2.session_id > reg1.session_id);
+    let ev = tokio::time::timeout(TIMEOUT, owner_events.recv())
+        .await
+        .expect("owner told")
+        .unwrap();
+    match ev {
+        ClientEvent::SessionLost { reason } => assert!(reason.contains("taken over"), "{reason}"),
+        other => panic!("unexpected event {other:?}"),
+    }
+    cluster.applied_everywhere(reg2.session_id).await;
+    for id in 1..=3 {
+        let s = cluster.tables(id).sessions["worker"].clone();
+        assert_eq!(
+            (s.session_id, s.conn.node_id),
+            (reg2.session_id, 2),
+            "node {id}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unclaimed_ids_register_without_certificate_and_cannot_be_taken_without_one() {
+    let cluster = ready().await;
+    let first = cluster.agent(1).await;
+    let reg = first
+        .register("legacy", Map::new(), None, false)
+        .await
+        .unwrap();
+    let second = cluster.agent(3).await;
+    assert_eq!(
+        refused(second.register("legacy", Map::new(), None, false).await),
+        "Agent ID legacy is already connected (node 1); present its certificate to take over"
+    );
+    assert_eq!(
+        refused(second.register("legacy", Map::new(), None, true).await),
+        "Agent ID legacy is already connected (node 1); present its certificate to take over",
+        "force_reconnect without a certificate took over although the cluster does not allow it"
+    );
+    // Nor can the connected id be claimed from another connection.
+    assert_eq!(
+        refused(second.claim_agent_id("legacy", false).await),
+        "Agent ID legacy is already connected (node 1); present its certificate to take over"
+    );
+    // The connection holding it can claim it.
+    first.claim_agent_id("legacy", false).await.unwrap();
+    cluster.applied_everywhere(reg.session_id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_closed_connection_is_evicted_at_once_and_unregister_ends_the_session() {
+    let cluster = ready().await;
+    let a = cluster.agent(2).await;
+    a.register("short-lived", Map::new(), None, false)
+        .await
+        .unwrap();
+    a.abandon();
+    wait_for(
+        "the closed connection's session to be evicted",
+        TIMEOUT,
+        || async {
+            (1..=3)
+                .all(|id| !cluster.tables(id).sessions.contains_key("short-lived"))
+                .then_some(())
+        },
+    )
+    .await;
+
+    let b = cluster.agent(3).await;
+    let reg = b.register("polite", Map::new(), None, false).await.unwrap();
+    b.unregister().await.unwrap();
+    cluster.applied_everywhere(reg.session_id + 1).await;
+    assert!(!cluster.tables(3).sessions.contains_key("polite"));
+    // Another connection can now register the id.
+    cluster
+        .agent(1)
+        .await
+        .register("polite", Map::new(), None, false)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn release_frees_the_id_and_revokes_the_certificate() {
+    let cluster = ready().await;
+    let a = cluster.agent(1).await;
+    let cert = a.claim_agent_id("leaving", false).await.unwrap();
+    a.release_agent_id(&cert).await.unwrap();
+    let b = cluster.agent(3).await;
+    assert_eq!(
+        b.validate_certificate(&cert)
+            .await
+            .unwrap()
+            .reason
+            .as_deref(),
+        Some("revoked")
+    );
+    b.claim_agent_id("leaving", false).await.unwrap();
+    // Releasing again with the dead certificate is refused.
+    assert_eq!(
+        refused(a.release_agent_id(&cert).await),
+        "certificate validation failed: revoked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn certificates_survive_a_file_and_the_client_renews_them() {
+    let cluster = ready().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cert.json");
+    let mut config = cluster.client_config(1);
+    // One hour lifetime: renew after ~0.7 s.
+    config.renew_fraction = 0.0002;
+    let a = agentreg::client::AgentClient::connect(config)
+        .await
+        .unwrap();
+    let mut events = a.events();
+    let cert = a.claim_agent_id("renewing", false).await.unwrap();
+    a.save_certificate(&path).unwrap();
+    assert_eq!(load_certificate(&path).unwrap(), cert);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    let renewed = loop {
+        match tokio::time::timeout(TIMEOUT, events.recv())
+            .await
+            .expect("renewal in time")
+            .unwrap()
+        {
+            ClientEvent::Renewed { serial, .. } => break serial,
+            other => tracing::info!(?other, "event"),
+        }
+    };
+    assert!(renewed > cert.serial);
+    assert_eq!(a.certificate().unwrap().serial, renewed);
+    let b = cluster.agent(2).await;
+    assert!(
+        b.validate_certificate(&a.certificate().unwrap())
+            .await
+            .unwrap()
+            .valid
+    );
+    assert!(!b.validate_certificate(&cert).await.unwrap().valid);
+    a.abandon();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_on_a_killed_node_is_registered_elsewhere_with_its_certificate() {
+    let mut cluster = ready().await;
+    let a = cluster.agent(1).await;
+    let mut events = a.events();
+    let cert = a.claim_agent_id("survivor", false).await.unwrap();
+    let reg = a
+        .register("survivor", Map::new(), None, false)
+        .await
+        .unwrap();
+    assert_eq!(reg.node_id, 1);
+
+    tracing::info!("--- killing node 1 under the agent");
+    cluster.stop(1).await;
+    let node = loop {
+        match tokio::time::timeout(TIMEOUT, events.recv())
+            .await
+            .expect("reconnected in time")
+            .unwrap()
+        {
+            ClientEvent::Reconnected { node, .. } => break node,
+            other => tracing::info!(?other, "event"),
+        }
+    };
+    assert_ne!(node, cluster.addrs[&1].to_string());
+    let reg2 = a.registration().unwrap();
+    assert_ne!(reg2.node_id, 1);
+    cluster.applied_everywhere(reg2.session_id).await;
+    for id in [2, 3] {
+        let t = cluster.tables(id);
+        let s = &t.sessions["survivor"];
+        assert_eq!(
+            (s.session_id, s.conn.node_id, s.cert_serial),
+            (reg2.session_id, reg2.node_id, Some(cert.serial))
+        );
+    }
+    // It keeps working there.
+    assert!(a.ping().await.unwrap() < Duration::from_secs(5));
+}
