@@ -2,6 +2,7 @@
 //! cluster. `main.rs` only parses arguments and sets up logging; everything is here.
 
 mod admin_client;
+mod agent;
 mod dev;
 mod status;
 
@@ -66,6 +67,13 @@ pub enum Command {
         #[arg(long, default_value_t = 7101)]
         base_port: u16,
     },
+    /// Act as an agent: claim, validate, revoke, release, or stay registered.
+    Agent {
+        #[command(flatten)]
+        conn: agent::AgentConn,
+        #[command(subcommand)]
+        command: agent::AgentCommand,
+    },
     /// Show every member: role, leader, term, log and applied index, table sizes.
     Status {
         #[command(flatten)]
@@ -128,6 +136,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             base_port,
         } => dev::cluster(&dir, nodes, base_port),
         Command::Status { conn, json } => status::run(&conn, json).await,
+        Command::Agent { conn, command } => agent::run(&conn, command).await,
     }
 }
 

@@ -230,23 +230,23 @@ mod tests {
 
     #[test]
     fn known_answer_vector() {
-        // Pinned so that a change of encoding is noticed; docs/protocol.md quotes these values.
-        let c = Certificate::issue(
-            "my-agent",
-            42,
-            1_700_000_000,
-            1_700_086_400,
-            "k1",
-            &Secret::new(b"example-secret".to_vec()),
+        // docs/protocol.md quotes these exact values; a change of encoding breaks this test.
+        let secret = Secret::new(b"example-secret".to_vec());
+        let c = Certificate::issue("my-agent", 42, 1_700_000_000, 1_700_086_400, "k1", &secret);
+        assert_eq!(
+            hex::encode(c.canonical_bytes()),
+            "6167656e747265672d636572742d7631000000086d792d6167656e74000000000000002a\
+             000000006553f1000000000065554280000000026b31"
         );
         assert_eq!(
             c.certificate_hash,
-            hex::encode(Sha256::digest(c.canonical_bytes()))
+            "8de236ebb832b6200627ec854633cd685fbe3ed7b33c2cb8612dc85457579c30"
         );
-        assert_eq!(c.certificate_hash.len(), 64);
-        assert_eq!(c.signature.len(), 64);
-        c.verify_signature(&Secret::new(b"example-secret".to_vec()))
-            .unwrap();
+        assert_eq!(
+            c.signature,
+            "07398aff83566ddd78a7dac442e25226039d111d2fbeb68c183afeae26acbbd5"
+        );
+        c.verify_signature(&secret).unwrap();
     }
 
     #[test]
