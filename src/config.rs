@@ -111,6 +111,64 @@ impl Default for IdentityConfig {
     }
 }
 
+/// How a node watches its agents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatConfig {
+    /// How often each registered agent is pinged.
+    pub interval_ms: u64,
+    /// An agent with no sign of life for this long is evicted. Also how long the leader
+    /// waits to hear from a node before evicting that node's sessions.
+    pub agent_timeout_ms: u64,
+    /// How long one ping may wait for its answer.
+    pub ping_timeout_ms: u64,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig {
+            interval_ms: 30_000,
+            agent_timeout_ms: 90_000,
+            ping_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl HeartbeatConfig {
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+
+    pub fn agent_timeout(&self) -> Duration {
+        Duration::from_millis(self.agent_timeout_ms)
+    }
+
+    pub fn ping_timeout(&self) -> Duration {
+        Duration::from_millis(self.ping_timeout_ms)
+    }
+
+    /// # Errors
+    /// One line naming the key and the problem.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.interval_ms == 0 {
+            return Err("heartbeat.interval_ms must be above 0".into());
+        }
+        if self.agent_timeout_ms <= self.interval_ms {
+            return Err(format!(
+                "heartbeat.agent_timeout_ms ({}) must be above heartbeat.interval_ms ({}), or every agent would be evicted between two pings",
+                self.agent_timeout_ms, self.interval_ms
+            ));
+        }
+        if self.ping_timeout_ms == 0 || self.ping_timeout_ms > self.interval_ms {
+            return Err(format!(
+                "heartbeat.ping_timeout_ms ({}) must be above 0 and at most heartbeat.interval_ms ({})",
+                self.ping_timeout_ms, self.interval_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
@@ -132,6 +190,8 @@ pub struct NodeConfig {
     pub raft: RaftConfig,
     #[serde(default)]
     pub identity: IdentityConfig,
+    #[serde(default)]
+    pub heartbeat: HeartbeatConfig,
 }
 
 impl NodeConfig {
@@ -229,6 +289,7 @@ impl NodeConfig {
                 r.write_timeout_ms, r.election_timeout_max_ms
             ));
         }
+        self.heartbeat.validate()?;
         let ttl = self.identity.certificate_ttl_hours;
         if ttl == 0 || ttl > 10 * 365 * 24 {
             return Err(format!(
@@ -345,5 +406,16 @@ key = "tls/node1.key"
         assert!(e.contains("election_timeout_min_ms"), "{e}");
         let e = err(&format!("{GOOD}\n[identity]\ncertificate_ttl_hours = 0\n"));
         assert!(e.contains("certificate_ttl_hours"), "{e}");
+        let e = err(&format!(
+            "{GOOD}\n[heartbeat]\ninterval_ms = 1000\nagent_timeout_ms = 1000\n"
+        ));
+        assert!(
+            e.contains("heartbeat.agent_timeout_ms (1000) must be above heartbeat.interval_ms"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{GOOD}\n[heartbeat]\ninterval_ms = 1000\nping_timeout_ms = 2000\n"
+        ));
+        assert!(e.contains("heartbeat.ping_timeout_ms"), "{e}");
     }
 }

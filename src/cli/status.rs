@@ -55,7 +55,7 @@ pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
     for (id, addr, s) in rows {
         match s {
             Ok(s) => println!(
-                "{:<4} {:<22} {:<10} {:<7} {:<6} {:>9} {:>9} {:>7} {:>9} {:>12} {:>5}",
+                "{:<4} {:<22} {:<10} {:<7} {:<6} {:>9} {:>9} {:>7} {:>9} {:>12} {:>5} {:>7} {:>8} {:>7} {:>8}",
                 id,
                 addr,
                 s.role,
@@ -66,7 +66,11 @@ pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
                 s.tables.claims,
                 s.tables.sessions,
                 s.tables.revocations,
-                s.tables.keys
+                s.tables.keys,
+                s.heartbeat.agents_connected,
+                s.heartbeat.pings_sent,
+                s.heartbeat.pings_missed,
+                s.heartbeat.evictions_committed
             ),
             Err(e) => println!("{id:<4} {addr:<22} unreachable: {e}"),
         }

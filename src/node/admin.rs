@@ -31,6 +31,17 @@ pub struct MemberStatus {
     pub voter: bool,
 }
 
+/// What a node's heartbeat loop did since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatStats {
+    /// Agents registered on this node's connections.
+    pub agents_connected: u64,
+    pub pings_sent: u64,
+    pub pings_missed: u64,
+    pub evictions_proposed: u64,
+    pub evictions_committed: u64,
+}
+
 /// One node's view of itself and the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
@@ -46,6 +57,7 @@ pub struct NodeStatus {
     pub purged_index: Option<u64>,
     pub members: Vec<MemberStatus>,
     pub tables: TableSizes,
+    pub heartbeat: HeartbeatStats,
 }
 
 pub(super) fn status(inner: &Inner) -> NodeStatus {
@@ -79,6 +91,17 @@ pub(super) fn status(inner: &Inner) -> NodeStatus {
         purged_index: m.purged.map(|l| l.index),
         members,
         tables: inner.state.read().state.sizes(),
+        heartbeat: {
+            use std::sync::atomic::Ordering::Relaxed;
+            let c = &inner.counters;
+            HeartbeatStats {
+                agents_connected: inner.conns.agents() as u64,
+                pings_sent: c.pings_sent.load(Relaxed),
+                pings_missed: c.pings_missed.load(Relaxed),
+                evictions_proposed: c.evictions_proposed.load(Relaxed),
+                evictions_committed: c.evictions_committed.load(Relaxed),
+            }
+        },
     }
 }
 

@@ -86,6 +86,27 @@ impl Connections {
         Some(c.conn.clone())
     }
 
+    /// Every connection with a registered agent: (conn id, agent id, connection, last seen).
+    pub(crate) fn registered(&self) -> Vec<(u64, String, quinn::Connection, Instant)> {
+        self.map()
+            .iter()
+            .filter_map(|(id, c)| {
+                c.agent_id
+                    .as_ref()
+                    .map(|a| (*id, a.clone(), c.conn.clone(), c.last_seen))
+            })
+            .collect()
+    }
+
+    pub(crate) fn contains(&self, id: u64) -> bool {
+        self.map().contains_key(&id)
+    }
+
+    /// Agents registered on this node's connections.
+    pub(crate) fn agents(&self) -> usize {
+        self.map().values().filter(|c| c.agent_id.is_some()).count()
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.map().len()
     }

@@ -27,6 +27,7 @@ pub fn unix_now_f64() -> f64 {
 }
 
 pub(super) fn spawn(inner: Arc<Inner>) {
+    spawn_lost_node_watch(inner.clone());
     let tasks = inner.tasks.clone();
     tasks.spawn(async move {
         let mut metrics = inner.raft.metrics();
@@ -61,4 +62,39 @@ async fn init_keyring(inner: &Inner) {
         }
         Err(e) => tracing::warn!(error = %e, "could not initialise the signing keyring yet"),
     }
+}
+
+/// Every heartbeat interval, while leading: evict the sessions of nodes not heard from.
+fn spawn_lost_node_watch(inner: Arc<Inner>) {
+    let tasks = inner.tasks.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(inner.config.heartbeat.interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // (term, since when) of this node's current leadership.
+        let mut leadership: Option<(u64, tokio::time::Instant)> = None;
+        loop {
+            tokio::select! {
+                _ = inner.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let (state, term) = {
+                let m = inner.raft.metrics();
+                let m = m.borrow();
+                (m.state, m.current_term)
+            };
+            if state != ServerState::Leader {
+                leadership = None;
+                continue;
+            }
+            let since = match leadership {
+                Some((t, since)) if t == term => since,
+                _ => {
+                    let now = tokio::time::Instant::now();
+                    leadership = Some((term, now));
+                    now
+                }
+            };
+            super::heartbeat::evict_lost_nodes(&inner, since).await;
+        }
+    });
 }

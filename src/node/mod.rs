@@ -14,6 +14,7 @@ mod admin;
 mod agent_service;
 mod connections;
 mod duties;
+mod heartbeat;
 mod peer_service;
 mod read;
 mod write;
@@ -27,7 +28,7 @@ use openraft::BasicNode;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use admin::{AdminRequest, MemberStatus, NodeStatus};
+pub use admin::{AdminRequest, HeartbeatStats, MemberStatus, NodeStatus};
 pub use agent_service::close_code;
 pub use duties::unix_now_f64;
 pub use read::ReadError;
@@ -60,6 +61,15 @@ pub enum NodeError {
     },
 }
 
+/// Event counters of the node (status and metrics).
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) pings_sent: std::sync::atomic::AtomicU64,
+    pub(crate) pings_missed: std::sync::atomic::AtomicU64,
+    pub(crate) evictions_proposed: std::sync::atomic::AtomicU64,
+    pub(crate) evictions_committed: std::sync::atomic::AtomicU64,
+}
+
 /// Shared by every task of the node.
 pub(crate) struct Inner {
     pub(crate) id: NodeId,
@@ -68,6 +78,7 @@ pub(crate) struct Inner {
     pub(crate) state: StateReader,
     pub(crate) peers: Peers,
     pub(crate) conns: connections::Connections,
+    pub(crate) counters: Counters,
     pub(crate) db: sled::Db,
     pub(crate) initial_secret: Option<Secret>,
     pub(crate) shutdown: CancellationToken,
@@ -146,6 +157,7 @@ impl Node {
             state,
             peers,
             conns: connections::Connections::new(),
+            counters: Counters::default(),
             db: data.db,
             initial_secret,
             shutdown: CancellationToken::new(),
@@ -154,6 +166,7 @@ impl Node {
         let node = Node { inner, endpoint };
         node.spawn_accept_loop();
         duties::spawn(node.inner.clone());
+        heartbeat::spawn(node.inner.clone());
         agent_service::spawn_session_closer(node.inner.clone(), session_ends);
 
         if pristine && node.inner.config.initial_cluster_state == InitialClusterState::New {

@@ -133,6 +133,8 @@ pub struct PeerClient {
     addr: String,
     dialer: PeerDialer,
     conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+    /// When a call to this peer last succeeded.
+    last_ok: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl PeerClient {
@@ -142,7 +144,13 @@ impl PeerClient {
             addr,
             dialer,
             conn: tokio::sync::Mutex::new(None),
+            last_ok: Mutex::new(None),
         }
+    }
+
+    /// When a call to this peer last got an answer.
+    pub fn last_ok(&self) -> Option<tokio::time::Instant> {
+        *self.last_ok.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn addr(&self) -> &str {
@@ -204,7 +212,13 @@ impl PeerClient {
         timeout: Duration,
     ) -> Result<PeerResponse, PeerError> {
         match tokio::time::timeout(timeout, self.call_inner(req)).await {
-            Ok(r) => r,
+            Ok(r) => {
+                if r.is_ok() {
+                    *self.last_ok.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(tokio::time::Instant::now());
+                }
+                r
+            }
             Err(_) => Err(PeerError::Timeout {
                 target: self.target,
                 after: timeout,
@@ -290,6 +304,14 @@ impl Peers {
         ));
         clients.insert(target, c.clone());
         c
+    }
+}
+
+impl Peers {
+    /// When a call to `target` last got an answer, if there is a client for it.
+    pub fn last_ok(&self, target: NodeId) -> Option<tokio::time::Instant> {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients.get(&target).and_then(|c| c.last_ok())
     }
 }
 

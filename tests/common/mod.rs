@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agentreg::config::{
-    IdentityConfig, InitialClusterState, NodeConfig, Peer, RaftConfig, TlsConfig,
+    HeartbeatConfig, IdentityConfig, InitialClusterState, NodeConfig, Peer, RaftConfig, TlsConfig,
 };
 use agentreg::node::{Node, Written};
 use agentreg::registry::{Command, Op, Outcome, Tables};
@@ -39,6 +39,7 @@ pub struct TestCluster {
 pub struct Options {
     pub nodes: u64,
     pub raft: RaftConfig,
+    pub heartbeat: HeartbeatConfig,
 }
 
 impl Default for Options {
@@ -52,6 +53,11 @@ impl Default for Options {
                 snapshot_logs_since_last: 10_000,
                 max_in_snapshot_log_to_keep: 100,
                 write_timeout_ms: 10_000,
+            },
+            heartbeat: HeartbeatConfig {
+                interval_ms: 300,
+                agent_timeout_ms: 1_500,
+                ping_timeout_ms: 300,
             },
         }
     }
@@ -97,6 +103,7 @@ impl TestCluster {
                 },
                 raft: opts.raft.clone(),
                 identity: IdentityConfig::default(),
+                heartbeat: opts.heartbeat.clone(),
             };
             c.validate().expect("valid test config");
             configs.insert(*id, c);

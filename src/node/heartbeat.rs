@@ -1,0 +1,262 @@
+//! Heartbeats: each node pings its own agents and evicts, through the log, the ones that
+//! stopped answering, and the sessions of its own that no connection holds any more (those
+//! left by a previous run of the node, or by a connection that vanished).
+//!
+//! Nothing is removed on this node's say alone: an eviction is a committed
+//! Evict{agent_id, session_id}, fenced by the session id, so a late eviction never removes
+//! a newer session, and a node that cannot reach a quorum evicts nothing.
+
+use futures::StreamExt;
+use serde_json::json;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::duties::unix_now;
+use super::{read, write, Inner};
+use crate::proto::agent;
+use crate::registry::{Command, ConnRef, Op, Outcome};
+use crate::transport::frame::{read_frame, write_frame, MAX_AGENT_FRAME};
+
+/// Pings in flight at once, per node.
+const MAX_CONCURRENT_PINGS: usize = 4096;
+
+pub(super) fn spawn(inner: Arc<Inner>) {
+    let tasks = inner.tasks.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(inner.config.heartbeat.interval());
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut applied_last_round = 0;
+        loop {
+            tokio::select! {
+                _ = inner.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            ping_all(&inner).await;
+            evict_silent(&inner).await;
+            applied_last_round = sweep_orphans(&inner, applied_last_round).await;
+        }
+    });
+}
+
+/// Pings every registered agent concurrently; an answer counts as a sign of life.
+async fn ping_all(inner: &Arc<Inner>) {
+    let agents = inner.conns.registered();
+    let timeout = inner.config.heartbeat.ping_timeout();
+    futures::stream::iter(agents)
+        .for_each_concurrent(
+            MAX_CONCURRENT_PINGS,
+            |(conn_id, agent_id, conn, _)| async move {
+                inner.counters.pings_sent.fetch_add(1, Ordering::Relaxed);
+                match tokio::time::timeout(timeout, ping(&conn)).await {
+                    Ok(Ok(())) => inner.conns.touch(conn_id),
+                    Ok(Err(e)) => {
+                        inner.counters.pings_missed.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(agent_id, error = %e, "ping failed");
+                    }
+                    Err(_) => {
+                        inner.counters.pings_missed.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(agent_id, "ping timed out");
+                    }
+                }
+            },
+        )
+        .await;
+}
+
+async fn ping(conn: &quinn::Connection) -> Result<(), String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let req = agent::request(
+        agent::PING_AGENT,
+        None,
+        json!({ "timestamp": super::duties::unix_now_f64() })
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+    );
+    write_frame(&mut send, &req)
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let answer = read_frame(&mut recv, MAX_AGENT_FRAME)
+        .await
+        .map_err(|e| e.to_string())?;
+    agent::parse_response(&answer).map(|_| ())
+}
+
+/// Commits the eviction of `agent_id`'s session `session_id`.
+async fn evict(inner: &Inner, agent_id: &str, session_id: u64, why: &str) {
+    inner
+        .counters
+        .evictions_proposed
+        .fetch_add(1, Ordering::Relaxed);
+    let cmd = Command {
+        at: unix_now(),
+        op: Op::Evict {
+            agent_id: agent_id.to_owned(),
+            session_id,
+        },
+    };
+    match write::write(inner, cmd).await {
+        Ok(w) => {
+            if matches!(w.response, Ok(Outcome::SessionEnded { ended: Some(_) })) {
+                inner
+                    .counters
+                    .evictions_committed
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(agent_id, session_id, reason = why, "evicted");
+            }
+        }
+        Err(e) => tracing::warn!(agent_id, session_id, error = %e, "eviction not committed"),
+    }
+}
+
+/// Evicts the agents silent for longer than `agent_timeout`.
+async fn evict_silent(inner: &Arc<Inner>) {
+    let limit = inner.config.heartbeat.agent_timeout();
+    let now = std::time::Instant::now();
+    let silent: Vec<(u64, String, quinn::Connection)> = inner
+        .conns
+        .registered()
+        .into_iter()
+        .filter(|(_, _, _, seen)| now.saturating_duration_since(*seen) > limit)
+        .map(|(id, agent, conn, _)| (id, agent, conn))
+        .collect();
+    futures::stream::iter(silent)
+        .for_each_concurrent(
+            MAX_CONCURRENT_PINGS,
+            |(conn_id, agent_id, conn)| async move {
+                let me = ConnRef {
+                    node_id: inner.id,
+                    conn_id,
+                };
+                let session = inner
+                    .state
+                    .read()
+                    .state
+                    .session(&agent_id)
+                    .filter(|s| s.conn == me)
+                    .map(|s| s.session_id);
+                match session {
+                    // The applied eviction closes the connection (see the session closer).
+                    Some(session_id) => {
+                        evict(inner, &agent_id, session_id, "no sign of life").await
+                    }
+                    None => {
+                        // Its session is already gone; just let go of the connection.
+                        if inner.conns.detach(conn_id, &agent_id).is_some() {
+                            conn.close(
+                                quinn::VarInt::from_u32(super::close_code::EVICTED),
+                                b"no sign of life; register again",
+                            );
+                        }
+                    }
+                }
+            },
+        )
+        .await;
+}
+
+/// Evicts this node's sessions that no connection of this run holds: sessions left by a
+/// previous run (after a restart, once caught up) or by connections that vanished. Only
+/// sessions already applied by the previous round count, so a registration whose connection
+/// is being recorded right now is not mistaken for an orphan. Returns the applied index.
+async fn sweep_orphans(inner: &Arc<Inner>, applied_last_round: u64) -> u64 {
+    // Caught up first: the tables must include every acknowledged registration.
+    if read::barrier(inner).await.is_err() {
+        return applied_last_round;
+    }
+    let (applied, orphans): (u64, Vec<(String, u64)>) = {
+        let guard = inner.state.read();
+        let applied = guard.last_applied.map_or(0, |l| l.index);
+        let orphans = guard
+            .state
+            .tables()
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.conn.node_id == inner.id
+                    && s.session_id <= applied_last_round
+                    && !inner.conns.contains(s.conn.conn_id)
+            })
+            .map(|(id, s)| (id.clone(), s.session_id))
+            .collect();
+        (applied, orphans)
+    };
+    futures::stream::iter(orphans)
+        .for_each_concurrent(MAX_CONCURRENT_PINGS, |(agent_id, session_id)| async move {
+            evict(inner, &agent_id, session_id, "no connection holds it").await;
+        })
+        .await;
+    applied
+}
+
+/// The leader's duty: evict the sessions of a node it has not heard from for
+/// `agent_timeout`. A newly elected leader first gives every node that long to be heard
+/// (learned from etcd issue 15247: a leader must not revoke what it had no chance to see
+/// renewed).
+pub(super) async fn evict_lost_nodes(inner: &Inner, leader_since: Instant) {
+    let limit = inner.config.heartbeat.agent_timeout();
+    let now = Instant::now();
+    if now.saturating_duration_since(leader_since) <= limit {
+        return;
+    }
+    let members: Vec<u64> = {
+        let m = inner.raft.metrics().borrow().membership_config.clone();
+        m.membership().nodes().map(|(id, _)| *id).collect()
+    };
+    for node_id in members.into_iter().filter(|id| *id != inner.id) {
+        let heard = inner
+            .peers
+            .last_ok(node_id)
+            .filter(|t| *t >= leader_since)
+            .unwrap_or(leader_since);
+        if now.saturating_duration_since(heard) <= limit {
+            continue;
+        }
+        let (applied, has_sessions) = {
+            let guard = inner.state.read();
+            let applied = guard.last_applied.map_or(0, |l| l.index);
+            let has = guard
+                .state
+                .tables()
+                .sessions
+                .values()
+                .any(|s| s.conn.node_id == node_id);
+            (applied, has)
+        };
+        if !has_sessions {
+            continue;
+        }
+        inner
+            .counters
+            .evictions_proposed
+            .fetch_add(1, Ordering::Relaxed);
+        let cmd = Command {
+            at: unix_now(),
+            op: Op::EvictNode {
+                node_id,
+                max_session_id: applied,
+            },
+        };
+        match write::write(inner, cmd).await {
+            Ok(w) => {
+                if let Ok(Outcome::NodeEvicted { removed }) = &w.response {
+                    inner
+                        .counters
+                        .evictions_committed
+                        .fetch_add(removed.len() as u64, Ordering::Relaxed);
+                    tracing::warn!(
+                        node_id,
+                        sessions = removed.len(),
+                        silent_ms = now.saturating_duration_since(heard).as_millis() as u64,
+                        "evicted the sessions of a lost node"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(node_id, error = %e, "could not evict the sessions of a lost node")
+            }
+        }
+    }
+}
