@@ -4,6 +4,7 @@
 mod admin_client;
 mod agent;
 mod dev;
+mod keys;
 mod status;
 
 use std::path::PathBuf;
@@ -74,6 +75,16 @@ pub enum Command {
         #[command(subcommand)]
         command: agent::AgentCommand,
     },
+    /// Manage the replicated signing keyring.
+    Keys {
+        #[command(flatten)]
+        conn: AdminArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
     /// Show every member: role, leader, term, log and applied index, table sizes.
     Status {
         #[command(flatten)]
@@ -137,6 +148,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => dev::cluster(&dir, nodes, base_port),
         Command::Status { conn, json } => status::run(&conn, json).await,
         Command::Agent { conn, command } => agent::run(&conn, command).await,
+        Command::Keys {
+            conn,
+            json,
+            command,
+        } => keys::run(&conn, command, json).await,
     }
 }
 

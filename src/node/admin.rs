@@ -11,8 +11,11 @@ use std::sync::Arc;
 use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 
+use super::duties::unix_now;
 use super::Inner;
+use crate::identity::Secret;
 use crate::registry::TableSizes;
+use crate::registry::{Command, Op, Outcome};
 use crate::transport::frame::{read_frame, write_frame};
 
 /// Largest admin request or response, in bytes.
@@ -22,6 +25,22 @@ pub const MAX_ADMIN_FRAME: usize = 4 * 1024 * 1024;
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum AdminRequest {
     Status,
+    /// The signing keys: id, state, creation time (never the secrets).
+    KeysList,
+    /// Make a fresh key (from the OS random source) the active signing key.
+    KeysRotate,
+    /// Retire a validating key: the certificates it signed stop validating.
+    KeysRetire {
+        key_id: String,
+    },
+}
+
+/// A signing key as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    pub key_id: String,
+    pub state: String,
+    pub created_at: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,7 +155,56 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
 }
 
 async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
+    use serde_json::json;
+    let commit = |op: Op| async move {
+        let cmd = Command { at: unix_now(), op };
+        match super::write::write(inner, cmd).await {
+            Ok(w) => w.response.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("cluster unavailable: {e}")),
+        }
+    };
     match req {
-        AdminRequest::Status => serde_json::json!({"success": true, "status": status(inner)}),
+        AdminRequest::Status => json!({"success": true, "status": status(inner)}),
+        AdminRequest::KeysList => {
+            if let Err(e) = super::read::barrier(inner).await {
+                return json!({"success": false, "error": format!("cluster unavailable: {e}")});
+            }
+            json!({"success": true, "keys": keys(inner)})
+        }
+        AdminRequest::KeysRotate => match commit(Op::RotateKey {
+            secret: Secret::generate(),
+        })
+        .await
+        {
+            Ok(Outcome::KeyRotated { key_id }) => {
+                tracing::info!(key_id, "signing key rotated");
+                json!({"success": true, "key_id": key_id})
+            }
+            Ok(other) => json!({"success": false, "error": format!("unexpected result {other:?}")}),
+            Err(e) => json!({"success": false, "error": e}),
+        },
+        AdminRequest::KeysRetire { key_id } => match commit(Op::RetireKey { key_id }).await {
+            Ok(Outcome::KeyRetired { key_id }) => {
+                tracing::info!(key_id, "signing key retired");
+                json!({"success": true, "key_id": key_id})
+            }
+            Ok(other) => json!({"success": false, "error": format!("unexpected result {other:?}")}),
+            Err(e) => json!({"success": false, "error": e}),
+        },
     }
+}
+
+fn keys(inner: &Inner) -> Vec<KeyInfo> {
+    inner
+        .state
+        .read()
+        .state
+        .keyring()
+        .iter()
+        .map(|(id, k)| KeyInfo {
+            key_id: id.clone(),
+            state: k.state.to_string(),
+            created_at: k.created_at,
+        })
+        .collect()
 }

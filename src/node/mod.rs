@@ -28,7 +28,7 @@ use openraft::BasicNode;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use admin::{AdminRequest, HeartbeatStats, MemberStatus, NodeStatus};
+pub use admin::{AdminRequest, HeartbeatStats, KeyInfo, MemberStatus, NodeStatus};
 pub use agent_service::close_code;
 pub use duties::unix_now_f64;
 pub use read::ReadError;

@@ -15,6 +15,8 @@ use agentreg::node::{Node, Written};
 use agentreg::registry::{Command, Op, Outcome, Tables};
 use agentreg::transport::tls;
 
+pub mod faultnet;
+
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
 pub fn init_tracing() {
@@ -32,6 +34,8 @@ pub struct TestCluster {
     pub addrs: BTreeMap<u64, SocketAddr>,
     pub nodes: BTreeMap<u64, Node>,
     pub configs: BTreeMap<u64, NodeConfig>,
+    /// Present when the cluster was started with `Options::faults`.
+    pub net: Option<faultnet::FaultNet>,
 }
 
 /// Options for a test cluster.
@@ -40,6 +44,10 @@ pub struct Options {
     pub nodes: u64,
     pub raft: RaftConfig,
     pub heartbeat: HeartbeatConfig,
+    /// Route node-to-node traffic through a fault proxy (see `faultnet`).
+    pub faults: bool,
+    /// Contents of an `identity.hmac_secret_file` given to every node.
+    pub hmac_secret: Option<Vec<u8>>,
 }
 
 impl Default for Options {
@@ -59,6 +67,8 @@ impl Default for Options {
                 agent_timeout_ms: 1_500,
                 ping_timeout_ms: 300,
             },
+            faults: false,
+            hmac_secret: None,
         }
     }
 }
@@ -77,13 +87,20 @@ impl TestCluster {
             .iter()
             .map(|(id, s)| (*id, s.local_addr().unwrap()))
             .collect();
-        let peers: Vec<Peer> = addrs
+        let net = opts.faults.then(|| faultnet::FaultNet::start(&addrs));
+        let peer_addrs = net.as_ref().map_or(addrs.clone(), |n| n.proxies.clone());
+        let peers: Vec<Peer> = peer_addrs
             .iter()
             .map(|(id, a)| Peer {
                 id: *id,
                 addr: a.to_string(),
             })
             .collect();
+        let secret_file = opts.hmac_secret.as_ref().map(|s| {
+            let p = dir.path().join("hmac.secret");
+            std::fs::write(&p, s).expect("secret file");
+            p
+        });
         let mut configs = BTreeMap::new();
         for id in &ids {
             let tls_dir = dir.path().join("tls");
@@ -102,7 +119,10 @@ impl TestCluster {
                     server_name: tls::DEFAULT_SERVER_NAME.into(),
                 },
                 raft: opts.raft.clone(),
-                identity: IdentityConfig::default(),
+                identity: IdentityConfig {
+                    hmac_secret_file: secret_file.clone(),
+                    ..IdentityConfig::default()
+                },
                 heartbeat: opts.heartbeat.clone(),
             };
             c.validate().expect("valid test config");
@@ -113,6 +133,7 @@ impl TestCluster {
             addrs,
             nodes: BTreeMap::new(),
             configs,
+            net,
         };
         for (id, socket) in sockets {
             let node = Node::start(cluster.configs[&id].clone(), Some(socket))
@@ -121,6 +142,23 @@ impl TestCluster {
             cluster.nodes.insert(id, node);
         }
         cluster
+    }
+
+    /// Operator connection settings for this cluster.
+    pub fn admin_args(&self) -> agentreg::cli::AdminArgs {
+        agentreg::cli::AdminArgs {
+            endpoints: self.addrs.values().map(|a| a.to_string()).collect(),
+            ca: self.tls_dir().join("ca.pem"),
+            cert: self.tls_dir().join("operator.pem"),
+            key: self.tls_dir().join("operator.key"),
+            server_name: tls::DEFAULT_SERVER_NAME.into(),
+        }
+    }
+
+    pub fn net(&self) -> &faultnet::FaultNet {
+        self.net
+            .as_ref()
+            .expect("cluster started with faults: true")
     }
 
     pub fn node(&self, id: u64) -> &Node {

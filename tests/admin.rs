@@ -1,0 +1,129 @@
+//! The operator side: status over mutual TLS, key rotation and retirement through the log,
+//! the imported initial signing key.
+
+mod common;
+
+use agentreg::cli::AdminClient;
+use agentreg::identity::{KeyState, Secret};
+use agentreg::node::{AdminRequest, NodeStatus};
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_names_every_member_and_the_leader() {
+    let cluster = TestCluster::start(Options::default()).await;
+    let leader = cluster.leader().await;
+    cluster.keyring_ready().await;
+    let args = cluster.admin_args();
+    let admin = AdminClient::new(&args).unwrap();
+    for (id, addr) in &cluster.addrs {
+        let v = admin
+            .call(&addr.to_string(), &AdminRequest::Status)
+            .await
+            .unwrap();
+        let s: NodeStatus = serde_json::from_value(v["status"].clone()).unwrap();
+        assert_eq!(s.node_id, *id);
+        assert_eq!(s.leader, Some(leader));
+        assert_eq!(s.members.len(), 3);
+        assert_eq!(s.tables.keys, 1);
+        assert_eq!(s.role, if *id == leader { "leader" } else { "follower" });
+    }
+    // A node that is down is skipped with a message; the next one answers.
+    let mut endpoints = vec!["127.0.0.1:9".to_owned()];
+    endpoints.extend(args.endpoints.clone());
+    let (addr, _) = admin
+        .call_any(&endpoints, &AdminRequest::Status)
+        .await
+        .unwrap();
+    assert_ne!(addr, "127.0.0.1:9");
+    admin.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotated_keys_keep_validating_until_retired() {
+    let cluster = TestCluster::start(Options::default()).await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
+    let agent = cluster.agent(1).await;
+    let old = agent
+        .claim_agent_id("before-rotation", false)
+        .await
+        .unwrap();
+
+    let admin = AdminClient::new(&cluster.admin_args()).unwrap();
+    let endpoints = cluster.admin_args().endpoints;
+    let (_, v) = admin
+        .call_any(&endpoints, &AdminRequest::KeysRotate)
+        .await
+        .unwrap();
+    let new_key = v["key_id"].as_str().unwrap().to_owned();
+    assert_ne!(new_key, old.key_id);
+
+    let fresh = agent.claim_agent_id("after-rotation", false).await.unwrap();
+    assert_eq!(fresh.key_id, new_key);
+    let checker = cluster.agent(3).await;
+    assert!(
+        checker.validate_certificate(&old).await.unwrap().valid,
+        "rotation broke an old certificate"
+    );
+    assert!(checker.validate_certificate(&fresh).await.unwrap().valid);
+
+    // The active key cannot be retired.
+    let err = admin
+        .call_any(
+            &endpoints,
+            &AdminRequest::KeysRetire {
+                key_id: new_key.clone(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("active signing key"), "{err:#}");
+    admin
+        .call_any(
+            &endpoints,
+            &AdminRequest::KeysRetire {
+                key_id: old.key_id.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    let v = checker.validate_certificate(&old).await.unwrap();
+    assert_eq!(v.reason.as_deref(), Some("signing key retired"));
+    assert!(checker.validate_certificate(&fresh).await.unwrap().valid);
+
+    let (_, v) = admin
+        .call_any(&endpoints, &AdminRequest::KeysList)
+        .await
+        .unwrap();
+    let listed = v["keys"].to_string();
+    assert!(
+        listed.contains("retired") && listed.contains("active"),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains("secret"),
+        "key listing shows secrets: {listed}"
+    );
+    admin.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_initial_key_can_be_imported_from_a_secret_file() {
+    let secret = b"0123456789abcdef0123456789abcdef-imported".to_vec();
+    let cluster = TestCluster::start(Options {
+        hmac_secret: Some([secret.clone(), b"\n".to_vec()].concat()),
+        ..Options::default()
+    })
+    .await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
+    for id in 1..=3 {
+        let state = cluster.node(id).state().read();
+        let (key_id, s) = state.state.keyring().active().unwrap();
+        assert_eq!(s, &Secret::new(secret.clone()), "node {id}");
+        assert_eq!(
+            state.state.keyring().get(key_id).unwrap().state,
+            KeyState::Active
+        );
+    }
+}

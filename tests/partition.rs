@@ -1,0 +1,143 @@
+//! A node cut off from the other two across the real QUIC transport (UDP proxies between the
+//! nodes): it commits nothing, so it evicts nothing; the majority keeps serving and evicts
+//! the cut node's sessions; agents moving over take over at once; after the cut heals every
+//! node holds the same tables.
+
+mod common;
+
+use std::time::Duration;
+
+use agentreg::config::HeartbeatConfig;
+use common::*;
+use serde_json::{json, Map};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_off_node_commits_nothing_and_converges_after_healing() {
+    let cluster = TestCluster::start(Options {
+        heartbeat: HeartbeatConfig {
+            interval_ms: 200,
+            agent_timeout_ms: 600,
+            ping_timeout_ms: 150,
+        },
+        faults: true,
+        ..Options::default()
+    })
+    .await;
+    let leader = cluster.leader().await;
+    cluster.keyring_ready().await;
+    let cut = cluster.follower().await;
+    let majority: Vec<u64> = (1..=3).filter(|id| *id != cut).collect();
+
+    // An agent with a certificate and one without, both on the node about to be cut off.
+    let roamer = cluster.agent(cut).await;
+    let cert = roamer.claim_agent_id("roamer", false).await.unwrap();
+    let reg = roamer
+        .register("roamer", Map::new(), None, false)
+        .await
+        .unwrap();
+    assert_eq!(reg.node_id, cut);
+    let legacy = cluster.raw(cut).await;
+    let a = legacy
+        .request(json!({"type":"system_request","command":"register_agent","agent_id":"legacy"}))
+        .await;
+    assert_eq!(a["success"], true, "{a}");
+    cluster
+        .applied_everywhere(a["session_id"].as_u64().unwrap())
+        .await;
+
+    tracing::info!("--- cutting node {cut} off (leader {leader})");
+    cluster.net().isolate(cut);
+    let frozen = cluster.node(cut).status();
+
+    tracing::info!("--- the majority evicts the cut node's sessions and keeps serving");
+    let bound = Duration::from_millis(600 + 200) + Duration::from_secs(4);
+    wait_for(
+        "the majority to evict the cut node's sessions",
+        bound,
+        || async {
+            majority
+                .iter()
+                .all(|id| {
+                    cluster
+                        .tables(*id)
+                        .sessions
+                        .values()
+                        .all(|s| s.conn.node_id != cut)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let w = claim_ok(cluster.node(majority[0]), "during-the-cut").await;
+    // The agent's second instance registers on the majority side with the certificate: at once.
+    let heir = cluster.agent(majority[1]).await;
+    let heir_reg = heir
+        .register("roamer", Map::new(), Some(cert.clone()), false)
+        .await
+        .unwrap();
+    assert_eq!(heir_reg.node_id, majority[1]);
+
+    tracing::info!("--- the cut node committed and applied nothing, evicted nothing");
+    let during = cluster.node(cut).status();
+    assert_eq!(
+        during.applied_index, frozen.applied_index,
+        "the cut node applied entries"
+    );
+    assert_eq!(
+        during.heartbeat.evictions_committed,
+        frozen.heartbeat.evictions_committed
+    );
+    assert!(cluster.tables(cut).sessions.contains_key("legacy"));
+    assert!(!cluster.tables(cut).claims.contains_key("during-the-cut"));
+    // And a write through it cannot succeed (no quorum), even forwarded.
+    let raw = cluster.raw(cut).await;
+    let a = raw
+        .request(
+            json!({"type":"system_request","command":"claim_agent_id","agent_id":"minority-claim"}),
+        )
+        .await;
+    assert_eq!(a["success"], false, "{a}");
+
+    tracing::info!("--- healing");
+    cluster.net().heal();
+    let last = cluster
+        .node(majority[0])
+        .raft()
+        .metrics()
+        .borrow()
+        .last_log_index
+        .unwrap();
+    cluster.applied_everywhere(last.max(w.index)).await;
+    wait_for(
+        "all three nodes to hold the same tables",
+        TIMEOUT,
+        || async {
+            let t1 = cluster.tables(1);
+            (t1 == cluster.tables(2) && t1 == cluster.tables(3)).then_some(())
+        },
+    )
+    .await;
+    let t = cluster.tables(cut);
+    assert!(
+        !t.claims.contains_key("minority-claim"),
+        "a minority write was applied"
+    );
+    assert!(
+        !t.sessions.contains_key("legacy"),
+        "the evicted legacy session came back"
+    );
+    // One owner for "roamer": the session in the table is held by a live client.
+    let s = &t.sessions["roamer"];
+    let owners: Vec<u64> = [&roamer, &heir]
+        .iter()
+        .filter_map(|c| c.registration())
+        .filter(|r| r.session_id == s.session_id)
+        .map(|r| r.node_id)
+        .collect();
+    assert_eq!(
+        owners.len(),
+        1,
+        "session {} is claimed by {owners:?}",
+        s.session_id
+    );
+}
