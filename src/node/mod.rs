@@ -121,6 +121,7 @@ impl Node {
                 source,
             })?,
         };
+        tune_socket(&socket);
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(tls.server_config()?),
@@ -305,6 +306,24 @@ impl Node {
             tracing::error!(error = %e, "flushing sled on shutdown failed");
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Socket buffer size asked for: thousands of agent connections send bursts (handshakes,
+/// ping answers) that overflow the kernel's default (~200 KiB) and turn into packet loss.
+const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+fn tune_socket(socket: &std::net::UdpSocket) {
+    let s = socket2::SockRef::from(socket);
+    let _ = s.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = s.set_send_buffer_size(UDP_BUFFER_BYTES);
+    let got = s.recv_buffer_size().unwrap_or(0);
+    if got < UDP_BUFFER_BYTES {
+        tracing::warn!(
+            asked = UDP_BUFFER_BYTES,
+            got,
+            "UDP receive buffer is smaller than asked; raise net.core.rmem_max for many agents"
+        );
     }
 }
 

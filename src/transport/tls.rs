@@ -338,7 +338,10 @@ impl NodeTls {
         // poor fit for registry writes.
         let quic = QuicServerConfig::try_from(tls)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        config.transport_config(transport_config());
+        // The node sends no keep-alives of its own: the dialling side (agent, peer,
+        // operator) keeps a connection alive. With tens of thousands of agents, a
+        // per-connection keep-alive from the node would be most of its traffic.
+        config.transport_config(client_transport(Duration::ZERO, IDLE_TIMEOUT));
         Ok(config)
     }
 
