@@ -11,41 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentreg::config::HeartbeatConfig;
-use agentreg::proto::agent;
 use agentreg::transport::frame::{read_frame, write_frame, MAX_AGENT_FRAME};
 use agentreg::transport::tls;
 use common::*;
 use serde_json::json;
 
 const AGENTS: usize = 2_000;
-
-/// Answers the node's pings on `conn`, as any agent must.
-fn answer_pings(conn: quinn::Connection) {
-    tokio::spawn(async move {
-        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-            tokio::spawn(async move {
-                let Ok(bytes) = read_frame(&mut recv, MAX_AGENT_FRAME).await else {
-                    return;
-                };
-                let env = agent::parse_request(&bytes);
-                let Ok(agent::AgentRequest::PingAgent { timestamp }) = env.request else {
-                    return;
-                };
-                let answer = agent::ok_response(
-                    agent::PING_AGENT,
-                    env.request_id.as_ref(),
-                    json!({ "timestamp": timestamp })
-                        .as_object()
-                        .unwrap()
-                        .clone(),
-                );
-                if write_frame(&mut send, &answer).await.is_ok() {
-                    let _ = send.finish();
-                }
-            });
-        }
-    });
-}
 
 async fn request(conn: &quinn::Connection, v: serde_json::Value) -> serde_json::Value {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -94,7 +65,7 @@ async fn two_thousand_agents_on_one_node_are_pinged_without_false_evictions() {
                 .unwrap()
                 .await
                 .unwrap_or_else(|e| panic!("agent {i} cannot connect: {e}"));
-            answer_pings(conn.clone());
+            agentreg::client::spawn_ping_answerer(conn.clone());
             let a = request(
                 &conn,
                 json!({"type":"system_request","command":"register_agent","agent_id":format!("scale-{i}")}),

@@ -168,7 +168,8 @@ impl Connector {
 }
 
 /// Answers the node's pings (node-opened streams) for as long as the connection lives.
-fn spawn_ping_answerer(conn: quinn::Connection) {
+/// `AgentClient` does this by itself; it is public for code holding raw connections.
+pub fn spawn_ping_answerer(conn: quinn::Connection) {
     tokio::spawn(async move {
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
             tokio::spawn(async move {

@@ -8,6 +8,8 @@
 mod conn;
 mod supervisor;
 
+pub use conn::spawn_ping_answerer;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

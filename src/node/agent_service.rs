@@ -52,36 +52,12 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
 /// The agent's connection is gone: end its session through the log (if it is still the
 /// session of this connection), so the id is free to reconnect elsewhere at once.
 async fn evict_after_disconnect(inner: &Inner, conn_id: u64, agent_id: &str) {
-    let session = inner
-        .state
-        .read()
-        .state
-        .session(agent_id)
-        .filter(|s| {
-            s.conn
-                == ConnRef {
-                    node_id: inner.id,
-                    conn_id,
-                }
-        })
-        .map(|s| s.session_id);
-    let Some(session_id) = session else { return };
-    let cmd = Command {
-        at: unix_now(),
-        op: Op::Evict {
-            agent_id: agent_id.to_owned(),
-            session_id,
-        },
+    let me = ConnRef {
+        node_id: inner.id,
+        conn_id,
     };
-    match write::write(inner, cmd).await {
-        Ok(_) => tracing::info!(
-            agent_id,
-            session_id,
-            "evicted session of a closed connection"
-        ),
-        Err(e) => {
-            tracing::warn!(agent_id, session_id, error = %e, "could not evict session of a closed connection")
-        }
+    if let Some(session_id) = inner.session_on(agent_id, me) {
+        super::heartbeat::evict(inner, agent_id, session_id, "connection closed").await;
     }
 }
 
@@ -218,14 +194,7 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
             }
         }
         AgentRequest::UnregisterAgent { agent_id } => {
-            let session = inner
-                .state
-                .read()
-                .state
-                .session(&agent_id)
-                .filter(|s| s.conn == conn)
-                .map(|s| s.session_id);
-            let session_id = session.ok_or_else(|| {
+            let session_id = inner.session_on(&agent_id, conn).ok_or_else(|| {
                 format!("Agent ID {agent_id} is not registered on this connection")
             })?;
             commit(

@@ -85,7 +85,7 @@ async fn ping(conn: &quinn::Connection) -> Result<(), String> {
 }
 
 /// Commits the eviction of `agent_id`'s session `session_id`.
-async fn evict(inner: &Inner, agent_id: &str, session_id: u64, why: &str) {
+pub(super) async fn evict(inner: &Inner, agent_id: &str, session_id: u64, why: &str) {
     inner
         .counters
         .evictions_proposed

@@ -85,6 +85,18 @@ pub(crate) struct Inner {
     pub(crate) tasks: TaskTracker,
 }
 
+impl Inner {
+    /// The session id of `agent_id` if `conn` holds its session.
+    pub(crate) fn session_on(&self, agent_id: &str, conn: crate::registry::ConnRef) -> Option<u64> {
+        self.state
+            .read()
+            .state
+            .session(agent_id)
+            .filter(|s| s.conn == conn)
+            .map(|s| s.session_id)
+    }
+}
+
 /// A running node. Dropping it does not stop it; call [`Node::shutdown`].
 pub struct Node {
     inner: Arc<Inner>,
