@@ -141,3 +141,77 @@ async fn a_cut_off_node_commits_nothing_and_converges_after_healing() {
         s.session_id
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_isolated_leader_acknowledges_nothing_and_its_entries_are_discarded() {
+    let cluster = TestCluster::start(Options {
+        faults: true,
+        ..Options::default()
+    })
+    .await;
+    let old = cluster.leader().await;
+    cluster.keyring_ready().await;
+    let others: Vec<u64> = (1..=3).filter(|id| *id != old).collect();
+
+    tracing::info!("--- isolating leader {old}");
+    cluster.net().isolate(old);
+    let raw = cluster.raw(old).await;
+    let started = tokio::time::Instant::now();
+    let a = raw
+        .request(
+            json!({"type":"system_request","command":"claim_agent_id","agent_id":"orphan-claim"}),
+        )
+        .await;
+    assert_eq!(
+        a["success"], false,
+        "an isolated leader acknowledged a write: {a}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the refusal took {:?}",
+        started.elapsed()
+    );
+
+    tracing::info!("--- the majority elects a new leader and serves");
+    let new = wait_for("a new leader on the majority side", TIMEOUT, || async {
+        let l = cluster
+            .node(others[0])
+            .raft()
+            .metrics()
+            .borrow()
+            .current_leader?;
+        (others.contains(&l)
+            && cluster
+                .node(others[1])
+                .raft()
+                .metrics()
+                .borrow()
+                .current_leader
+                == Some(l))
+        .then_some(l)
+    })
+    .await;
+    let w = claim_ok(cluster.node(new), "majority-claim").await;
+
+    tracing::info!("--- healing: the old leader's uncommitted entry is discarded");
+    cluster.net().heal();
+    wait_for(
+        "all three nodes to hold the same tables",
+        TIMEOUT,
+        || async {
+            let t1 = cluster.tables(1);
+            (t1 == cluster.tables(2)
+                && t1 == cluster.tables(3)
+                && t1.claims.contains_key("majority-claim"))
+            .then_some(())
+        },
+    )
+    .await;
+    cluster.applied_everywhere(w.index).await;
+    for id in 1..=3 {
+        assert!(
+            !cluster.tables(id).claims.contains_key("orphan-claim"),
+            "node {id}"
+        );
+    }
+}

@@ -38,7 +38,8 @@ pub(super) async fn write(inner: &Inner, cmd: Command) -> Result<Written, WriteE
     let budget = inner.config.write_timeout();
     let deadline = Instant::now() + budget;
     loop {
-        let leader = match propose_locally(inner, cmd.clone()).await {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let leader = match propose_locally(inner, cmd.clone(), remaining).await {
             Ok(w) => return Ok(w),
             Err(Attempt::Elsewhere(leader)) => leader,
             Err(Attempt::Failed(e)) => return Err(e),
@@ -88,8 +89,26 @@ enum Attempt {
     Failed(WriteError),
 }
 
-async fn propose_locally(inner: &Inner, cmd: Command) -> Result<Written, Attempt> {
-    match inner.raft.client_write(cmd).await {
+/// Proposes `cmd` if this node leads and waits up to `budget` for it to be applied.
+///
+/// openraft answers ForwardToLeader either before proposing or after the entry was
+/// truncated as a conflict: in both cases it was not applied, so a retry is safe. An entry
+/// that is neither committed nor truncated within `budget` (a leader cut off from its
+/// quorum) has an unknown outcome.
+async fn propose_locally(
+    inner: &Inner,
+    cmd: Command,
+    budget: Duration,
+) -> Result<Written, Attempt> {
+    let result = match tokio::time::timeout(budget, inner.raft.client_write(cmd)).await {
+        Ok(r) => r,
+        Err(_) => {
+            return Err(Attempt::Failed(WriteError::Unknown(format!(
+                "not committed within {budget:?}; this node may have lost its quorum"
+            ))))
+        }
+    };
+    match result {
         Ok(resp) => Ok(Written {
             index: resp.log_id.index,
             response: resp.data,
@@ -117,7 +136,7 @@ pub(super) async fn serve_forward(
     inner: &Inner,
     cmd: Command,
 ) -> Result<(u64, Response), ForwardError> {
-    match propose_locally(inner, cmd).await {
+    match propose_locally(inner, cmd, inner.config.write_timeout()).await {
         Ok(w) => Ok((w.index, w.response)),
         Err(Attempt::Elsewhere(leader)) => Err(ForwardError::NotLeader { leader }),
         Err(Attempt::Failed(e)) => Err(ForwardError::Unknown(e.to_string())),
