@@ -28,6 +28,7 @@ done
 cat <<MSG
 agentreg local cluster running
   nodes     127.0.0.1:7101  127.0.0.1:7102  127.0.0.1:7103  (QUIC, ALPN agentreg/1)
+  metrics   http://127.0.0.1:8101/metrics  (8102, 8103; also /healthz, /readyz)
   CA        $dir/tls/ca.pem
   operator  $dir/tls/operator.pem, $dir/tls/operator.key
   status    $bin status

@@ -169,6 +169,14 @@ impl HeartbeatConfig {
     }
 }
 
+/// The HTTP endpoint for Prometheus and health checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// TCP address serving /metrics, /healthz and /readyz; none when absent.
+    pub listen: Option<SocketAddr>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
@@ -192,6 +200,8 @@ pub struct NodeConfig {
     pub identity: IdentityConfig,
     #[serde(default)]
     pub heartbeat: HeartbeatConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 impl NodeConfig {

@@ -127,3 +127,61 @@ async fn the_initial_key_can_be_imported_from_a_secret_file() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_health_and_readiness_over_http() {
+    let cluster = TestCluster::start(Options {
+        faults: true,
+        ..Options::default()
+    })
+    .await;
+    let leader = cluster.leader().await;
+    cluster.keyring_ready().await;
+    let agent = cluster.agent(leader).await;
+    agent.claim_agent_id("measured", false).await.unwrap();
+    agent
+        .register("measured", serde_json::Map::new(), None, false)
+        .await
+        .unwrap();
+    let _ = agent.claim_agent_id("measured", false).await;
+
+    let (code, body) = http_get(cluster.node(leader), "/metrics").await;
+    assert_eq!(code, 200);
+    for needle in [
+        "agentreg_role{role=\"leader\"} 1",
+        "agentreg_term ",
+        "agentreg_commit_index ",
+        "agentreg_applied_index ",
+        "agentreg_agents_connected 1",
+        "agentreg_claims 1",
+        "agentreg_pings_sent_total",
+        "agentreg_pings_missed_total",
+        "agentreg_evictions_committed_total",
+        "agentreg_requests_total{command=\"claim_agent_id\",outcome=\"ok\"} 1",
+        "agentreg_requests_total{command=\"claim_agent_id\",outcome=\"error\"} 1",
+        "agentreg_request_duration_seconds_bucket{le=",
+    ] {
+        assert!(body.contains(needle), "missing {needle:?} in\n{body}");
+    }
+    let cert = agent.certificate().unwrap();
+    assert!(
+        !body.contains(&cert.signature),
+        "a secret reached the metrics"
+    );
+
+    for id in 1..=3 {
+        assert_eq!(http_get(cluster.node(id), "/healthz").await.0, 200);
+        assert_eq!(http_get(cluster.node(id), "/readyz").await.0, 200);
+    }
+    tracing::info!("--- a node cut off from the others is alive but not ready");
+    let cut = cluster.follower().await;
+    cluster.net().isolate(cut);
+    assert_eq!(http_get(cluster.node(cut), "/healthz").await.0, 200);
+    let (code, body) = http_get(cluster.node(cut), "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    cluster.net().heal();
+    wait_for("the healed node to be ready again", TIMEOUT, || async {
+        (http_get(cluster.node(cut), "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+}

@@ -45,12 +45,16 @@ data_dir = "data/node{id}"
 peers = [
 {peers}]
 
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
 [tls]
 ca = "tls/ca.pem"
 cert = "tls/node{id}.pem"
 key = "tls/node{id}.key"
 "#,
-            port = port(*id)
+            port = port(*id),
+            metrics_port = port(*id) + 1000
         );
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;

@@ -69,6 +69,7 @@ async fn serve_stream(
 ) {
     let answer = match read_frame(&mut recv, MAX_AGENT_FRAME).await {
         Ok(bytes) => {
+            let started = std::time::Instant::now();
             inner.conns.touch(conn_id);
             let env = agent::parse_request(&bytes);
             let command = env.command.as_deref();
@@ -76,12 +77,19 @@ async fn serve_stream(
             match env.request {
                 Ok(req) => {
                     let command = command.unwrap_or_default();
-                    match handle(inner, conn_id, req).await {
+                    let result = handle(inner, conn_id, req).await;
+                    inner
+                        .metrics
+                        .request(command, result.is_ok(), started.elapsed());
+                    match result {
                         Ok(fields) => agent::ok_response(command, rid, fields),
                         Err(e) => agent::error_response(Some(command), rid, &e),
                     }
                 }
-                Err(e) => agent::error_response(command, rid, &e),
+                Err(e) => {
+                    inner.metrics.request("invalid", false, started.elapsed());
+                    agent::error_response(command, rid, &e)
+                }
             }
         }
         Err(FrameError::Io(e)) => {

@@ -15,6 +15,7 @@ mod agent_service;
 mod connections;
 mod duties;
 mod heartbeat;
+mod metrics;
 mod peer_service;
 mod read;
 mod write;
@@ -79,6 +80,8 @@ pub(crate) struct Inner {
     pub(crate) peers: Peers,
     pub(crate) conns: connections::Connections,
     pub(crate) counters: Counters,
+    pub(crate) metrics: metrics::Metrics,
+    pub(crate) log: crate::raft::LogStore,
     pub(crate) db: sled::Db,
     pub(crate) initial_secret: Option<Secret>,
     pub(crate) shutdown: CancellationToken,
@@ -101,6 +104,7 @@ impl Inner {
 pub struct Node {
     inner: Arc<Inner>,
     endpoint: quinn::Endpoint,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Node {
@@ -150,6 +154,20 @@ impl Node {
             server_name: config.tls.server_name.clone(),
         });
 
+        let metrics_listener = match config.metrics.listen {
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr)
+                    .map_err(|source| NodeError::Bind { addr, source })?;
+                l.set_nonblocking(true)
+                    .map_err(|source| NodeError::Bind { addr, source })?;
+                Some(
+                    tokio::net::TcpListener::from_std(l)
+                        .map_err(|source| NodeError::Bind { addr, source })?,
+                )
+            }
+            None => None,
+        };
+        let log_handle = data.log.clone();
         let raft_config = raft_config(&config)?;
         let state = data.state_machine.reader();
         let session_ends = data.state_machine.subscribe();
@@ -171,12 +189,22 @@ impl Node {
             peers,
             conns: connections::Connections::new(),
             counters: Counters::default(),
+            metrics: metrics::Metrics::new(),
+            log: log_handle,
             db: data.db,
             initial_secret,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
-        let node = Node { inner, endpoint };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(l) = metrics_listener {
+            metrics::spawn(inner.clone(), l);
+        }
+        let node = Node {
+            inner,
+            endpoint,
+            metrics_addr,
+        };
         node.spawn_accept_loop();
         duties::spawn(node.inner.clone());
         heartbeat::spawn(node.inner.clone());
@@ -262,6 +290,11 @@ impl Node {
         self.endpoint
             .local_addr()
             .unwrap_or(self.inner.config.listen)
+    }
+
+    /// Where /metrics, /healthz and /readyz are served, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn raft(&self) -> &Raft {

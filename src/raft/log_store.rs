@@ -87,6 +87,14 @@ impl LogStore {
         self.last_entry_id().ok().flatten().map(|id| id.index)
     }
 
+    /// The last index openraft reported committed (saved as a hint, see `save_committed`).
+    pub fn committed_index(&self) -> Option<u64> {
+        self.get_meta::<LogId>(COMMITTED)
+            .ok()
+            .flatten()
+            .map(|l| l.index)
+    }
+
     /// Whether this log has ever been written: a vote or any entry.
     ///
     /// # Errors

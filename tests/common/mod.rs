@@ -124,6 +124,9 @@ impl TestCluster {
                     ..IdentityConfig::default()
                 },
                 heartbeat: opts.heartbeat.clone(),
+                metrics: agentreg::config::MetricsConfig {
+                    listen: Some("127.0.0.1:0".parse().unwrap()),
+                },
             };
             c.validate().expect("valid test config");
             configs.insert(*id, c);
@@ -244,6 +247,33 @@ impl TestCluster {
             .find(|id| **id != leader)
             .expect("a follower")
     }
+}
+
+/// GET `path` from a node's HTTP endpoint: (status code, body).
+pub async fn http_get(node: &Node, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = node.metrics_addr().expect("metrics enabled");
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to metrics");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(TIMEOUT, s.read_to_string(&mut out))
+        .await
+        .expect("http answer")
+        .unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// Polls `f` until it returns `Some`, for at most `timeout`.

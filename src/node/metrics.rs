@@ -1,0 +1,270 @@
+//! Observability over HTTP: Prometheus `/metrics`, `/healthz` (the process serves) and
+//! `/readyz` (caught up and part of a quorum: a read-index barrier succeeds).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use openraft::ServerState;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use super::Inner;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    command: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabel {
+    command: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabel {
+    role: String,
+}
+
+type HistogramFamily = Family<CommandLabel, Histogram, fn() -> Histogram>;
+
+/// The node's metrics. Request metrics are recorded as requests finish; the rest is read
+/// from Raft and the tables when scraped.
+pub(crate) struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: HistogramFamily,
+    role: Family<RoleLabel, Gauge>,
+    gauges: Vec<(&'static str, Gauge)>,
+    pings_sent: Counter,
+    pings_missed: Counter,
+    evictions_proposed: Counter,
+    evictions_committed: Counter,
+}
+
+/// Gauges filled at scrape time, by name.
+const GAUGES: &[(&str, &str)] = &[
+    ("agentreg_term", "Current Raft term"),
+    (
+        "agentreg_last_log_index",
+        "Index of the last entry in this node's log",
+    ),
+    (
+        "agentreg_commit_index",
+        "Index of the last entry this node knows committed",
+    ),
+    (
+        "agentreg_applied_index",
+        "Index of the last entry applied to the tables",
+    ),
+    (
+        "agentreg_leader_id",
+        "Node id of the current leader (0 when unknown)",
+    ),
+    (
+        "agentreg_agents_connected",
+        "Agents registered on this node's connections",
+    ),
+    ("agentreg_claims", "Claims in the replicated table"),
+    (
+        "agentreg_sessions",
+        "Sessions in the replicated table, all nodes",
+    ),
+    (
+        "agentreg_revocations",
+        "Revocations kept until their certificates expire",
+    ),
+    ("agentreg_signing_keys", "Keys in the signing keyring"),
+];
+
+fn latency_histogram() -> Histogram {
+    // 0.25 ms to about 8 s.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "agentreg_requests",
+            "Agent requests by command and outcome",
+            requests.clone(),
+        );
+        let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "agentreg_request_duration_seconds",
+            "Agent request latency by command",
+            latency.clone(),
+        );
+        let role = Family::<RoleLabel, Gauge>::default();
+        registry.register(
+            "agentreg_role",
+            "1 for this node's current Raft role",
+            role.clone(),
+        );
+        let gauges: Vec<(&'static str, Gauge)> = GAUGES
+            .iter()
+            .map(|(name, help)| {
+                let g = Gauge::default();
+                registry.register(*name, *help, g.clone());
+                (*name, g)
+            })
+            .collect();
+        let mut counter = |name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let pings_sent = counter("agentreg_pings_sent", "Pings sent to this node's agents");
+        let pings_missed = counter("agentreg_pings_missed", "Pings unanswered or timed out");
+        let evictions_proposed = counter(
+            "agentreg_evictions_proposed",
+            "Evictions this node proposed",
+        );
+        let evictions_committed = counter(
+            "agentreg_evictions_committed",
+            "Sessions this node's evictions removed",
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            role,
+            gauges,
+            pings_sent,
+            pings_missed,
+            evictions_proposed,
+            evictions_committed,
+        }
+    }
+
+    /// Records one agent request.
+    pub(crate) fn request(&self, command: &str, ok: bool, took: Duration) {
+        let command = command.to_owned();
+        self.requests
+            .get_or_create(&RequestLabels {
+                command: command.clone(),
+                outcome: if ok { "ok" } else { "error" }.to_owned(),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&CommandLabel { command })
+            .observe(took.as_secs_f64());
+    }
+
+    fn gauge(&self, name: &str, v: u64) {
+        if let Some((_, g)) = self.gauges.iter().find(|(n, _)| *n == name) {
+            g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn counter_to(c: &Counter, v: u64) {
+        let now = c.get();
+        if v > now {
+            c.inc_by(v - now);
+        }
+    }
+}
+
+fn render(inner: &Inner) -> String {
+    let m = &inner.metrics;
+    let raft = inner.raft.metrics().borrow().clone();
+    for role in ["leader", "follower", "candidate", "learner", "shutdown"] {
+        let current = match raft.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        m.role
+            .get_or_create(&RoleLabel {
+                role: role.to_owned(),
+            })
+            .set(i64::from(role == current));
+    }
+    let (applied, sizes) = {
+        let a = inner.state.read();
+        (a.last_applied.map_or(0, |l| l.index), a.state.sizes())
+    };
+    m.gauge("agentreg_term", raft.current_term);
+    m.gauge("agentreg_last_log_index", raft.last_log_index.unwrap_or(0));
+    m.gauge(
+        "agentreg_commit_index",
+        inner.log.committed_index().unwrap_or(0),
+    );
+    m.gauge("agentreg_applied_index", applied);
+    m.gauge("agentreg_leader_id", raft.current_leader.unwrap_or(0));
+    m.gauge("agentreg_agents_connected", inner.conns.agents() as u64);
+    m.gauge("agentreg_claims", sizes.claims as u64);
+    m.gauge("agentreg_sessions", sizes.sessions as u64);
+    m.gauge("agentreg_revocations", sizes.revocations as u64);
+    m.gauge("agentreg_signing_keys", sizes.keys as u64);
+    let c = &inner.counters;
+    Metrics::counter_to(&m.pings_sent, c.pings_sent.load(Relaxed));
+    Metrics::counter_to(&m.pings_missed, c.pings_missed.load(Relaxed));
+    Metrics::counter_to(&m.evictions_proposed, c.evictions_proposed.load(Relaxed));
+    Metrics::counter_to(&m.evictions_committed, c.evictions_committed.load(Relaxed));
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);
+    out
+}
+
+async fn metrics(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        render(&inner),
+    )
+}
+
+async fn healthz(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
+    let running = inner.raft.metrics().borrow().running_state.is_ok();
+    if running && !inner.shutdown.is_cancelled() {
+        (StatusCode::OK, "ok\n".to_owned())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "raft stopped\n".to_owned())
+    }
+}
+
+async fn readyz(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
+    match tokio::time::timeout(Duration::from_secs(2), super::read::barrier(&inner)).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no quorum within 2s\n".to_owned(),
+        ),
+    }
+}
+
+/// Serves the HTTP endpoints on `listener` until the node shuts down.
+pub(super) fn spawn(inner: Arc<Inner>, listener: tokio::net::TcpListener) {
+    let app = axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(inner.clone());
+    let stop = inner.shutdown.clone();
+    inner.tasks.spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "metrics endpoint failed");
+        }
+    });
+}
