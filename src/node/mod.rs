@@ -12,6 +12,7 @@
 
 mod admin;
 mod agent_service;
+mod audit;
 mod connections;
 mod duties;
 mod heartbeat;

@@ -34,7 +34,14 @@ pub enum WriteError {
 /// How long to wait between attempts while no leader is known.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// Commits `cmd` (forwarding it to the leader if need be) and records it in the audit log.
 pub(super) async fn write(inner: &Inner, cmd: Command) -> Result<Written, WriteError> {
+    let result = write_unaudited(inner, cmd.clone()).await;
+    super::audit::record(inner.id, &cmd, &result);
+    result
+}
+
+async fn write_unaudited(inner: &Inner, cmd: Command) -> Result<Written, WriteError> {
     let budget = inner.config.write_timeout();
     let deadline = Instant::now() + budget;
     loop {

@@ -1,0 +1,126 @@
+//! Every identity event leaves one audit line with its ids and outcome, and never a secret.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use agentreg::cli::AdminClient;
+use agentreg::node::AdminRequest;
+use common::*;
+use serde_json::Map;
+
+#[derive(Clone, Default)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Buffer {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Buffer {
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identity_events_are_audited_without_secrets() {
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter("audit=info")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .init();
+
+    let cluster = TestCluster::start(Options::default()).await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
+    let a = cluster.agent(1).await;
+    let cert = a.claim_agent_id("audited", false).await.unwrap();
+    let _ = a.claim_agent_id("audited", false).await;
+    a.register("audited", Map::new(), None, false)
+        .await
+        .unwrap();
+    let b = cluster.agent(2).await;
+    b.register("audited", Map::new(), Some(cert.clone()), false)
+        .await
+        .unwrap();
+    b.revoke_certificate(&cert).await.unwrap();
+    let admin = AdminClient::new(&cluster.admin_args()).unwrap();
+    admin
+        .call_any(&cluster.admin_args().endpoints, &AdminRequest::KeysRotate)
+        .await
+        .unwrap();
+    admin.close().await;
+
+    let lines = buffer.lines();
+    let find = |needles: &[&str]| {
+        lines
+            .iter()
+            .find(|l| needles.iter().all(|n| l.contains(n)))
+            .unwrap_or_else(|| panic!("no audit line with {needles:?} in\n{}", lines.join("\n")))
+            .clone()
+    };
+    let serial = format!("serial={}", cert.serial);
+    find(&[
+        "event=\"claim\"",
+        "agent_id=\"audited\"",
+        "node_id=1",
+        &serial,
+        "outcome=ok",
+    ]);
+    find(&[
+        "event=\"claim\"",
+        "agent_id=\"audited\"",
+        "outcome=refused: Agent ID audited is already claimed",
+    ]);
+    find(&[
+        "event=\"register\"",
+        "agent_id=\"audited\"",
+        "node_id=1",
+        "session_id=",
+        "outcome=ok",
+    ]);
+    find(&[
+        "event=\"takeover\"",
+        "agent_id=\"audited\"",
+        "node_id=2",
+        "replaced session",
+    ]);
+    find(&[
+        "event=\"revoke\"",
+        "agent_id=\"audited\"",
+        &serial,
+        "outcome=ok",
+    ]);
+    find(&["event=\"keyring_init\"", "outcome=ok"]);
+    find(&["event=\"key_rotate\"", "outcome=ok"]);
+    let all = lines.join("\n");
+    assert!(
+        !all.contains(&cert.signature),
+        "a signature reached the audit log"
+    );
+    assert!(
+        !all.contains(&cert.certificate_hash),
+        "a certificate hash reached the audit log"
+    );
+    for id in 1..=3 {
+        for (_, key) in cluster.node(id).state().read().state.keyring().iter() {
+            if let Some(s) = &key.secret {
+                assert!(
+                    !all.contains(&hex::encode(s.expose())),
+                    "a signing key reached the audit log"
+                );
+            }
+        }
+    }
+}
