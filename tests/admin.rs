@@ -185,3 +185,99 @@ async fn metrics_health_and_readiness_over_http() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operators_list_agents_and_claims_and_revoke_by_id() {
+    let cluster = TestCluster::start(Options::default()).await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
+    let a = cluster.agent(2).await;
+    let cert = a.claim_agent_id("listed", false).await.unwrap();
+    let meta = serde_json::json!({"role": "worker"})
+        .as_object()
+        .unwrap()
+        .clone();
+    let reg = a.register("listed", meta, None, false).await.unwrap();
+    let mut events = a.events();
+
+    let admin = AdminClient::new(&cluster.admin_args()).unwrap();
+    let endpoints = cluster.admin_args().endpoints;
+    let (_, v) = admin
+        .call_any(&endpoints, &AdminRequest::AgentsList)
+        .await
+        .unwrap();
+    let agents: Vec<agentreg::node::AgentInfo> =
+        serde_json::from_value(v["agents"].clone()).unwrap();
+    assert_eq!(agents.len(), 1);
+    assert_eq!(
+        (
+            agents[0].agent_id.as_str(),
+            agents[0].node_id,
+            agents[0].session_id,
+            agents[0].certificate_serial
+        ),
+        ("listed", 2, reg.session_id, Some(cert.serial))
+    );
+    assert_eq!(agents[0].metadata["role"], "worker");
+    let (_, v) = admin
+        .call_any(&endpoints, &AdminRequest::ClaimsList)
+        .await
+        .unwrap();
+    assert_eq!(v["claims"][0]["serial"], cert.serial);
+    let (_, v) = admin
+        .call_any(
+            &endpoints,
+            &AdminRequest::ClaimsShow {
+                agent_id: "listed".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(v["claim"]["agent_id"], "listed");
+    assert_eq!(v["session"]["node_id"], 2);
+    let err = admin
+        .call_any(
+            &endpoints,
+            &AdminRequest::ClaimsShow {
+                agent_id: "nobody".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("neither claimed nor connected"),
+        "{err:#}"
+    );
+
+    // Revoking by id ends the session too; the agent is told and does not come back.
+    let (_, v) = admin
+        .call_any(
+            &endpoints,
+            &AdminRequest::Revoke {
+                agent_id: "listed".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(v["session_ended"], true);
+    let ev = tokio::time::timeout(TIMEOUT, events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(ev, agentreg::client::ClientEvent::SessionLost { .. }),
+        "{ev:?}"
+    );
+    assert_eq!(
+        cluster
+            .agent(3)
+            .await
+            .validate_certificate(&cert)
+            .await
+            .unwrap()
+            .reason
+            .as_deref(),
+        Some("revoked")
+    );
+    admin.close().await;
+}

@@ -6,6 +6,7 @@ mod agent;
 mod dev;
 mod keys;
 mod status;
+mod tables;
 
 use std::path::PathBuf;
 
@@ -85,6 +86,32 @@ pub enum Command {
         #[command(subcommand)]
         command: keys::KeysCommand,
     },
+    /// Registered agents.
+    Agents {
+        #[command(flatten)]
+        conn: AdminArgs,
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: tables::AgentsCommand,
+    },
+    /// Claims of agent ids.
+    Claims {
+        #[command(flatten)]
+        conn: AdminArgs,
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: tables::ClaimsCommand,
+    },
+    /// Revoke the current certificate of an agent id (the id becomes free).
+    Revoke {
+        #[command(flatten)]
+        conn: AdminArgs,
+        #[arg(long)]
+        json: bool,
+        agent_id: String,
+    },
     /// Show every member: role, leader, term, log and applied index, table sizes.
     Status {
         #[command(flatten)]
@@ -153,6 +180,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             command,
         } => keys::run(&conn, command, json).await,
+        Command::Agents {
+            conn,
+            json,
+            command,
+        } => tables::agents(&conn, command, json).await,
+        Command::Claims {
+            conn,
+            json,
+            command,
+        } => tables::claims(&conn, command, json).await,
+        Command::Revoke {
+            conn,
+            json,
+            agent_id,
+        } => tables::revoke(&conn, agent_id, json).await,
     }
 }
 

@@ -33,6 +33,39 @@ pub enum AdminRequest {
     KeysRetire {
         key_id: String,
     },
+    /// Every session: agent id, node, session id, registration time (linearizable).
+    AgentsList,
+    /// Every claim (linearizable).
+    ClaimsList,
+    /// One claim and its session, if any (linearizable).
+    ClaimsShow {
+        agent_id: String,
+    },
+    /// Revoke the current certificate of an agent id and free the id.
+    Revoke {
+        agent_id: String,
+    },
+}
+
+/// A session as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub agent_id: String,
+    pub node_id: u64,
+    pub session_id: u64,
+    pub registered_at: u64,
+    pub certificate_serial: Option<u64>,
+    pub metadata: serde_json::Value,
+}
+
+/// A claim as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimInfo {
+    pub agent_id: String,
+    pub serial: u64,
+    pub issued_at: u64,
+    pub expires_at: u64,
+    pub key_id: String,
 }
 
 /// A signing key as the operator sees it.
@@ -163,14 +196,43 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
             Err(e) => Err(format!("cluster unavailable: {e}")),
         }
     };
+    let linearizable = matches!(
+        req,
+        AdminRequest::KeysList
+            | AdminRequest::AgentsList
+            | AdminRequest::ClaimsList
+            | AdminRequest::ClaimsShow { .. }
+    );
+    if linearizable {
+        if let Err(e) = super::read::barrier(inner).await {
+            return json!({"success": false, "error": format!("cluster unavailable: {e}")});
+        }
+    }
     match req {
         AdminRequest::Status => json!({"success": true, "status": status(inner)}),
-        AdminRequest::KeysList => {
-            if let Err(e) = super::read::barrier(inner).await {
-                return json!({"success": false, "error": format!("cluster unavailable: {e}")});
+        AdminRequest::AgentsList => json!({"success": true, "agents": agents(inner, None)}),
+        AdminRequest::ClaimsList => json!({"success": true, "claims": claims(inner, None)}),
+        AdminRequest::ClaimsShow { agent_id } => {
+            let claim = claims(inner, Some(&agent_id)).pop();
+            let session = agents(inner, Some(&agent_id)).pop();
+            if claim.is_none() && session.is_none() {
+                json!({"success": false, "error": format!("Agent ID {agent_id} is neither claimed nor connected")})
+            } else {
+                json!({"success": true, "claim": claim, "session": session})
             }
-            json!({"success": true, "keys": keys(inner)})
         }
+        AdminRequest::Revoke { agent_id } => match commit(Op::RevokeAgent {
+            agent_id: agent_id.clone(),
+        })
+        .await
+        {
+            Ok(Outcome::Revoked { serial, ended, .. }) => {
+                json!({"success": true, "agent_id": agent_id, "serial": serial, "session_ended": ended.is_some()})
+            }
+            Ok(other) => json!({"success": false, "error": format!("unexpected result {other:?}")}),
+            Err(e) => json!({"success": false, "error": e}),
+        },
+        AdminRequest::KeysList => json!({"success": true, "keys": keys(inner)}),
         AdminRequest::KeysRotate => match commit(Op::RotateKey {
             secret: Secret::generate(),
         })
@@ -192,6 +254,43 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
             Err(e) => json!({"success": false, "error": e}),
         },
     }
+}
+
+fn agents(inner: &Inner, only: Option<&str>) -> Vec<AgentInfo> {
+    let applied = inner.state.read();
+    applied
+        .state
+        .tables()
+        .sessions
+        .iter()
+        .filter(|(id, _)| only.is_none_or(|o| o == id.as_str()))
+        .map(|(id, s)| AgentInfo {
+            agent_id: id.clone(),
+            node_id: s.conn.node_id,
+            session_id: s.session_id,
+            registered_at: s.registered_at,
+            certificate_serial: s.cert_serial,
+            metadata: serde_json::from_str(&s.metadata).unwrap_or(serde_json::Value::Null),
+        })
+        .collect()
+}
+
+fn claims(inner: &Inner, only: Option<&str>) -> Vec<ClaimInfo> {
+    let applied = inner.state.read();
+    applied
+        .state
+        .tables()
+        .claims
+        .iter()
+        .filter(|(id, _)| only.is_none_or(|o| o == id.as_str()))
+        .map(|(id, c)| ClaimInfo {
+            agent_id: id.clone(),
+            serial: c.serial,
+            issued_at: c.issued_at,
+            expires_at: c.expires_at,
+            key_id: c.key_id.clone(),
+        })
+        .collect()
 }
 
 fn keys(inner: &Inner) -> Vec<KeyInfo> {

@@ -30,7 +30,9 @@ use openraft::BasicNode;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use admin::{AdminRequest, HeartbeatStats, KeyInfo, MemberStatus, NodeStatus};
+pub use admin::{
+    AdminRequest, AgentInfo, ClaimInfo, HeartbeatStats, KeyInfo, MemberStatus, NodeStatus,
+};
 pub use agent_service::close_code;
 pub use duties::unix_now_f64;
 pub use read::ReadError;
