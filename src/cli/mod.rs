@@ -5,6 +5,7 @@ mod admin_client;
 mod agent;
 mod dev;
 mod keys;
+mod members;
 mod status;
 mod tables;
 
@@ -85,6 +86,15 @@ pub enum Command {
         json: bool,
         #[command(subcommand)]
         command: keys::KeysCommand,
+    },
+    /// Cluster membership: list, add a node, remove a node.
+    Members {
+        #[command(flatten)]
+        conn: AdminArgs,
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: members::MembersCommand,
     },
     /// Registered agents.
     Agents {
@@ -180,6 +190,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             command,
         } => keys::run(&conn, command, json).await,
+        Command::Members {
+            conn,
+            json,
+            command,
+        } => members::run(&conn, command, json).await,
         Command::Agents {
             conn,
             json,

@@ -45,6 +45,15 @@ pub enum AdminRequest {
     Revoke {
         agent_id: String,
     },
+    /// Add a node as a voter: it joins as a learner, catches up, then votes. Leader only.
+    MembersAdd {
+        node_id: u64,
+        addr: String,
+    },
+    /// Remove a node (dead or alive) from the membership. Leader only.
+    MembersRemove {
+        node_id: u64,
+    },
 }
 
 /// A session as the operator sees it.
@@ -221,6 +230,8 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
                 json!({"success": true, "claim": claim, "session": session})
             }
         }
+        AdminRequest::MembersAdd { node_id, addr } => members_add(inner, node_id, addr).await,
+        AdminRequest::MembersRemove { node_id } => members_remove(inner, node_id).await,
         AdminRequest::Revoke { agent_id } => match commit(Op::RevokeAgent {
             agent_id: agent_id.clone(),
         })
@@ -253,6 +264,91 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
             Ok(other) => json!({"success": false, "error": format!("unexpected result {other:?}")}),
             Err(e) => json!({"success": false, "error": e}),
         },
+    }
+}
+
+/// Why a membership change cannot run here, with the leader's address when known.
+fn not_leader(inner: &Inner) -> Option<serde_json::Value> {
+    let m = inner.raft.metrics().borrow().clone();
+    if m.state == ServerState::Leader {
+        return None;
+    }
+    let leader_addr = m.current_leader.and_then(|l| {
+        m.membership_config
+            .membership()
+            .get_node(&l)
+            .map(|n| n.addr.clone())
+    });
+    Some(serde_json::json!({
+        "success": false,
+        "error": format!("membership changes run on the leader; this node is not it (leader: {})",
+            leader_addr.as_deref().unwrap_or("unknown")),
+        "leader_addr": leader_addr,
+    }))
+}
+
+async fn members_add(inner: &Inner, node_id: u64, addr: String) -> serde_json::Value {
+    use serde_json::json;
+    if let Some(refusal) = not_leader(inner) {
+        return refusal;
+    }
+    let voters: std::collections::BTreeSet<u64> = inner
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    if voters.contains(&node_id) {
+        return json!({"success": false, "error": format!("node {node_id} is already a voting member")});
+    }
+    tracing::info!(target: "audit", event = "member_add", node_id, %addr, "adding a member");
+    // Blocking: returns once the learner has caught up, so it votes with a full log.
+    if let Err(e) = inner
+        .raft
+        .add_learner(node_id, openraft::BasicNode::new(&addr), true)
+        .await
+    {
+        return json!({"success": false, "error": format!("cannot add node {node_id} as a learner: {e}")});
+    }
+    let change = openraft::ChangeMembers::AddVoterIds([node_id].into_iter().collect());
+    match inner.raft.change_membership(change, false).await {
+        Ok(r) => json!({"success": true, "node_id": node_id, "index": r.log_id.index}),
+        Err(e) => {
+            json!({"success": false, "error": format!("cannot make node {node_id} a voter: {e}")})
+        }
+    }
+}
+
+async fn members_remove(inner: &Inner, node_id: u64) -> serde_json::Value {
+    use serde_json::json;
+    if let Some(refusal) = not_leader(inner) {
+        return refusal;
+    }
+    let membership = inner
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .clone();
+    if membership.get_node(&node_id).is_none() {
+        return json!({"success": false, "error": format!("node {node_id} is not a member")});
+    }
+    let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+    if voters.len() <= 1 && voters.contains(&node_id) {
+        return json!({"success": false, "error": "cannot remove the last voting member"});
+    }
+    tracing::info!(target: "audit", event = "member_remove", node_id, "removing a member");
+    let change = if voters.contains(&node_id) {
+        openraft::ChangeMembers::RemoveVoters([node_id].into_iter().collect())
+    } else {
+        openraft::ChangeMembers::RemoveNodes([node_id].into_iter().collect())
+    };
+    match inner.raft.change_membership(change, false).await {
+        Ok(r) => json!({"success": true, "node_id": node_id, "index": r.log_id.index}),
+        Err(e) => json!({"success": false, "error": format!("cannot remove node {node_id}: {e}")}),
     }
 }
 

@@ -201,11 +201,25 @@ pub(super) async fn evict_lost_nodes(inner: &Inner, leader_since: Instant) {
     if now.saturating_duration_since(leader_since) <= limit {
         return;
     }
-    let members: Vec<u64> = {
+    // Members, and any node that still holds sessions (a node removed from the membership
+    // while dead leaves its sessions behind; nobody will hear from it again).
+    let nodes: std::collections::BTreeSet<u64> = {
         let m = inner.raft.metrics().borrow().membership_config.clone();
-        m.membership().nodes().map(|(id, _)| *id).collect()
+        let mut ids: std::collections::BTreeSet<u64> =
+            m.membership().nodes().map(|(id, _)| *id).collect();
+        ids.extend(
+            inner
+                .state
+                .read()
+                .state
+                .tables()
+                .sessions
+                .values()
+                .map(|s| s.conn.node_id),
+        );
+        ids
     };
-    for node_id in members.into_iter().filter(|id| *id != inner.id) {
+    for node_id in nodes.into_iter().filter(|id| *id != inner.id) {
         let heard = inner
             .peers
             .last_ok(node_id)

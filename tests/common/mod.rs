@@ -48,6 +48,9 @@ pub struct Options {
     pub faults: bool,
     /// Contents of an `identity.hmac_secret_file` given to every node.
     pub hmac_secret: Option<Vec<u8>>,
+    /// Extra nodes prepared (certificate, port, config with initial_cluster_state =
+    /// "existing") but not started: see `start_spare`.
+    pub spares: u64,
 }
 
 impl Default for Options {
@@ -69,6 +72,7 @@ impl Default for Options {
             },
             faults: false,
             hmac_secret: None,
+            spares: 0,
         }
     }
 }
@@ -77,9 +81,9 @@ impl TestCluster {
     pub async fn start(opts: Options) -> TestCluster {
         init_tracing();
         let dir = tempfile::tempdir().expect("temp dir");
-        let ids: Vec<u64> = (1..=opts.nodes).collect();
+        let ids: Vec<u64> = (1..=opts.nodes + opts.spares).collect();
         tls::write_dev_material(&dir.path().join("tls"), &ids, &[], false).expect("dev tls");
-        let sockets: BTreeMap<u64, UdpSocket> = ids
+        let mut sockets: BTreeMap<u64, UdpSocket> = ids
             .iter()
             .map(|id| (*id, UdpSocket::bind("127.0.0.1:0").expect("bind")))
             .collect();
@@ -91,6 +95,7 @@ impl TestCluster {
         let peer_addrs = net.as_ref().map_or(addrs.clone(), |n| n.proxies.clone());
         let peers: Vec<Peer> = peer_addrs
             .iter()
+            .filter(|(id, _)| **id <= opts.nodes)
             .map(|(id, a)| Peer {
                 id: *id,
                 addr: a.to_string(),
@@ -110,7 +115,11 @@ impl TestCluster {
                 listen: addrs[id],
                 advertise: None,
                 data_dir: dir.path().join(format!("node{id}")),
-                initial_cluster_state: InitialClusterState::New,
+                initial_cluster_state: if *id <= opts.nodes {
+                    InitialClusterState::New
+                } else {
+                    InitialClusterState::Existing
+                },
                 peers: peers.clone(),
                 tls: TlsConfig {
                     ca: tls_dir.join("ca.pem"),
@@ -131,6 +140,10 @@ impl TestCluster {
             c.validate().expect("valid test config");
             configs.insert(*id, c);
         }
+        let spare_sockets: BTreeMap<u64, UdpSocket> = (opts.nodes + 1..=opts.nodes + opts.spares)
+            .filter_map(|id| Some((id, sockets.remove(&id)?)))
+            .collect();
+        drop(spare_sockets);
         let mut cluster = TestCluster {
             dir,
             addrs,
@@ -194,6 +207,11 @@ impl TestCluster {
             .await
             .expect("node restarts");
         self.nodes.insert(id, node);
+    }
+
+    /// Starts a spare node (see `Options::spares`); it waits to be added to the membership.
+    pub async fn start_spare(&mut self, id: u64) {
+        self.restart(id).await;
     }
 
     /// Waits until every running node agrees on one leader, and returns it.

@@ -1,0 +1,141 @@
+//! Membership changes while serving: a fourth node joins, a dead node is removed, agents
+//! stay connected and writes go on.
+
+mod common;
+
+use agentreg::cli::AdminClient;
+use agentreg::node::AdminRequest;
+use common::*;
+use serde_json::Map;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fourth_node_joins_and_a_dead_one_is_removed_while_agents_stay_connected() {
+    let mut cluster = TestCluster::start(Options {
+        spares: 1,
+        ..Options::default()
+    })
+    .await;
+    let leader = cluster.leader().await;
+    cluster.keyring_ready().await;
+    let doomed = cluster.follower().await;
+    let steady: Vec<u64> = (1..=3).filter(|id| *id != doomed).collect();
+    // A legacy agent on the node that will die, and be removed, with its session.
+    let stranded = cluster.raw(doomed).await;
+    let a = stranded
+        .request(serde_json::json!({"type":"system_request","command":"register_agent","agent_id":"stranded"}))
+        .await;
+    assert_eq!(a["success"], true, "{a}");
+    let mut agents = Vec::new();
+    for (i, node) in steady.iter().enumerate() {
+        let c = cluster.agent(*node).await;
+        let id = format!("steady-{i}");
+        c.claim_agent_id(&id, false).await.unwrap();
+        let reg = c.register(&id, Map::new(), None, false).await.unwrap();
+        agents.push((id, c, reg));
+    }
+
+    tracing::info!("--- node 4 joins");
+    cluster.start_spare(4).await;
+    let admin = AdminClient::new(&cluster.admin_args()).unwrap();
+    let leader_addr = cluster.addrs[&leader].to_string();
+    let v = admin
+        .call(
+            &leader_addr,
+            &AdminRequest::MembersAdd {
+                node_id: 4,
+                addr: cluster.addrs[&4].to_string(),
+            },
+        )
+        .await
+        .unwrap();
+    let index = v["index"].as_u64().unwrap();
+    // Adding it again is refused.
+    assert!(admin
+        .call(
+            &leader_addr,
+            &AdminRequest::MembersAdd {
+                node_id: 4,
+                addr: cluster.addrs[&4].to_string()
+            }
+        )
+        .await
+        .is_err());
+    // A follower says where the leader is.
+    let follower_addr = cluster.addrs[&steady
+        .iter()
+        .copied()
+        .find(|id| *id != leader)
+        .unwrap_or(doomed)]
+        .to_string();
+    let err = admin
+        .call(
+            &follower_addr,
+            &AdminRequest::MembersRemove { node_id: doomed },
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("run on the leader"), "{err:#}");
+    cluster.applied_everywhere(index).await;
+    assert_eq!(
+        cluster.tables(4),
+        cluster.tables(leader),
+        "the new node did not catch up"
+    );
+
+    tracing::info!("--- node {doomed} dies and is removed");
+    cluster.stop(doomed).await;
+    let v = admin
+        .call(
+            &leader_addr,
+            &AdminRequest::MembersRemove { node_id: doomed },
+        )
+        .await
+        .unwrap();
+    cluster
+        .applied_everywhere(v["index"].as_u64().unwrap())
+        .await;
+    for id in cluster.nodes.keys() {
+        let members: Vec<u64> = cluster
+            .node(*id)
+            .status()
+            .members
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        let mut want: Vec<u64> = steady.clone();
+        want.push(4);
+        want.sort();
+        assert_eq!(members, want, "node {id}");
+    }
+    // The removed node's sessions are evicted by the leader like a lost node's.
+    wait_for(
+        "the removed node's session to be evicted",
+        TIMEOUT,
+        || async {
+            cluster
+                .nodes
+                .keys()
+                .all(|n| !cluster.tables(*n).sessions.contains_key("stranded"))
+                .then_some(())
+        },
+    )
+    .await;
+    // Writes go on, through the new node too, and the agents never left their sessions.
+    let w = claim_ok(cluster.node(4), "after-membership-change").await;
+    cluster.applied_everywhere(w.index).await;
+    for (id, c, reg) in &agents {
+        assert_eq!(
+            c.registration().unwrap().session_id,
+            reg.session_id,
+            "{id} had to reconnect"
+        );
+        for n in cluster.nodes.keys() {
+            assert_eq!(
+                cluster.tables(*n).sessions[id].session_id,
+                reg.session_id,
+                "node {n}"
+            );
+        }
+    }
+    admin.close().await;
+}
