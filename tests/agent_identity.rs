@@ -298,6 +298,35 @@ async fn a_closed_connection_is_evicted_at_once_and_unregister_ends_the_session(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoking_your_own_certificate_answers_and_ends_your_session() {
+    // Regression: the session closer used to close the connection under the answer.
+    let cluster = ready().await;
+    let a = cluster.agent(2).await;
+    let cert = a.claim_agent_id("self-revoker", false).await.unwrap();
+    let reg = a
+        .register("self-revoker", Map::new(), None, false)
+        .await
+        .unwrap();
+    a.revoke_certificate(&cert)
+        .await
+        .expect("the answer arrives");
+    assert!(a.registration().is_none());
+    assert!(a.certificate().is_none());
+    cluster.applied_everywhere(reg.session_id + 1).await;
+    assert!(!cluster.tables(2).sessions.contains_key("self-revoker"));
+    // The connection is still usable.
+    a.ping().await.unwrap();
+    let b = cluster.agent(2).await;
+    let c2 = b.claim_agent_id("self-releaser", false).await.unwrap();
+    b.register("self-releaser", Map::new(), None, false)
+        .await
+        .unwrap();
+    b.release_agent_id(&c2).await.expect("the answer arrives");
+    assert!(b.registration().is_none());
+    b.ping().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn release_frees_the_id_and_revokes_the_certificate() {
     let cluster = ready().await;
     let a = cluster.agent(1).await;

@@ -379,8 +379,9 @@ impl AgentClient {
     pub async fn revoke_certificate(&self, cert: &Certificate) -> Result<(), ClientError> {
         self.shared
             .call(agent::REVOKE_CERTIFICATE, json!({"certificate": cert}))
-            .await
-            .map(|_| ())
+            .await?;
+        self.forget_if_held(cert);
+        Ok(())
     }
 
     /// Gives up the id of `cert`; the certificate is revoked.
@@ -393,8 +394,23 @@ impl AgentClient {
                 agent::RELEASE_AGENT_ID,
                 json!({"agent_id": cert.agent_id, "certificate": cert}),
             )
-            .await
-            .map(|_| ())
+            .await?;
+        self.forget_if_held(cert);
+        Ok(())
+    }
+
+    /// After the held certificate was revoked or released, the session registered with it
+    /// has ended: stop keeping it alive.
+    fn forget_if_held(&self, cert: &Certificate) {
+        if self.shared.cert().is_some_and(|c| c.serial == cert.serial) {
+            self.shared.set_cert(None);
+            *self.shared.wanted.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *self
+                .shared
+                .session
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = None;
+        }
     }
 
     /// Pings the current node; returns the round trip.

@@ -11,11 +11,10 @@ use std::sync::Arc;
 use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 
-use super::duties::unix_now;
 use super::Inner;
 use crate::identity::Secret;
 use crate::registry::TableSizes;
-use crate::registry::{Command, Op, Outcome};
+use crate::registry::{Op, Outcome};
 use crate::transport::frame::{read_frame, write_frame};
 
 /// Largest admin request or response, in bytes.
@@ -198,13 +197,7 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
 
 async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
     use serde_json::json;
-    let commit = |op: Op| async move {
-        let cmd = Command { at: unix_now(), op };
-        match super::write::write(inner, cmd).await {
-            Ok(w) => w.response.map_err(|e| e.to_string()),
-            Err(e) => Err(format!("cluster unavailable: {e}")),
-        }
-    };
+    let commit = |op: Op| super::write::commit(inner, op);
     let linearizable = matches!(
         req,
         AdminRequest::KeysList

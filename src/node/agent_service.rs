@@ -10,7 +10,7 @@ use super::duties::unix_now;
 use super::{read, write, Inner};
 use crate::identity::Certificate;
 use crate::proto::agent::{self, AgentRequest};
-use crate::registry::{Command, ConnRef, EndCause, Op, Outcome, RegistryError, SessionEnd};
+use crate::registry::{ConnRef, EndCause, Op, Outcome, SessionEnd};
 use crate::transport::frame::{read_frame, write_frame, FrameError, MAX_AGENT_FRAME};
 
 /// QUIC close codes a node uses on agent connections (documented in docs/protocol.md).
@@ -116,14 +116,7 @@ fn fields(v: Value) -> Fields {
     }
 }
 
-/// Commits `op` and returns what the registry answered, or the text of why it could not.
-async fn commit(inner: &Inner, op: Op) -> Result<Outcome, String> {
-    let cmd = Command { at: unix_now(), op };
-    match write::write(inner, cmd).await {
-        Ok(w) => w.response.map_err(|e: RegistryError| e.to_string()),
-        Err(e) => Err(format!("cluster unavailable: {e}")),
-    }
-}
+use write::commit;
 
 async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields, String> {
     let conn = ConnRef {
@@ -220,7 +213,15 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
         }
         AgentRequest::ReleaseAgentId { certificate } => {
             let agent_id = certificate.agent_id.clone();
-            match commit(inner, Op::Release { certificate }).await? {
+            let result = commit(
+                inner,
+                Op::Release {
+                    certificate,
+                    by: Some(conn),
+                },
+            )
+            .await;
+            match result? {
                 Outcome::Released { serial, .. } => {
                     tracing::info!(agent_id, serial, "released");
                     Ok(fields(json!({ "agent_id": agent_id, "serial": serial })))
@@ -230,7 +231,15 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
         }
         AgentRequest::RevokeCertificate { certificate } => {
             let agent_id = certificate.agent_id.clone();
-            match commit(inner, Op::RevokeCertificate { certificate }).await? {
+            let result = commit(
+                inner,
+                Op::RevokeCertificate {
+                    certificate,
+                    by: Some(conn),
+                },
+            )
+            .await;
+            match result? {
                 Outcome::Revoked { serial, newly, .. } => {
                     tracing::info!(agent_id, serial, newly, "revoked");
                     Ok(fields(
@@ -285,7 +294,8 @@ pub(super) fn spawn_session_closer(
                 EndCause::TakenOver { .. } => close_code::TAKEN_OVER,
                 EndCause::Revoked => close_code::REVOKED,
                 EndCause::Evicted => close_code::EVICTED,
-                // The agent asked; its connection stays open for further requests.
+                // The agent asked (unregister, or revoking/releasing its own certificate on
+                // this connection): it gets its answer, the connection stays open.
                 EndCause::Unregistered => continue,
             };
             let reason = format!("session {} of agent {} ended: {}", end.session.session_id, end.agent_id, end.cause);

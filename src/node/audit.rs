@@ -80,7 +80,7 @@ fn describe(op: &Op) -> (&'static str, Option<&str>, Option<u64>, Option<u64>) {
             None,
             None,
         ),
-        Op::Release { certificate } => (
+        Op::Release { certificate, .. } => (
             "release",
             Some(&certificate.agent_id),
             None,
@@ -96,7 +96,7 @@ fn describe(op: &Op) -> (&'static str, Option<&str>, Option<u64>, Option<u64>) {
             session_id,
         } => ("evict", Some(agent_id), Some(*session_id), None),
         Op::EvictNode { .. } => ("evict_node", None, None, None),
-        Op::RevokeCertificate { certificate } => (
+        Op::RevokeCertificate { certificate, .. } => (
             "revoke",
             Some(&certificate.agent_id),
             None,

@@ -34,6 +34,24 @@ pub enum WriteError {
 /// How long to wait between attempts while no leader is known.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// Commits `op` stamped with this node's clock; the registry's answer, or the text an agent or
+/// operator reads for why there is none.
+pub(super) async fn commit(
+    inner: &Inner,
+    op: crate::registry::Op,
+) -> Result<crate::registry::Outcome, String> {
+    let cmd = Command {
+        at: super::duties::unix_now(),
+        op,
+    };
+    match write(inner, cmd).await {
+        Ok(w) => w.response.map_err(|e| e.to_string()),
+        Err(e @ WriteError::NoLeader(_)) => Err(format!("cluster unavailable: {e}")),
+        Err(e @ WriteError::ShuttingDown) => Err(format!("{e}; reconnect to another node")),
+        Err(e @ WriteError::Unknown(_)) => Err(e.to_string()),
+    }
+}
+
 /// Commits `cmd` (forwarding it to the leader if need be) and records it in the audit log.
 pub(super) async fn write(inner: &Inner, cmd: Command) -> Result<Written, WriteError> {
     let result = write_unaudited(inner, cmd.clone()).await;
@@ -59,7 +77,18 @@ async fn write_unaudited(inner: &Inner, cmd: Command) -> Result<Written, WriteEr
                 .await
             {
                 Ok(PeerResponse::Forward(Ok((index, response)))) => {
-                    return Ok(Written { index, response })
+                    // Read your writes: answer only once this node has applied the entry
+                    // too, so the agent's next request here sees it.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if let Err(e) = inner
+                        .raft
+                        .wait(Some(left))
+                        .applied_index_at_least(Some(index), "forwarded write applied locally")
+                        .await
+                    {
+                        tracing::debug!(index, error = %e, "forwarded write not yet applied here");
+                    }
+                    return Ok(Written { index, response });
                 }
                 Ok(PeerResponse::Forward(Err(ForwardError::NotLeader { .. }))) => {}
                 Ok(PeerResponse::Forward(Err(ForwardError::Unknown(e)))) => {

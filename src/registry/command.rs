@@ -33,7 +33,11 @@ pub enum Op {
         conn: Option<ConnRef>,
     },
     /// Give up a claim; the certificate is revoked.
-    Release { certificate: Certificate },
+    Release {
+        certificate: Certificate,
+        /// The connection asking, if any: its own session ends quietly (it gets the answer).
+        by: Option<ConnRef>,
+    },
     /// Open a session for `agent_id` on `conn`. Its session id is this entry's log index.
     Register {
         agent_id: String,
@@ -53,7 +57,11 @@ pub enum Op {
     /// Evict every session of `node_id` registered at or before `max_session_id`.
     EvictNode { node_id: u64, max_session_id: u64 },
     /// Revoke the certificate presented (whoever holds a certificate may revoke it).
-    RevokeCertificate { certificate: Certificate },
+    RevokeCertificate {
+        certificate: Certificate,
+        /// The connection asking, if any: its own session ends quietly (it gets the answer).
+        by: Option<ConnRef>,
+    },
     /// Operator action: revoke the current certificate of `agent_id` and free the id.
     RevokeAgent { agent_id: String },
     /// Installs the first signing key; does nothing when the keyring already has one.
@@ -234,15 +242,27 @@ impl SessionEnd {
                 .map(|(id, s)| end(id, *s, EndCause::Evicted))
                 .collect(),
             (
-                _,
+                Op::RevokeCertificate { by, .. } | Op::Release { by, .. },
                 Outcome::Revoked {
                     ended: Some((id, s)),
                     ..
+                }
+                | Outcome::Released {
+                    ended: Some((id, s)),
+                    ..
                 },
-            )
-            | (
+            ) => {
+                // The connection that asked ends its own session: it is answered, not closed.
+                let cause = if *by == Some(s.conn) {
+                    EndCause::Unregistered
+                } else {
+                    EndCause::Revoked
+                };
+                vec![end(id, *s, cause)]
+            }
+            (
                 _,
-                Outcome::Released {
+                Outcome::Revoked {
                     ended: Some((id, s)),
                     ..
                 },

@@ -187,7 +187,7 @@ impl RegistryState {
                 proof.as_ref(),
                 *conn,
             ),
-            Op::Release { certificate } => self.release(at, certificate),
+            Op::Release { certificate, .. } => self.release(at, certificate),
             Op::Register {
                 agent_id,
                 conn,
@@ -218,7 +218,7 @@ impl RegistryState {
                 node_id,
                 max_session_id,
             } => Ok(self.evict_node(*node_id, *max_session_id)),
-            Op::RevokeCertificate { certificate } => self.revoke_certificate(at, certificate),
+            Op::RevokeCertificate { certificate, .. } => self.revoke_certificate(at, certificate),
             Op::RevokeAgent { agent_id } => self.revoke_agent(at, agent_id),
             Op::InitKeyring { secret } => self.init_keyring(index, at, secret),
             Op::RotateKey { secret } => {

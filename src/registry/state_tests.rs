@@ -451,6 +451,7 @@ fn revocation_invalidates_frees_the_id_and_ends_its_session() {
         T0 + 1,
         Op::RevokeCertificate {
             certificate: a.clone(),
+            by: None,
         },
     )
     else {
@@ -466,7 +467,8 @@ fn revocation_invalidates_frees_the_id_and_ends_its_session() {
         log.ok(
             T0 + 2,
             Op::RevokeCertificate {
-                certificate: a.clone()
+                certificate: a.clone(),
+                by: None
             }
         ),
         Outcome::Revoked { newly: false, .. }
@@ -490,7 +492,8 @@ fn forged_certificates_cannot_revoke() {
         log.refused(
             T0,
             Op::RevokeCertificate {
-                certificate: forged
+                certificate: forged,
+                by: None
             }
         ),
         RegistryError::Certificate(Invalid::BadSignature)
@@ -501,7 +504,8 @@ fn forged_certificates_cannot_revoke() {
         log.refused(
             T0,
             Op::RevokeCertificate {
-                certificate: foreign
+                certificate: foreign,
+                by: None
             }
         ),
         RegistryError::Certificate(Invalid::BadSignature)
@@ -518,7 +522,8 @@ fn forged_certificates_cannot_revoke() {
         log.refused(
             T0,
             Op::RevokeCertificate {
-                certificate: foreign
+                certificate: foreign,
+                by: None
             }
         ),
         RegistryError::Certificate(Invalid::UnknownKey)
@@ -533,7 +538,8 @@ fn release_revokes_and_needs_a_valid_certificate() {
         log.refused(
             T0 + DAY,
             Op::Release {
-                certificate: a.clone()
+                certificate: a.clone(),
+                by: None
             }
         ),
         RegistryError::Certificate(Invalid::Expired)
@@ -542,7 +548,8 @@ fn release_revokes_and_needs_a_valid_certificate() {
         log.ok(
             T0,
             Op::Release {
-                certificate: a.clone()
+                certificate: a.clone(),
+                by: None
             }
         ),
         Outcome::Released { .. }
@@ -583,6 +590,7 @@ fn revocations_are_kept_until_the_certificate_expired_plus_grace() {
         T0,
         Op::RevokeCertificate {
             certificate: a.clone(),
+            by: None,
         },
     );
     log.claim(a.expires_at + EXPIRY_GRACE_SECS, "other");
@@ -595,6 +603,7 @@ fn revocations_are_kept_until_the_certificate_expired_plus_grace() {
         T0 + 10,
         Op::RevokeCertificate {
             certificate: b.clone(),
+            by: None,
         },
     );
     let mut restored = RegistryState::from_tables(log.sm.tables().clone());
