@@ -408,7 +408,7 @@ async fn an_agent_on_a_killed_node_is_registered_elsewhere_with_its_certificate(
     assert_eq!(reg.node_id, 1);
 
     tracing::info!("--- killing node 1 under the agent");
-    cluster.stop(1).await;
+    cluster.crash(1).await;
     let node = loop {
         match tokio::time::timeout(TIMEOUT, events.recv())
             .await

@@ -54,7 +54,7 @@ async fn after_the_leader_is_killed_a_new_one_takes_writes_and_nothing_acknowled
     }
 
     tracing::info!("--- killing leader {old}");
-    cluster.stop(old).await;
+    cluster.crash(old).await;
     let new = cluster.leader().await;
     assert_ne!(new, old);
 

@@ -83,7 +83,7 @@ async fn a_fourth_node_joins_and_a_dead_one_is_removed_while_agents_stay_connect
     );
 
     tracing::info!("--- node {doomed} dies and is removed");
-    cluster.stop(doomed).await;
+    cluster.crash(doomed).await;
     let v = admin
         .call(
             &leader_addr,

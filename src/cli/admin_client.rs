@@ -52,6 +52,17 @@ impl AdminClient {
         addr: &str,
         req: &AdminRequest,
     ) -> anyhow::Result<serde_json::Value> {
+        let (conn, _, answer) = self.exchange(addr, req).await?;
+        conn.close(quinn::VarInt::from_u32(0), b"done");
+        Ok(answer)
+    }
+
+    /// Connects, sends `req`, reads the answer frame; fails on `success: false`.
+    async fn exchange(
+        &self,
+        addr: &str,
+        req: &AdminRequest,
+    ) -> anyhow::Result<(quinn::Connection, quinn::RecvStream, serde_json::Value)> {
         let sock: SocketAddr = tokio::net::lookup_host(addr)
             .await
             .with_context(|| format!("cannot resolve {addr}"))?
@@ -71,16 +82,41 @@ impl AdminClient {
         let bytes = read_frame(&mut recv, MAX_ANSWER)
             .await
             .with_context(|| format!("no answer from {addr}"))?;
-        conn.close(quinn::VarInt::from_u32(0), b"done");
         let answer: serde_json::Value =
             serde_json::from_slice(&bytes).context("malformed answer")?;
         if answer["success"] != serde_json::Value::Bool(true) {
+            conn.close(quinn::VarInt::from_u32(0), b"done");
             bail!(
                 "{addr}: {}",
                 answer["error"].as_str().unwrap_or("request failed")
             );
         }
-        Ok(answer)
+        Ok((conn, recv, answer))
+    }
+
+    /// Sends `req` to `addr` and reads, after the answer frame, the data that follows it
+    /// (up to `max` bytes) until the node ends the stream.
+    ///
+    /// # Errors
+    /// As [`AdminClient::call`]; also when the data is cut short or too large.
+    pub async fn call_with_data(
+        &self,
+        addr: &str,
+        req: &AdminRequest,
+        max: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<(serde_json::Value, Vec<u8>)> {
+        tokio::time::timeout(timeout, async {
+            let (conn, mut recv, answer) = self.exchange(addr, req).await?;
+            let data = recv
+                .read_to_end(max)
+                .await
+                .with_context(|| format!("reading data from {addr}"))?;
+            conn.close(quinn::VarInt::from_u32(0), b"done");
+            Ok((answer, data))
+        })
+        .await
+        .with_context(|| format!("{addr} did not finish within {timeout:?}"))?
     }
 
     /// Sends `req` to each endpoint in turn until one answers; says which were down.

@@ -6,6 +6,7 @@ mod agent;
 mod dev;
 mod keys;
 mod members;
+mod snapshot;
 mod status;
 mod tables;
 
@@ -22,7 +23,7 @@ pub use admin_client::AdminClient;
     about = "A clustered registry of agent identities"
 )]
 pub struct Cli {
-    /// Log format: text or json. The level comes from RUST_LOG (default: info).
+    /// Log format: text or json. The level comes from RUST_LOG (default: info,openraft=warn).
     #[arg(long, global = true, default_value = "text")]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -122,6 +123,11 @@ pub enum Command {
         json: bool,
         agent_id: String,
     },
+    /// Backups: save one from the cluster, inspect one, restore a node's data dir from one.
+    Snapshot {
+        #[command(subcommand)]
+        command: snapshot::SnapshotCommand,
+    },
     /// Show every member: role, leader, term, log and applied index, table sizes.
     Status {
         #[command(flatten)]
@@ -184,6 +190,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             base_port,
         } => dev::cluster(&dir, nodes, base_port),
         Command::Status { conn, json } => status::run(&conn, json).await,
+        Command::Snapshot { command } => snapshot::run(command).await,
         Command::Agent { conn, command } => agent::run(&conn, command).await,
         Command::Keys {
             conn,

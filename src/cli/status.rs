@@ -38,7 +38,7 @@ pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<4} {:<22} {:<10} {:<7} {:<6} {:>9} {:>9} {:>7} {:>9} {:>12} {:>5}",
+        "{:<4} {:<22} {:<10} {:<7} {:<6} {:>9} {:>9} {:<12} {:>7} {:>9} {:>12} {:>5} {:>7} {:>8} {:>7} {:>8}",
         "ID",
         "ADDRESS",
         "ROLE",
@@ -46,16 +46,21 @@ pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
         "TERM",
         "LAST LOG",
         "APPLIED",
+        "DIGEST",
         "CLAIMS",
         "SESSIONS",
         "REVOCATIONS",
-        "KEYS"
+        "KEYS",
+        "AGENTS",
+        "PINGS",
+        "MISSED",
+        "EVICTED"
     );
     let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
     for (id, addr, s) in rows {
         match s {
             Ok(s) => println!(
-                "{:<4} {:<22} {:<10} {:<7} {:<6} {:>9} {:>9} {:>7} {:>9} {:>12} {:>5} {:>7} {:>8} {:>7} {:>8}",
+                "{:<4} {:<22} {:<10} {:<7} {:<6} {:>9} {:>9} {:<12} {:>7} {:>9} {:>12} {:>5} {:>7} {:>8} {:>7} {:>8}",
                 id,
                 addr,
                 s.role,
@@ -63,6 +68,7 @@ pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
                 s.term,
                 opt(s.last_log_index),
                 opt(s.applied_index),
+                &s.state_digest[..12.min(s.state_digest.len())],
                 s.tables.claims,
                 s.tables.sessions,
                 s.tables.revocations,

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Inner;
 use crate::identity::Secret;
+use crate::raft::backup::Backup;
 use crate::registry::TableSizes;
 use crate::registry::{Op, Outcome};
 use crate::transport::frame::{read_frame, write_frame};
@@ -53,6 +54,9 @@ pub enum AdminRequest {
     MembersRemove {
         node_id: u64,
     },
+    /// A backup of the tables after a read barrier: the answer frame is followed by the
+    /// backup file's bytes (see `raft::backup`) until the stream ends.
+    SnapshotSave,
 }
 
 /// A session as the operator sees it.
@@ -112,7 +116,11 @@ pub struct NodeStatus {
     pub leader: Option<u64>,
     pub term: u64,
     pub last_log_index: Option<u64>,
+    /// The log position the tables reflect.
     pub applied_index: Option<u64>,
+    /// Digest of the tables at `applied_index` (see `Tables::digest`): nodes at the same
+    /// applied index must report the same digest.
+    pub state_digest: String,
     pub snapshot_index: Option<u64>,
     pub purged_index: Option<u64>,
     pub members: Vec<MemberStatus>,
@@ -139,6 +147,14 @@ pub(super) fn status(inner: &Inner) -> NodeStatus {
         ServerState::Learner => "learner",
         ServerState::Shutdown => "shutdown",
     };
+    let (applied_index, tables, state_digest) = {
+        let applied = inner.state.read();
+        (
+            applied.last_applied.map(|l| l.index),
+            applied.state.sizes(),
+            applied.state.tables().digest(),
+        )
+    };
     NodeStatus {
         node_id: inner.id,
         cluster_id: inner.config.cluster_id.clone(),
@@ -146,11 +162,12 @@ pub(super) fn status(inner: &Inner) -> NodeStatus {
         leader: m.current_leader,
         term: m.current_term,
         last_log_index: m.last_log_index,
-        applied_index: m.last_applied.map(|l| l.index),
+        applied_index,
+        state_digest,
         snapshot_index: m.snapshot.map(|l| l.index),
         purged_index: m.purged.map(|l| l.index),
         members,
-        tables: inner.state.read().state.sizes(),
+        tables,
         heartbeat: {
             use std::sync::atomic::Ordering::Relaxed;
             let c = &inner.counters;
@@ -176,9 +193,19 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
             },
         };
         let inner = inner.clone();
-        inner.tasks.clone().spawn(async move {
+        inner.requests.clone().spawn(async move {
             let answer = match read_frame(&mut recv, MAX_ADMIN_FRAME).await {
                 Ok(bytes) => match serde_json::from_slice::<AdminRequest>(&bytes) {
+                    Ok(AdminRequest::SnapshotSave) => {
+                        let (answer, backup) = snapshot_save(&inner).await;
+                        let bytes = answer.to_string().into_bytes();
+                        if write_frame(&mut send, &bytes).await.is_ok()
+                            && send.write_all(&backup).await.is_ok()
+                        {
+                            super::finish_and_wait(send).await;
+                        }
+                        return;
+                    }
                     Ok(req) => handle(&inner, req).await,
                     Err(e) => serde_json::json!({"success": false, "error": format!("bad admin request: {e}")}),
                 },
@@ -189,7 +216,7 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
             };
             let bytes = answer.to_string().into_bytes();
             if write_frame(&mut send, &bytes).await.is_ok() {
-                let _ = send.finish();
+                super::finish_and_wait(send).await;
             }
         });
     }
@@ -197,6 +224,9 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
 
 async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
     use serde_json::json;
+    if inner.draining.is_cancelled() {
+        return json!({"success": false, "error": super::agent_service::SHUTTING_DOWN_ERROR});
+    }
     let commit = |op: Op| super::write::commit(inner, op);
     let linearizable = matches!(
         req,
@@ -222,6 +252,9 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
             } else {
                 json!({"success": true, "claim": claim, "session": session})
             }
+        }
+        AdminRequest::SnapshotSave => {
+            json!({"success": false, "error": "snapshot_save is served with its data stream"})
         }
         AdminRequest::MembersAdd { node_id, addr } => members_add(inner, node_id, addr).await,
         AdminRequest::MembersRemove { node_id } => members_remove(inner, node_id).await,
@@ -257,6 +290,44 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
             Ok(other) => json!({"success": false, "error": format!("unexpected result {other:?}")}),
             Err(e) => json!({"success": false, "error": e}),
         },
+    }
+}
+
+/// A backup of this node's tables once it has applied everything acknowledged so far.
+async fn snapshot_save(inner: &Inner) -> (serde_json::Value, Vec<u8>) {
+    use serde_json::json;
+    if inner.draining.is_cancelled() {
+        let error = super::agent_service::SHUTTING_DOWN_ERROR;
+        return (json!({"success": false, "error": error}), Vec::new());
+    }
+    if let Err(e) = super::read::barrier(inner).await {
+        return (
+            json!({"success": false, "error": format!("cluster unavailable: {e}")}),
+            Vec::new(),
+        );
+    }
+    let backup = Backup::capture(&inner.state.read(), &inner.config.cluster_id, inner.id);
+    match backup {
+        Ok(b) => {
+            let bytes = b.to_bytes();
+            tracing::info!(
+                target: "audit",
+                event = "snapshot_save",
+                node = inner.id,
+                index = b.meta.last_log_id.map(|l| l.index),
+                bytes = bytes.len(),
+                "backup taken"
+            );
+            (
+                json!({"success": true, "bytes": bytes.len(),
+                       "applied_index": b.meta.last_log_id.map(|l| l.index)}),
+                bytes,
+            )
+        }
+        Err(e) => (
+            json!({"success": false, "error": format!("cannot capture the tables: {e}")}),
+            Vec::new(),
+        ),
     }
 }
 

@@ -22,6 +22,9 @@ pub mod close_code {
     pub const SHUTTING_DOWN: u32 = 0x103;
 }
 
+/// The answer to a request that arrives while the node stops; nothing was changed.
+pub const SHUTTING_DOWN_ERROR: &str = "node is shutting down; reconnect to another node";
+
 pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
     let conn_id = inner.conns.add(conn.clone());
     let remote = conn.remote_address();
@@ -38,12 +41,13 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
             },
         };
         let inner = inner.clone();
-        inner.tasks.clone().spawn(async move {
+        inner.requests.clone().spawn(async move {
             serve_stream(&inner, conn_id, send, recv).await;
         });
     }
     if let Some(agent_id) = inner.conns.remove(conn_id) {
-        if !inner.shutdown.is_cancelled() {
+        // While the node stops, its sessions are handed back in one EvictNode instead.
+        if !inner.draining.is_cancelled() {
             evict_after_disconnect(&inner, conn_id, &agent_id).await;
         }
     }
@@ -77,7 +81,13 @@ async fn serve_stream(
             match env.request {
                 Ok(req) => {
                     let command = command.unwrap_or_default();
-                    let result = handle(inner, conn_id, req).await;
+                    let result = if inner.draining.is_cancelled()
+                        && !matches!(req, AgentRequest::PingAgent { .. })
+                    {
+                        Err(SHUTTING_DOWN_ERROR.to_owned())
+                    } else {
+                        handle(inner, conn_id, req).await
+                    };
                     inner
                         .metrics
                         .request(command, result.is_ok(), started.elapsed());
@@ -103,7 +113,7 @@ async fn serve_stream(
         }
     };
     if write_frame(&mut send, &answer).await.is_ok() {
-        let _ = send.finish();
+        super::finish_and_wait(send).await;
     }
 }
 

@@ -228,49 +228,69 @@ pub(super) async fn evict_lost_nodes(inner: &Inner, leader_since: Instant) {
         if now.saturating_duration_since(heard) <= limit {
             continue;
         }
-        let (applied, has_sessions) = {
-            let guard = inner.state.read();
-            let applied = guard.last_applied.map_or(0, |l| l.index);
-            let has = guard
-                .state
-                .tables()
-                .sessions
-                .values()
-                .any(|s| s.conn.node_id == node_id);
-            (applied, has)
-        };
-        if !has_sessions {
-            continue;
-        }
-        inner
-            .counters
-            .evictions_proposed
-            .fetch_add(1, Ordering::Relaxed);
-        let cmd = Command {
-            at: unix_now(),
-            op: Op::EvictNode {
+        let silent_ms = now.saturating_duration_since(heard).as_millis() as u64;
+        match evict_node(inner, node_id).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
                 node_id,
-                max_session_id: applied,
-            },
-        };
-        match write::write(inner, cmd).await {
-            Ok(w) => {
-                if let Ok(Outcome::NodeEvicted { removed }) = &w.response {
-                    inner
-                        .counters
-                        .evictions_committed
-                        .fetch_add(removed.len() as u64, Ordering::Relaxed);
-                    tracing::warn!(
-                        node_id,
-                        sessions = removed.len(),
-                        silent_ms = now.saturating_duration_since(heard).as_millis() as u64,
-                        "evicted the sessions of a lost node"
-                    );
-                }
-            }
+                sessions = n,
+                silent_ms,
+                "evicted the sessions of a lost node"
+            ),
             Err(e) => {
                 tracing::warn!(node_id, error = %e, "could not evict the sessions of a lost node")
             }
         }
+    }
+}
+
+/// Ends every session `node_id` holds, registered up to now, with one EvictNode through the
+/// log. Returns how many sessions it ended (0 without proposing when there are none).
+async fn evict_node(inner: &Inner, node_id: u64) -> Result<usize, write::WriteError> {
+    let (applied, has_sessions) = {
+        let guard = inner.state.read();
+        let applied = guard.last_applied.map_or(0, |l| l.index);
+        let has = guard
+            .state
+            .tables()
+            .sessions
+            .values()
+            .any(|s| s.conn.node_id == node_id);
+        (applied, has)
+    };
+    if !has_sessions {
+        return Ok(0);
+    }
+    inner
+        .counters
+        .evictions_proposed
+        .fetch_add(1, Ordering::Relaxed);
+    let cmd = Command {
+        at: unix_now(),
+        op: Op::EvictNode {
+            node_id,
+            max_session_id: applied,
+        },
+    };
+    let w = write::write(inner, cmd).await?;
+    let removed = match &w.response {
+        Ok(Outcome::NodeEvicted { removed }) => removed.len(),
+        _ => 0,
+    };
+    inner
+        .counters
+        .evictions_committed
+        .fetch_add(removed as u64, Ordering::Relaxed);
+    Ok(removed)
+}
+
+/// On a graceful shutdown, once the agents were told to move: hands this node's sessions
+/// back, so the agents find their ids free wherever they reconnect. Bounded by the write
+/// timeout; if it fails (no quorum), the leader evicts them later as those of a lost node.
+pub(super) async fn release_own_sessions(inner: &Inner) {
+    match evict_node(inner, inner.id).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(sessions = n, "handed this node's sessions back"),
+        Err(e) => tracing::warn!(error = %e, "could not hand this node's sessions back"),
     }
 }

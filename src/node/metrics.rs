@@ -241,6 +241,12 @@ async fn healthz(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
 }
 
 async fn readyz(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
+    if inner.draining.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: draining for shutdown\n".to_owned(),
+        );
+    }
     match tokio::time::timeout(Duration::from_secs(2), super::read::barrier(&inner)).await {
         Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),

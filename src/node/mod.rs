@@ -87,6 +87,12 @@ pub(crate) struct Inner {
     pub(crate) log: crate::raft::LogStore,
     pub(crate) db: sled::Db,
     pub(crate) initial_secret: Option<Secret>,
+    /// Cancelled first when the node stops: no new connections or requests, in-flight
+    /// requests finish (see [`Node::shutdown`]).
+    pub(crate) draining: CancellationToken,
+    /// Agent and admin requests being served, waited for while draining.
+    pub(crate) requests: TaskTracker,
+    /// Cancelled once the requests are done: every background loop stops.
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
 }
@@ -196,6 +202,8 @@ impl Node {
             log: log_handle,
             db: data.db,
             initial_secret,
+            draining: CancellationToken::new(),
+            requests: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -254,7 +262,7 @@ impl Node {
         self.inner.tasks.spawn(async move {
             loop {
                 let incoming = tokio::select! {
-                    _ = inner.shutdown.cancelled() => break,
+                    _ = inner.draining.cancelled() => break,
                     i = endpoint.accept() => match i {
                         Some(i) => i,
                         None => break,
@@ -325,6 +333,11 @@ impl Node {
         read::barrier(&self.inner).await
     }
 
+    /// Agent and admin requests being served right now.
+    pub fn requests_in_flight(&self) -> usize {
+        self.inner.requests.len()
+    }
+
     /// Agent connections currently open on this node.
     pub fn agent_connections(&self) -> usize {
         self.inner.conns.len()
@@ -335,27 +348,84 @@ impl Node {
         admin::status(&self.inner)
     }
 
-    /// Stops the node: no new connections, Raft stopped, sled flushed, QUIC closed.
+    /// Stops the node gracefully:
+    ///
+    /// 1. drain: refuse new connections; answer new agent and admin requests with "node is
+    ///    shutting down"; let the requests in flight finish (up to `write_timeout`), so an
+    ///    agent never loses the answer to a write that was committed;
+    /// 2. close every agent connection with code 0x103 (move to another node), and hand this
+    ///    node's sessions back through the log (one EvictNode), so the agents find their ids
+    ///    free wherever they reconnect;
+    /// 3. stop the background loops and Raft, flush sled, close QUIC.
     pub async fn shutdown(self) {
-        tracing::info!(node_id = self.inner.id, "shutting down");
-        self.inner.shutdown.cancel();
-        self.inner.conns.close_all(
+        self.stop(true).await;
+    }
+
+    /// Stops at once, leaving the replicated tables as a crash would: no draining (requests
+    /// in flight are cut off) and no hand-back (the node's sessions stay until this node
+    /// restarts or the leader evicts them as a lost node's). Agents are still told to move.
+    /// For tests and tools that need a node gone without its goodbyes.
+    pub async fn halt(self) {
+        self.stop(false).await;
+    }
+
+    async fn stop(self, graceful: bool) {
+        let inner = &self.inner;
+        inner.draining.cancel();
+        self.endpoint.set_server_config(None);
+        if graceful {
+            tracing::info!(
+                node_id = inner.id,
+                in_flight = inner.requests.len(),
+                "shutting down: draining requests"
+            );
+            inner.requests.close();
+            let budget = inner.config.write_timeout() + Duration::from_secs(1);
+            if tokio::time::timeout(budget, inner.requests.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    in_flight = inner.requests.len(),
+                    "requests still unanswered after {budget:?}; closing their connections"
+                );
+            }
+        } else {
+            tracing::info!(node_id = inner.id, "halting");
+        }
+        inner.conns.close_all(
             quinn::VarInt::from_u32(close_code::SHUTTING_DOWN),
             b"node shutting down; reconnect to another node",
         );
+        if graceful {
+            heartbeat::release_own_sessions(inner).await;
+        }
+        inner.shutdown.cancel();
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"node shutting down");
-        if let Err(e) = self.inner.raft.shutdown().await {
+        if let Err(e) = inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not stop cleanly");
         }
-        self.inner.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.inner.tasks.wait()).await;
-        if let Err(e) = self.inner.db.flush_async().await {
+        inner.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), inner.tasks.wait()).await;
+        if let Err(e) = inner.db.flush_async().await {
             tracing::error!(error = %e, "flushing sled on shutdown failed");
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        tracing::info!(node_id = inner.id, "stopped");
     }
 }
+
+/// Finishes an answer stream and waits (briefly) until the peer has it. Request tasks end
+/// only then, so a draining node that closes its connections once the requests are done
+/// never discards an answer still in flight: closing a QUIC connection drops unsent data.
+pub(crate) async fn finish_and_wait(mut send: quinn::SendStream) {
+    if send.finish().is_ok() {
+        let _ = tokio::time::timeout(ANSWER_DELIVERY_WAIT, send.stopped()).await;
+    }
+}
+
+const ANSWER_DELIVERY_WAIT: Duration = Duration::from_secs(5);
 
 /// Socket buffer size asked for: thousands of agent connections send bursts (handshakes,
 /// ping answers) that overflow the kernel's default (~200 KiB) and turn into packet loss.

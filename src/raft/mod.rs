@@ -1,6 +1,7 @@
 //! Raft plumbing: openraft types, sled storage for the log and state machine, and (in
 //! `network`) the peer transport.
 
+pub mod backup;
 mod log_store;
 mod state_machine;
 mod store;

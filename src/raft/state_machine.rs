@@ -140,6 +140,19 @@ impl StateMachineStore {
         Ok(())
     }
 
+    /// Makes `meta`/`data` this store's current snapshot and state (a restore from backup).
+    ///
+    /// # Errors
+    /// The payload does not decode, or sled fails.
+    pub async fn restore_snapshot(
+        &self,
+        meta: &SnapshotMeta,
+        data: &[u8],
+    ) -> Result<(), StorageError> {
+        self.load(meta, data)?;
+        self.persist_snapshot(meta, data).await
+    }
+
     async fn persist_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
         let meta_bytes = codec::encode(meta).map_err(snap_write_err)?;
         let mut batch = sled::Batch::default();
@@ -151,26 +164,45 @@ impl StateMachineStore {
     }
 }
 
+/// The applied state as a snapshot: its meta and its payload bytes (what `build_snapshot`
+/// persists, and what a backup carries).
+///
+/// # Errors
+/// The tables cannot be encoded.
+pub fn capture(applied: &Applied) -> Result<(SnapshotMeta, Vec<u8>), StorageError> {
+    let payload = SnapshotPayload {
+        format: SNAPSHOT_FORMAT,
+        tables: applied.state.tables().clone(),
+    };
+    let data = codec::encode(&payload).map_err(snap_write_err)?;
+    let snapshot_id = match applied.last_applied {
+        Some(id) => format!("{}-{}", id.leader_id, id.index),
+        None => "empty".to_owned(),
+    };
+    let meta = RaftSnapshotMeta {
+        last_log_id: applied.last_applied,
+        last_membership: applied.membership.clone(),
+        snapshot_id,
+    };
+    Ok((meta, data))
+}
+
+/// Decodes a snapshot payload into the tables it carries.
+///
+/// # Errors
+/// The bytes are not a snapshot payload of a format this build reads.
+pub fn decode_tables(data: &[u8]) -> Result<Tables, String> {
+    let payload: SnapshotPayload =
+        codec::decode(data).map_err(|e| format!("malformed snapshot payload: {e}"))?;
+    if payload.format != SNAPSHOT_FORMAT {
+        return Err(format!("unsupported snapshot format {}", payload.format));
+    }
+    Ok(payload.tables)
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let (meta, data) = {
-            let applied = self.applied.read();
-            let payload = SnapshotPayload {
-                format: SNAPSHOT_FORMAT,
-                tables: applied.state.tables().clone(),
-            };
-            let data = codec::encode(&payload).map_err(snap_write_err)?;
-            let snapshot_id = match applied.last_applied {
-                Some(id) => format!("{}-{}", id.leader_id, id.index),
-                None => "empty".to_owned(),
-            };
-            let meta = RaftSnapshotMeta {
-                last_log_id: applied.last_applied,
-                last_membership: applied.membership.clone(),
-                snapshot_id,
-            };
-            (meta, data)
-        };
+        let (meta, data) = capture(&self.applied.read())?;
         self.persist_snapshot(&meta, &data).await?;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
         Ok(Snapshot {

@@ -67,6 +67,19 @@ pub struct Tables {
     pub keyring: Keyring,
 }
 
+impl Tables {
+    /// Hex SHA-256 of the tables' canonical (bincode) encoding. Two nodes that applied the
+    /// same log prefix report the same digest, so `agentreg status` can show that the
+    /// replicas agree (like etcd's `hashkv`). Signing keys are 256-bit random values, so the
+    /// digest reveals nothing about them.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let bytes = bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .expect("the tables always encode");
+        hex::encode(Sha256::digest(bytes))
+    }
+}
+
 /// Table sizes, for status and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableSizes {

@@ -194,6 +194,14 @@ impl TestCluster {
         node.shutdown().await;
     }
 
+    /// Stops a node the way a crash leaves the tables: no draining, no hand-back of its
+    /// sessions (see `Node::halt`). Its data dir stays.
+    pub async fn crash(&mut self, id: u64) {
+        tracing::info!("--- crashing node {id}");
+        let node = self.nodes.remove(&id).expect("node running");
+        node.halt().await;
+    }
+
     /// Restarts a stopped node from its data dir, on its old address.
     pub async fn restart(&mut self, id: u64) {
         tracing::info!("--- restarting node {id}");
@@ -269,8 +277,13 @@ impl TestCluster {
 
 /// GET `path` from a node's HTTP endpoint: (status code, body).
 pub async fn http_get(node: &Node, path: &str) -> (u16, String) {
+    http_get_at(node.metrics_addr().expect("metrics enabled"), path).await
+}
+
+/// GET `path` from `addr`: (status code, body).
+#[allow(dead_code)]
+pub async fn http_get_at(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = node.metrics_addr().expect("metrics enabled");
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect to metrics");

@@ -1,0 +1,117 @@
+//! Graceful shutdown: a stopping node refuses new requests but answers the writes already in
+//! flight, tells its agents to move (close code 0x103), and hands their sessions back
+//! through the log at once rather than leaving them for the lost-node timeout.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentreg::node::close_code;
+use common::*;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_node_finishes_in_flight_writes_and_hands_sessions_back() {
+    let mut opts = Options {
+        faults: true,
+        ..Options::default()
+    };
+    opts.raft.write_timeout_ms = 20_000;
+    // Long enough that only the hand-back can end the sessions within the test.
+    opts.heartbeat.interval_ms = 30_000;
+    opts.heartbeat.ping_timeout_ms = 5_000;
+    opts.heartbeat.agent_timeout_ms = 300_000;
+    let mut cluster = TestCluster::start(opts).await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
+    let f = cluster.follower().await;
+
+    // A legacy agent registered on f, and a claim left in flight there: f is cut off.
+    let sitter = cluster.raw(f).await;
+    let r = sitter
+        .request(
+            json!({"type": "system_request", "command": "register_agent", "agent_id": "sitter"}),
+        )
+        .await;
+    assert_eq!(r["success"], true, "{r}");
+    cluster.net().isolate(f);
+    let claimer = Arc::new(cluster.raw(f).await);
+    let node = cluster.nodes.remove(&f).unwrap();
+    wait_for("the registration's answer delivered", TIMEOUT, || async {
+        (node.requests_in_flight() == 0).then_some(())
+    })
+    .await;
+    let pending = tokio::spawn({
+        let c = claimer.clone();
+        async move {
+            c.request(json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "in-flight"}))
+                .await
+        }
+    });
+    let metrics = node.metrics_addr().unwrap();
+    wait_for(
+        "the claim in flight on the cut-off node",
+        TIMEOUT,
+        || async { (node.requests_in_flight() == 1).then_some(()) },
+    )
+    .await;
+
+    let stopping = tokio::spawn(node.shutdown());
+    wait_for("the node to report draining", TIMEOUT, || async {
+        let (code, body) = http_get_at(metrics, "/readyz").await;
+        (code == 503 && body.contains("draining")).then_some(())
+    })
+    .await;
+    // New requests are refused and change nothing; the one in flight still waits.
+    let late = claimer
+        .request(json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "late"}))
+        .await;
+    assert_eq!(late["success"], false, "{late}");
+    assert!(
+        late["error"].as_str().unwrap().contains("shutting down"),
+        "{late}"
+    );
+    assert!(!stopping.is_finished());
+    if pending.is_finished() {
+        panic!("the in-flight claim ended early: {:?}", pending.await);
+    }
+
+    cluster.net().heal();
+    let answer = tokio::time::timeout(TIMEOUT, pending)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        answer["success"], true,
+        "the in-flight claim is answered: {answer}"
+    );
+    tokio::time::timeout(Duration::from_secs(30), stopping)
+        .await
+        .expect("shutdown finishes")
+        .unwrap();
+    for conn in [&sitter.conn, &claimer.conn] {
+        match conn.closed().await {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(
+                    c.error_code,
+                    quinn::VarInt::from_u32(close_code::SHUTTING_DOWN)
+                )
+            }
+            other => panic!("agent connection ended with {other:?}, not 0x103"),
+        }
+    }
+
+    // The survivors hold the claim, and the stopped node's session is gone already.
+    let survivor = *cluster.nodes.keys().next().unwrap();
+    wait_for("the session handed back", TIMEOUT, || async {
+        let node = cluster.node(survivor);
+        let guard = node.state().read();
+        let tables = guard.state.tables();
+        (tables.claims.contains_key("in-flight")
+            && !tables.claims.contains_key("late")
+            && !tables.sessions.contains_key("sitter"))
+        .then_some(())
+    })
+    .await;
+}
