@@ -21,7 +21,8 @@ stop() {
 trap stop INT TERM
 
 for i in 1 2 3; do
-  "$bin" node --config "$dir/node$i.toml" 2>&1 | sed -u "s/^/[node$i] /" &
+  # $! must be the node itself (not a pipeline's last command) so that stop() signals it.
+  "$bin" node --config "$dir/node$i.toml" > >(sed -u "s/^/[node$i] /") 2>&1 &
   pids+=($!)
 done
 
