@@ -127,6 +127,41 @@ async fn a_peer_with_a_certificate_from_another_ca_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_operator_certificate_cannot_speak_raft() {
+    let cluster = TestCluster::start(Options::default()).await;
+    let leader = cluster.leader().await;
+    let term = max_term(&cluster);
+    let read = |name: &str| std::fs::read_to_string(cluster.tls_dir().join(name)).unwrap();
+    let (ca, op_cert, op_key) = (read("ca.pem"), read("operator.pem"), read("operator.key"));
+
+    // Signed by the cluster CA, but an operator's (clientAuth only): refused on the peer ALPN.
+    let client = PeerClient::new(
+        leader,
+        cluster.addrs[&leader].to_string(),
+        raw_dialer(&ca, Some((&op_cert, &op_key))),
+    );
+    let err = client
+        .call(&disruptive_vote(), CALL)
+        .await
+        .expect_err("an operator certificate was served as a peer");
+    tracing::info!(error = %err, "refused as expected");
+    assert_eq!(max_term(&cluster), term, "the operator's vote reached Raft");
+
+    // A node's certificate on the same path is served (the check is not refusing everyone).
+    let (node_cert, node_key) = (read("node2.pem"), read("node2.key"));
+    let client = PeerClient::new(
+        leader,
+        cluster.addrs[&leader].to_string(),
+        raw_dialer(&ca, Some((&node_cert, &node_key))),
+    );
+    assert!(matches!(
+        client.call(&harmless_vote(), CALL).await,
+        Ok(PeerResponse::Vote(_))
+    ));
+    assert_eq!(cluster.leader().await, leader);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_without_a_client_certificate_is_refused() {
     let cluster = TestCluster::start(Options::default()).await;
     let leader = cluster.leader().await;

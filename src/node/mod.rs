@@ -87,6 +87,8 @@ pub(crate) struct Inner {
     pub(crate) log: crate::raft::LogStore,
     pub(crate) db: sled::Db,
     pub(crate) initial_secret: Option<Secret>,
+    /// Checks that a peer connection comes from a node, not an operator.
+    pub(crate) node_authority: tls::NodeAuthority,
     /// Cancelled first when the node stops: no new connections or requests, in-flight
     /// requests finish (see [`Node::shutdown`]).
     pub(crate) draining: CancellationToken,
@@ -157,6 +159,7 @@ impl Node {
             addr: config.listen,
             source,
         })?;
+        let node_authority = tls.node_authority(&config.tls.server_name)?;
         let peers = Peers::new(PeerDialer {
             endpoint: endpoint.clone(),
             client_config: tls.peer_client_config()?,
@@ -202,6 +205,7 @@ impl Node {
             log: log_handle,
             db: data.db,
             initial_secret,
+            node_authority,
             draining: CancellationToken::new(),
             requests: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -279,7 +283,13 @@ impl Node {
                         }
                     };
                     match tls::classify(&conn) {
-                        Ok(ConnectionKind::Peer) => peer_service::serve(inner, conn).await,
+                        Ok(ConnectionKind::Peer) => match inner.node_authority.check(&conn) {
+                            Ok(()) => peer_service::serve(inner, conn).await,
+                            Err(e) => {
+                                tracing::warn!(%remote, error = %e, "refusing peer connection");
+                                conn.close(quinn::VarInt::from_u32(1), e.to_string().as_bytes());
+                            }
+                        },
                         Ok(ConnectionKind::Admin) => admin::serve(inner, conn).await,
                         Ok(ConnectionKind::Agent) => agent_service::serve(inner, conn).await,
                         Err(e) => {

@@ -192,6 +192,10 @@ pub enum TlsError {
         /// What the connection asked to be.
         kind: ConnectionKind,
     },
+    /// A peer connection presented a certificate of the cluster CA that is not a node's
+    /// (an operator's, say): it lacks serverAuth or the cluster's server name.
+    #[error("peer connection presented a certificate that is not a node certificate: {0}")]
+    NotANode(rustls::Error),
 }
 
 /// Paths of the PEM files a node (or the operator CLI) loads.
@@ -310,6 +314,25 @@ impl NodeTls {
             chain,
             key: private_key,
         })
+    }
+
+    /// What tells node certificates apart on peer connections (see [`NodeAuthority`]).
+    ///
+    /// # Errors
+    /// `server_name` is not a valid DNS name or IP address, or the verifier cannot be built.
+    pub fn node_authority(&self, server_name: &str) -> Result<NodeAuthority, TlsError> {
+        let name =
+            rustls::pki_types::ServerName::try_from(server_name.to_owned()).map_err(|_| {
+                TlsError::Config(rustls::Error::General(format!(
+                    "invalid server name {server_name:?}"
+                )))
+            })?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            self.roots.clone(),
+            self.provider.clone(),
+        )
+        .build()?;
+        Ok(NodeAuthority { verifier, name })
     }
 
     /// Server side of a node, serving all three ALPNs.
@@ -501,6 +524,35 @@ pub fn classify(conn: &quinn::Connection) -> Result<ConnectionKind, TlsError> {
         return Err(TlsError::NoClientCertificate { kind });
     }
     Ok(kind)
+}
+
+/// Tells node certificates from the other certificates of the cluster CA. Only a node may
+/// speak the peer protocol (Raft): a client certificate on a peer connection must also be
+/// valid as a node's server certificate, that is carry serverAuth and the cluster's server
+/// name, which operator certificates (clientAuth only) do not.
+#[derive(Clone)]
+pub struct NodeAuthority {
+    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl NodeAuthority {
+    /// Checks that the client certificate of `conn` is a node certificate.
+    ///
+    /// # Errors
+    /// [`TlsError::NoClientCertificate`] or [`TlsError::NotANode`].
+    pub fn check(&self, conn: &quinn::Connection) -> Result<(), TlsError> {
+        let chain = peer_certificates(conn).ok_or(TlsError::NoClientCertificate {
+            kind: ConnectionKind::Peer,
+        })?;
+        let (leaf, intermediates) = chain.split_first().ok_or(TlsError::NoClientCertificate {
+            kind: ConnectionKind::Peer,
+        })?;
+        self.verifier
+            .verify_server_cert(leaf, intermediates, &self.name, &[], UnixTime::now())
+            .map(|_| ())
+            .map_err(TlsError::NotANode)
+    }
 }
 
 /// The client certificate chain the peer presented (leaf first), or `None` if
