@@ -11,7 +11,9 @@ use crate::node::AdminRequest;
 use crate::transport::frame::{read_frame, write_frame};
 use crate::transport::tls::{NodeTls, TlsFiles};
 
-const MAX_ANSWER: usize = 4 * 1024 * 1024;
+/// Largest answer frame read. Requests stay small (the node takes at most 4 MiB), but list
+/// answers grow with the tables: about 150 bytes per session, so this fits a million.
+const MAX_ANSWER: usize = 256 * 1024 * 1024;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct AdminClient {

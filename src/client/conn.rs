@@ -77,7 +77,7 @@ impl Connector {
             let addr = &self.nodes[i];
             match self.dial(addr).await {
                 Ok(conn) => {
-                    tracing::info!(node = %addr, "connected");
+                    tracing::debug!(node = %addr, "connected");
                     spawn_ping_answerer(conn.clone());
                     *current = Some((i, conn.clone()));
                     *self.latest.lock().unwrap_or_else(|e| e.into_inner()) =
