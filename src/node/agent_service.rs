@@ -208,7 +208,7 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
             let session_id = inner.session_on(&agent_id, conn).ok_or_else(|| {
                 format!("Agent ID {agent_id} is not registered on this connection")
             })?;
-            commit(
+            let outcome = commit(
                 inner,
                 Op::Unregister {
                     agent_id: agent_id.clone(),
@@ -217,6 +217,13 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
             )
             .await?;
             inner.conns.set_agent(conn_id, None);
+            // This node's tables may have lagged: the session can have been taken over or
+            // evicted before the unregister was committed. Say so rather than "success".
+            if !matches!(outcome, Outcome::SessionEnded { ended: Some(_) }) {
+                return Err(format!(
+                    "Agent ID {agent_id} is not registered on this connection (session {session_id} already ended)"
+                ));
+            }
             Ok(fields(
                 json!({ "agent_id": agent_id, "session_id": session_id }),
             ))

@@ -134,8 +134,13 @@ async fn backward(
 ) {
     let mut buf = vec![0u8; 65536];
     loop {
-        let Ok(n) = up.recv(&mut buf).await else {
-            return;
+        // A connected UDP socket reports an ICMP "port unreachable" (the node is not up yet,
+        // or was killed and is restarting) as an error on the next receive: not a reason to
+        // stop relaying, or the link would stay cut after the node comes back.
+        let n = match up.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+            Err(_) => return,
         };
         if rules.allows(Some(to), from) {
             let _ = listen.send_to(&buf[..n], src).await;

@@ -1,0 +1,384 @@
+//! Fault injection under load: three `agentreg` processes on loopback, a workload of
+//! concurrent agents, kills, pauses and partitions, and a checker run on what the clients saw
+//! and on the final tables of every node (see `checker` for the invariants).
+//!
+//! `short_run` runs in the suite. `long_run` is ignored by default and takes its seed and
+//! duration from AGENTREG_FAULT_SEED and AGENTREG_FAULT_SECS: scripts/fault-run.sh.
+//! Every run prints its seed; the seed fixes the fault schedule and every agent's choices
+//! (the interleaving still depends on timing).
+
+mod checker;
+#[path = "../common/faultnet.rs"]
+mod faultnet;
+mod harness;
+mod history;
+mod workload;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use harness::{Cluster, NODES};
+use history::{DigestSample, FinalTables, History, OpKind, Ret, Serial};
+use workload::Shared;
+
+const WORKERS: usize = 6;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Kill,
+    Pause,
+    IsolateLeader,
+    IsolateNode,
+    CutLink,
+}
+
+const FAULTS: [Fault; 5] = [
+    Fault::Kill,
+    Fault::Pause,
+    Fault::IsolateLeader,
+    Fault::IsolateNode,
+    Fault::CutLink,
+];
+
+struct Report {
+    seed: u64,
+    history: History,
+    schedule: Vec<String>,
+    violations: Vec<checker::Violation>,
+    kept: Option<std::path::PathBuf>,
+    elapsed: Duration,
+}
+
+impl Report {
+    fn summary(&self) -> String {
+        let mut out = format!(
+            "fault run: seed {} ran {:.0?}, {} operations, {} faults, {} violations\n",
+            self.seed,
+            self.elapsed,
+            self.history.ops.len(),
+            self.schedule.len(),
+            self.violations.len()
+        );
+        out.push_str("operations by kind and outcome:\n");
+        for ((kind, outcome), n) in self.history.counts() {
+            out.push_str(&format!("  {kind:<16} {outcome:<14} {n}\n"));
+        }
+        let mut by_fault: BTreeMap<&str, usize> = BTreeMap::new();
+        for f in &self.schedule {
+            *by_fault
+                .entry(
+                    f.split_whitespace()
+                        .nth(1)
+                        .unwrap_or("?")
+                        .trim_end_matches(':'),
+                )
+                .or_default() += 1;
+        }
+        out.push_str(&format!("faults injected: {by_fault:?}\n"));
+        out
+    }
+
+    fn failure(&self) -> String {
+        let mut out = format!(
+            "FAULT RUN FAILED: reproduce with AGENTREG_FAULT_SEED={} scripts/fault-run.sh\n",
+            self.seed
+        );
+        out.push_str("fault schedule:\n");
+        for f in &self.schedule {
+            out.push_str(&format!("  {f}\n"));
+        }
+        for v in &self.violations {
+            out.push_str(&v.render(&self.history));
+        }
+        if let Some(dir) = &self.kept {
+            for id in NODES {
+                let log =
+                    std::fs::read_to_string(dir.join(format!("node{id}.log"))).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                out.push_str(&format!("--- last lines of node {id}'s log:\n"));
+                for l in &lines[lines.len().saturating_sub(15)..] {
+                    out.push_str(&format!("    {l}\n"));
+                }
+            }
+            out.push_str(&format!("node logs and data kept in {}\n", dir.display()));
+        }
+        out
+    }
+}
+
+async fn run(seed: u64, duration: Duration) -> Report {
+    eprintln!("fault run: seed {seed}, {duration:?}");
+    let started = Instant::now();
+    let mut cluster = Cluster::start().await;
+    wait_until("a leader", Duration::from_secs(30), || async {
+        cluster.leader().await
+    })
+    .await;
+    let shared = Shared::new(cluster.addrs.clone(), &cluster.ca_pem());
+
+    // Samples of (applied index, digest) from every node, to catch divergence mid-run.
+    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|i| {
+            tokio::spawn(workload::run_worker(
+                shared.clone(),
+                i,
+                seed.wrapping_mul(31).wrapping_add(i as u64),
+            ))
+        })
+        .collect();
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut schedule = Vec::new();
+    let deadline = Instant::now() + duration;
+    let mut round: Vec<Fault> = Vec::new();
+    while Instant::now() < deadline {
+        let calm = Duration::from_millis(rng.gen_range(500..1500));
+        sample(&cluster, &samples, calm).await;
+        if round.is_empty() {
+            round = FAULTS.to_vec();
+            round.shuffle(&mut rng);
+        }
+        let fault = round.pop().expect("non-empty");
+        let hold = Duration::from_millis(rng.gen_range(800..3000));
+        let victim = NODES[rng.gen_range(0..NODES.len())];
+        let at = shared.micros() as f64 / 1e6;
+        let what = match fault {
+            Fault::Kill => {
+                cluster.kill(victim);
+                format!("kill -9 node {victim}, restart after {hold:?}")
+            }
+            Fault::Pause => {
+                cluster.pause(victim);
+                format!("SIGSTOP node {victim}, SIGCONT after {hold:?}")
+            }
+            Fault::IsolateLeader => {
+                let leader = cluster.leader().await.unwrap_or(victim);
+                cluster.net.isolate(leader);
+                format!("isolate the leader (node {leader}) for {hold:?}")
+            }
+            Fault::IsolateNode => {
+                cluster.net.isolate(victim);
+                format!("isolate node {victim} for {hold:?}")
+            }
+            Fault::CutLink => {
+                let other = NODES
+                    .iter()
+                    .copied()
+                    .filter(|n| *n != victim)
+                    .nth(rng.gen_range(0..2))
+                    .unwrap();
+                cluster.net.cut(victim, other);
+                format!("cut node {victim} <-> node {other} for {hold:?}")
+            }
+        };
+        schedule.push(format!("{at:>8.3}s {fault:?}: {what}"));
+        sample(&cluster, &samples, hold).await;
+        cluster.restore_all();
+    }
+
+    // Let the workload see a healthy cluster for a moment, then stop it.
+    sample(&cluster, &samples, Duration::from_secs(2)).await;
+    shared.stop.cancel();
+    for w in workers {
+        w.await.expect("worker panicked");
+    }
+
+    let mut history = std::mem::take(&mut *shared.history.lock().unwrap());
+    history.samples = std::mem::take(&mut *samples.lock().unwrap());
+    let mut violations = Vec::new();
+    match final_tables(&cluster, &shared, &history).await {
+        Ok(finals) => history.finals = finals,
+        Err(e) => violations.push(checker::Violation {
+            kind: checker::DIVERGENCE,
+            message: e,
+            ops: vec![],
+        }),
+    }
+    violations.extend(checker::check(&history));
+    let kept = (!violations.is_empty()).then(|| cluster.keep());
+    Report {
+        seed,
+        history,
+        schedule,
+        violations,
+        kept,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// Samples every reachable node's applied index and digest for `period`.
+async fn sample(
+    cluster: &Cluster,
+    samples: &std::sync::Mutex<Vec<DigestSample>>,
+    period: Duration,
+) {
+    let end = Instant::now() + period;
+    while Instant::now() < end {
+        for id in NODES {
+            if let Some(s) = cluster.status(id).await {
+                if let Some(applied_index) = s.applied_index {
+                    samples.lock().unwrap().push(DigestSample {
+                        node: id,
+                        applied_index,
+                        digest: s.state_digest,
+                    });
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Once healed and quiet, every node's tables: claims and sessions (after its read barrier),
+/// and which of the certificates the workload tried to end it refuses as revoked.
+async fn final_tables(
+    cluster: &Cluster,
+    shared: &Shared,
+    history: &History,
+) -> Result<BTreeMap<u64, FinalTables>, String> {
+    let ended: Vec<Serial> = history
+        .ops
+        .iter()
+        .filter(|o| !matches!(o.ret, Ret::Refused(_)))
+        .filter_map(|o| match o.kind {
+            OpKind::Release { cert } | OpKind::Revoke { cert } => Some(cert),
+            _ => None,
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let certs = shared.certs.lock().unwrap().clone();
+    let client_config =
+        agentreg::transport::tls::agent_client_config(&cluster.ca_pem()).expect("tls");
+    // Quiet: all nodes at one applied index with one digest, twice in a row.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last: Option<Vec<(Option<u64>, String)>> = None;
+    loop {
+        let mut seen = Vec::new();
+        for id in NODES {
+            if let Some(s) = cluster.status(id).await {
+                seen.push((s.applied_index, s.state_digest));
+            }
+        }
+        let agreed = seen.len() == NODES.len() && seen.windows(2).all(|w| w[0] == w[1]);
+        if agreed && last.as_ref() == Some(&seen) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the nodes did not converge within 60 s after healing: (applied index, digest) {seen:?}"
+            ));
+        }
+        last = Some(seen);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    let mut out = BTreeMap::new();
+    for id in NODES {
+        let status = cluster.status(id).await.expect("status");
+        let (claims, sessions) = cluster.tables(id).await.expect("tables");
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(client_config.clone());
+        let conn = endpoint
+            .connect(
+                cluster.addrs[&id],
+                agentreg::transport::tls::DEFAULT_SERVER_NAME,
+            )
+            .unwrap()
+            .await
+            .expect("connect for the final validations");
+        let mut revoked = std::collections::BTreeSet::new();
+        for serial in &ended {
+            let Some((_, cert)) = certs.get(serial) else {
+                continue;
+            };
+            let req = json!({"type": "system_request", "command": "validate_certificate", "certificate": cert});
+            let answer = workload::request(&conn, &req)
+                .await
+                .expect("final validation");
+            if answer["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("revoked"))
+            {
+                revoked.insert(*serial);
+            }
+        }
+        conn.close(quinn::VarInt::from_u32(0), b"done");
+        out.insert(
+            id,
+            FinalTables {
+                claims: claims.into_iter().map(|(k, v)| (k, Serial(v))).collect(),
+                sessions,
+                revoked,
+                applied_index: status.applied_index.unwrap_or(0),
+                digest: status.state_digest,
+            },
+        );
+    }
+    Ok(out)
+}
+
+async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn seed_from_env() -> u64 {
+    match std::env::var("AGENTREG_FAULT_SEED") {
+        Ok(s) => s.parse().expect("AGENTREG_FAULT_SEED must be a number"),
+        Err(_) => rand::random::<u32>().into(),
+    }
+}
+
+fn assert_clean(report: &Report) {
+    eprintln!("{}", report.summary());
+    if let Ok(path) = std::env::var("AGENTREG_FAULT_SUMMARY") {
+        std::fs::write(path, report.summary()).expect("write summary");
+    }
+    assert!(report.violations.is_empty(), "{}", report.failure());
+}
+
+/// About a minute of faults under load (every fault kind at least twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn short_run() {
+    let secs = std::env::var("AGENTREG_FAULT_SHORT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(45);
+    let report = run(seed_from_env(), Duration::from_secs(secs)).await;
+    // The run must have exercised something: operations of every outcome and every fault.
+    let counts = report.history.counts();
+    assert!(
+        counts.keys().any(|(_, o)| o == "ok"),
+        "no operation succeeded"
+    );
+    assert!(report.schedule.len() >= FAULTS.len());
+    assert_clean(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "long: scripts/fault-run.sh"]
+async fn long_run() {
+    let secs: u64 = std::env::var("AGENTREG_FAULT_SECS")
+        .map(|s| s.parse().expect("AGENTREG_FAULT_SECS must be a number"))
+        .unwrap_or(300);
+    let report = run(seed_from_env(), Duration::from_secs(secs)).await;
+    assert_clean(&report);
+}
