@@ -215,3 +215,49 @@ async fn an_isolated_leader_acknowledges_nothing_and_its_entries_are_discarded()
         );
     }
 }
+
+/// A cut-off node refuses a linearizable validation ("cluster unavailable") but answers a
+/// local one from its own tables, and the local verdict can be stale: a revocation the
+/// majority acknowledged meanwhile is not seen there until the cut heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_validation_answers_without_a_quorum_and_may_be_stale() {
+    let cluster = TestCluster::start(Options {
+        faults: true,
+        ..Options::default()
+    })
+    .await;
+    let leader = cluster.leader().await;
+    cluster.keyring_ready().await;
+    let cut = cluster.follower().await;
+    let agent = cluster.agent(leader).await;
+    let cert = agent.claim_agent_id("local-reader", false).await.unwrap();
+    cluster.applied_everywhere(cert.serial).await;
+
+    cluster.net().isolate(cut);
+    agent.revoke_certificate(&cert).await.unwrap();
+    let raw = cluster.raw(cut).await;
+    let validate = |consistency: &str| {
+        json!({"type": "system_request", "command": "validate_certificate",
+               "certificate": cert, "consistency": consistency})
+    };
+    let lin = raw.request(validate("linearizable")).await;
+    assert_eq!(lin["success"], false, "{lin}");
+    assert!(
+        lin["error"].as_str().unwrap().contains("unavailable"),
+        "{lin}"
+    );
+    let local = raw.request(validate("local")).await;
+    assert_eq!(local["success"], true, "{local}");
+    assert_eq!(
+        local["valid"], true,
+        "the cut-off node has not seen the revocation: {local}"
+    );
+
+    cluster.net().heal();
+    wait_for("the healed node to see the revocation", TIMEOUT, || async {
+        let v = raw.request(validate("local")).await;
+        (v["valid"] == false).then_some(())
+    })
+    .await;
+    agent.close().await;
+}

@@ -301,9 +301,30 @@ impl AgentClient {
         &self,
         cert: &Certificate,
     ) -> Result<Validation, ClientError> {
+        self.validate_certificate_with(cert, agent::Consistency::Linearizable)
+            .await
+    }
+
+    /// Like [`AgentClient::validate_certificate`]; `Consistency::Local` asks the connected
+    /// node's own tables, without a round trip to the leader (faster, possibly stale).
+    ///
+    /// # Errors
+    /// The cluster could not answer.
+    pub async fn validate_certificate_with(
+        &self,
+        cert: &Certificate,
+        consistency: agent::Consistency,
+    ) -> Result<Validation, ClientError> {
+        let consistency = match consistency {
+            agent::Consistency::Linearizable => "linearizable",
+            agent::Consistency::Local => "local",
+        };
         let r = self
             .shared
-            .call(agent::VALIDATE_CERTIFICATE, json!({"certificate": cert}))
+            .call(
+                agent::VALIDATE_CERTIFICATE,
+                json!({"certificate": cert, "consistency": consistency}),
+            )
             .await?;
         Ok(Validation {
             valid: r.get("valid").and_then(Value::as_bool).unwrap_or(false),

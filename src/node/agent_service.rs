@@ -157,10 +157,15 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
                 other => Err(unexpected(&other)),
             }
         }
-        AgentRequest::ValidateCertificate { certificate } => {
-            read::barrier(inner)
-                .await
-                .map_err(|e| format!("cluster unavailable: {e}"))?;
+        AgentRequest::ValidateCertificate {
+            certificate,
+            consistency,
+        } => {
+            if consistency == agent::Consistency::Linearizable {
+                read::barrier(inner)
+                    .await
+                    .map_err(|e| format!("cluster unavailable: {e}"))?;
+            }
             Ok(validation(inner, &certificate))
         }
         AgentRequest::RegisterAgent {

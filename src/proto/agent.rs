@@ -41,6 +41,7 @@ pub enum AgentRequest {
     },
     ValidateCertificate {
         certificate: Certificate,
+        consistency: Consistency,
     },
     PingAgent {
         /// Echoed back verbatim.
@@ -61,6 +62,18 @@ pub enum AgentRequest {
     RevokeCertificate {
         certificate: Certificate,
     },
+}
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Consistency {
+    /// After a read-index barrier: reflects every write acknowledged before the request
+    /// (the default; what makes a revocation effective everywhere at once).
+    #[default]
+    Linearizable,
+    /// From this node's applied tables, with no round trip: may miss writes acknowledged
+    /// elsewhere moments ago (like etcd's serializable reads).
+    Local,
 }
 
 /// A request as far as it could be read: `command` and `request_id` are kept whenever the
@@ -142,6 +155,22 @@ fn parse_fields(obj: &Map<String, Value>) -> Result<AgentRequest, String> {
         },
         VALIDATE_CERTIFICATE => AgentRequest::ValidateCertificate {
             certificate: f.certificate()?,
+            consistency: match obj.get("consistency") {
+                None | Some(Value::Null) => Consistency::Linearizable,
+                Some(Value::String(c)) if c == "linearizable" => Consistency::Linearizable,
+                Some(Value::String(c)) if c == "local" => Consistency::Local,
+                Some(Value::String(c)) => {
+                    return Err(format!(
+                        "field consistency must be \"linearizable\" or \"local\", not {c:?}"
+                    ))
+                }
+                Some(other) => {
+                    return Err(format!(
+                        "field consistency must be a string, not {}",
+                        kind(other)
+                    ))
+                }
+            },
         },
         PING_AGENT => {
             let timestamp = match obj.get("timestamp") {

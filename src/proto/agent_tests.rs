@@ -46,6 +46,14 @@ fn every_command_parses() {
             json!({"type":"system_request","command":"validate_certificate","certificate":c}),
             AgentRequest::ValidateCertificate {
                 certificate: cert(),
+                consistency: Consistency::Linearizable,
+            },
+        ),
+        (
+            json!({"type":"system_request","command":"validate_certificate","certificate":c,"consistency":"local"}),
+            AgentRequest::ValidateCertificate {
+                certificate: cert(),
+                consistency: Consistency::Local,
             },
         ),
         (
@@ -187,6 +195,19 @@ fn bad_inputs_get_clear_errors() {
             json!({"type":"system_request","command":"validate_certificate","certificate":"abc"})
         ),
         "field certificate must be an object, not a string"
+    );
+    let c = serde_json::to_value(cert()).unwrap();
+    assert_eq!(
+        err_of(
+            json!({"type":"system_request","command":"validate_certificate","certificate":c,"consistency":"stale"})
+        ),
+        "field consistency must be \"linearizable\" or \"local\", not \"stale\""
+    );
+    assert_eq!(
+        err_of(
+            json!({"type":"system_request","command":"validate_certificate","certificate":c,"consistency":1})
+        ),
+        "field consistency must be a string, not a number"
     );
     assert_eq!(
         err_of(json!({"type":"system_request","command":"validate_certificate"})),
