@@ -78,9 +78,12 @@ pub struct RaftConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
-            heartbeat_interval_ms: 100,
-            election_timeout_min_ms: 500,
-            election_timeout_max_ms: 1000,
+            // openraft's own defaults. The leader lease is election_timeout_max: a follower
+            // refuses votes for that long after it last heard from the leader, so a killed
+            // leader is replaced in about one to two times election_timeout_max.
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
             snapshot_logs_since_last: 10_000,
             max_in_snapshot_log_to_keep: 1_000,
             write_timeout_ms: 5_000,

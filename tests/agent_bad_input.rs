@@ -262,7 +262,11 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
     cluster.applied_everywhere(w.index).await;
     for id in 1..=3 {
         let mut t = cluster.tables(id);
-        t.claims.remove("barrier-2");
+        let barrier = t.claims.remove("barrier-2").expect("the barrier claim");
+        // The barrier claim took the next id; refused commands took none.
+        assert_eq!(t.next_id, barrier.serial + 1);
+        assert!(barrier.serial >= before[id as usize - 1].next_id);
+        t.next_id = before[id as usize - 1].next_id;
         assert_eq!(
             t,
             before[id as usize - 1],

@@ -17,6 +17,23 @@ use common::*;
 use serde_json::json;
 
 const AGENTS: usize = 2_000;
+/// Memory both ends of one agent connection may cost together (the node's side and the
+/// agent's, as they share this process). quinn allocates every stream a connection may
+/// open up front: with 1,024 streams allowed each way this was about 240 KiB; with an
+/// agent's limits (64 towards the node, 8 towards the agent) it is about 80 KiB.
+const MAX_BYTES_PER_AGENT: u64 = 128 * 1024;
+
+/// Resident memory of this process.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
 
 async fn request(conn: &quinn::Connection, v: serde_json::Value) -> serde_json::Value {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -50,6 +67,7 @@ async fn two_thousand_agents_on_one_node_are_pinged_without_false_evictions() {
         })
         .collect();
     let node = cluster.addrs[&1];
+    let rss_before = rss();
 
     tracing::info!("--- connecting and registering {AGENTS} agents on node 1");
     let started = tokio::time::Instant::now();
@@ -102,12 +120,18 @@ async fn two_thousand_agents_on_one_node_are_pinged_without_false_evictions() {
     )
     .await;
     let elapsed = rounds_started.elapsed();
+    let per_agent = rss().saturating_sub(rss_before) / AGENTS as u64;
     let after = cluster.node(1).status().heartbeat;
     tracing::info!(
         secs = elapsed.as_secs_f64(),
         pings = after.pings_sent - before.pings_sent,
         missed = after.pings_missed - before.pings_missed,
+        per_agent,
         "ping rounds done"
+    );
+    assert!(
+        per_agent < MAX_BYTES_PER_AGENT,
+        "{per_agent} bytes of memory per agent connection (both ends)"
     );
     assert_eq!(after.agents_connected, AGENTS as u64);
     assert_eq!(

@@ -261,3 +261,94 @@ async fn local_validation_answers_without_a_quorum_and_may_be_stale() {
     .await;
     agent.close().await;
 }
+
+/// Found by the fault suite (its double-owner check): an unregister sent to a node that had
+/// not yet applied a takeover of its agent's session was answered with success. The node
+/// proposes Unregister with the session id from its own, lagging table; once applied that
+/// entry ends nothing (the id no longer matches), and the agent must be told so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unregister_proposed_from_a_lagging_table_after_a_takeover_is_refused() {
+    let cluster = TestCluster::start(Options {
+        faults: true,
+        ..Options::default()
+    })
+    .await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
+    let lagging = cluster.follower().await;
+    let other = (1..=3).find(|id| *id != lagging).unwrap();
+
+    let old = cluster.raw(lagging).await;
+    agentreg::client::spawn_ping_answerer(old.conn.clone());
+    let c = old
+        .request(json!({"type":"system_request","command":"claim_agent_id","agent_id":"u"}))
+        .await;
+    assert_eq!(c["success"], true, "{c}");
+    let cert = c["certificate"].clone();
+    let r = old
+        .request(json!({"type":"system_request","command":"register_agent","agent_id":"u","certificate":cert}))
+        .await;
+    assert_eq!(r["success"], true, "{r}");
+    let old_session = r["session_id"].as_u64().unwrap();
+    cluster.applied_everywhere(old_session).await;
+
+    tracing::info!("--- node {lagging} cut off; the agent takes its id over through node {other}");
+    cluster.net().isolate(lagging);
+    let new = cluster.raw(other).await;
+    agentreg::client::spawn_ping_answerer(new.conn.clone());
+    let t = new
+        .request(json!({"type":"system_request","command":"register_agent","agent_id":"u","certificate":cert}))
+        .await;
+    assert_eq!(t["success"], true, "{t}");
+    assert_eq!(t["took_over"], true, "{t}");
+    assert_eq!(
+        cluster.tables(lagging).sessions["u"].session_id,
+        old_session,
+        "the cut-off node still holds the old session"
+    );
+
+    tracing::info!(
+        "--- the old connection unregisters through the lagging node, then the cut heals"
+    );
+    let answer = tokio::spawn(async move {
+        let body = json!({"type":"system_request","command":"unregister_agent","agent_id":"u"})
+            .to_string()
+            .into_bytes();
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        let a = old.send_raw(&frame).await;
+        (a, old.conn.close_reason())
+    });
+    // The node reads the session id from its table as the request arrives; it cannot catch
+    // up before the cut heals.
+    wait_for(
+        "the unregister to reach the lagging node",
+        TIMEOUT,
+        || async { (cluster.node(lagging).requests_in_flight() > 0).then_some(()) },
+    )
+    .await;
+    cluster.net().heal();
+    // Applying the takeover also closes the old connection (taken over), so the answer may
+    // lose that race; what it must never be is a success.
+    match answer.await.unwrap() {
+        (Some(a), _) => {
+            assert_eq!(a["success"], false, "{a}");
+            assert_eq!(
+                a["error"],
+                format!("Agent ID u is not registered on this connection (session {old_session} already ended)"),
+                "{a}"
+            );
+        }
+        (None, reason) => assert!(
+            matches!(&reason, Some(quinn::ConnectionError::ApplicationClosed(c))
+                if c.error_code == quinn::VarInt::from_u32(agentreg::node::close_code::TAKEN_OVER)),
+            "no answer, and the connection was not closed as taken over: {reason:?}"
+        ),
+    }
+    let w = claim_ok(cluster.node(other), "barrier").await;
+    cluster.applied_everywhere(w.index).await;
+    for id in 1..=3 {
+        let s = &cluster.tables(id).sessions["u"];
+        assert_eq!(s.session_id, t["session_id"].as_u64().unwrap(), "node {id}");
+    }
+}

@@ -418,3 +418,107 @@ fn certificates_carry_the_expected_names_and_usages() {
     assert!(!format!("{m:?}").contains("PRIVATE KEY"));
     assert!(!format!("{:?}", m.node_tls(1).unwrap()).contains("PRIVATE KEY"));
 }
+
+// ---- stateless resets across a restart ----
+
+/// A node's QUIC endpoint on `socket`, in `rt`, accepting and holding connections.
+fn node_endpoint(
+    rt: &tokio::runtime::Runtime,
+    config: quinn::EndpointConfig,
+    tls: &NodeTls,
+    socket: std::net::UdpSocket,
+) -> Endpoint {
+    let server = tls.server_config().unwrap();
+    rt.block_on(async move {
+        let ep =
+            Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime)).unwrap();
+        let accept = ep.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(incoming) = accept.accept().await {
+                if let Ok(conn) = incoming.await {
+                    held.push(conn);
+                }
+            }
+        });
+        ep
+    })
+}
+
+/// How the connection a client opened to a node's previous run ends once the node is back
+/// on the same port with `restarted`, and the client sends on the old connection.
+fn old_connection_after_restart(
+    restarted: impl FnOnce(&NodeTls) -> quinn::EndpointConfig,
+) -> Result<quinn::ConnectionError, tokio::time::error::Elapsed> {
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("tls");
+    write_dev_material(&tls_dir, &[1], &[], false).unwrap();
+    let node = NodeTls::load(&TlsFiles {
+        ca: tls_dir.join("ca.pem"),
+        cert: tls_dir.join("node1.pem"),
+        key: tls_dir.join("node1.key"),
+    })
+    .unwrap();
+    let ca = std::fs::read_to_string(tls_dir.join("ca.pem")).unwrap();
+
+    let first_run = tokio::runtime::Runtime::new().unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    let endpoint = node_endpoint(&first_run, node.endpoint_config(), &node, socket);
+
+    let client_rt = tokio::runtime::Runtime::new().unwrap();
+    let conn = client_rt.block_on(async {
+        let mut client = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(agent_client_config(&ca).unwrap());
+        let conn = client
+            .connect(addr, DEFAULT_SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap();
+        (client, conn)
+    });
+
+    // A crash: the node's tasks and socket vanish without a word to the client.
+    first_run.shutdown_background();
+    drop(endpoint);
+    let second_run = tokio::runtime::Runtime::new().unwrap();
+    let socket = client_rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            match std::net::UdpSocket::bind(addr) {
+                Ok(s) => break s,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("port {addr} not free again: {e}"),
+            }
+        }
+    });
+    let _endpoint = node_endpoint(&second_run, restarted(&node), &node, socket);
+
+    let (_client, conn) = conn;
+    client_rt.block_on(async {
+        if let Ok((mut send, _recv)) = conn.open_bi().await {
+            let _ = send.write_all(&[0u8; 200]).await;
+        }
+        // Well inside the 10 s idle timeout.
+        timeout(Duration::from_secs(3), conn.closed()).await
+    })
+}
+
+#[test]
+fn a_restarted_node_resets_the_connections_of_its_previous_run() {
+    let ended = old_connection_after_restart(NodeTls::endpoint_config)
+        .expect("the old connection ends at once, not at the idle timeout");
+    assert!(
+        matches!(ended, quinn::ConnectionError::Reset),
+        "ended by a stateless reset, got {ended:?}"
+    );
+    // The control: with a fresh random reset key (quinn's default) the restarted node cannot
+    // reset the old connection, and the client keeps sending into it.
+    assert!(
+        old_connection_after_restart(|_| quinn::EndpointConfig::default()).is_err(),
+        "without the node's stable reset key the old connection lingers"
+    );
+}

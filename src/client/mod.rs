@@ -38,6 +38,10 @@ pub struct ClientConfig {
     pub reconnect_max: Duration,
     /// Renew the certificate once this fraction of its lifetime has passed.
     pub renew_fraction: f64,
+    /// A node that sends nothing for this long is taken for dead and the client moves to
+    /// another (the QUIC idle timeout; keep-alives go out every third of it). Shorter moves
+    /// sooner after a crash; longer sends fewer keep-alives.
+    pub dead_after: Duration,
 }
 
 impl ClientConfig {
@@ -50,6 +54,7 @@ impl ClientConfig {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             renew_fraction: 0.5,
+            dead_after: Duration::from_secs(3),
         }
     }
 }
@@ -220,8 +225,12 @@ impl AgentClient {
     /// # Errors
     /// The CA is unusable, or no node could be reached.
     pub async fn connect(config: ClientConfig) -> Result<AgentClient, ClientError> {
-        let tls = tls::agent_client_config(&config.ca_pem)
+        let mut tls = tls::agent_client_config(&config.ca_pem)
             .map_err(|e| ClientError::Tls(e.to_string()))?;
+        tls.transport_config(tls::agent_transport(
+            config.dead_after / 3,
+            config.dead_after,
+        ));
         let (events, _) = broadcast::channel(64);
         let shared = Arc::new(Shared {
             conns: conn::Connector::new(&config, tls)?,

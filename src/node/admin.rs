@@ -306,7 +306,7 @@ async fn snapshot_save(inner: &Inner) -> (serde_json::Value, Vec<u8>) {
             Vec::new(),
         );
     }
-    let backup = Backup::capture(&inner.state.read(), &inner.config.cluster_id, inner.id);
+    let backup = Backup::capture(&inner.state.copy(), &inner.config.cluster_id, inner.id);
     match backup {
         Ok(b) => {
             let bytes = b.to_bytes();

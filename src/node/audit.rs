@@ -106,5 +106,7 @@ fn describe(op: &Op) -> (&'static str, Option<&str>, Option<u64>, Option<u64>) {
         Op::InitKeyring { .. } => ("keyring_init", None, None, None),
         Op::RotateKey { .. } => ("key_rotate", None, None, None),
         Op::RetireKey { .. } => ("key_retire", None, None, None),
+        // Batches are formed below the audit log: each command in one was recorded alone.
+        Op::Batch(_) => ("batch", None, None, None),
     }
 }

@@ -26,7 +26,7 @@ pub(super) fn spawn(inner: Arc<Inner>) {
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(inner.config.heartbeat.interval());
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut applied_last_round = 0;
+        let mut issued_last_round = 0;
         loop {
             tokio::select! {
                 _ = inner.shutdown.cancelled() => break,
@@ -34,7 +34,7 @@ pub(super) fn spawn(inner: Arc<Inner>) {
             }
             ping_all(&inner).await;
             evict_silent(&inner).await;
-            applied_last_round = sweep_orphans(&inner, applied_last_round).await;
+            issued_last_round = sweep_orphans(&inner, issued_last_round).await;
         }
     });
 }
@@ -160,15 +160,19 @@ async fn evict_silent(inner: &Arc<Inner>) {
 /// Evicts this node's sessions that no connection of this run holds: sessions left by a
 /// previous run (after a restart, once caught up) or by connections that vanished. Only
 /// sessions already applied by the previous round count, so a registration whose connection
-/// is being recorded right now is not mistaken for an orphan. Returns the applied index.
-async fn sweep_orphans(inner: &Arc<Inner>, applied_last_round: u64) -> u64 {
+/// is being recorded right now is not mistaken for an orphan. Returns the highest id issued
+/// so far (the next round's watermark).
+async fn sweep_orphans(inner: &Arc<Inner>, issued_last_round: u64) -> u64 {
     // Caught up first: the tables must include every acknowledged registration.
     if read::barrier(inner).await.is_err() {
-        return applied_last_round;
+        return issued_last_round;
     }
     let (applied, orphans): (u64, Vec<(String, u64)>) = {
         let guard = inner.state.read();
-        let applied = guard.last_applied.map_or(0, |l| l.index);
+        // Session ids are command ids: every id issued so far is at most this.
+        let applied = guard
+            .state
+            .last_issued_id(guard.last_applied.map_or(0, |l| l.index));
         let orphans = guard
             .state
             .tables()
@@ -176,7 +180,7 @@ async fn sweep_orphans(inner: &Arc<Inner>, applied_last_round: u64) -> u64 {
             .iter()
             .filter(|(_, s)| {
                 s.conn.node_id == inner.id
-                    && s.session_id <= applied_last_round
+                    && s.session_id <= issued_last_round
                     && !inner.conns.contains(s.conn.conn_id)
             })
             .map(|(id, s)| (id.clone(), s.session_id))
@@ -249,7 +253,10 @@ pub(super) async fn evict_lost_nodes(inner: &Inner, leader_since: Instant) {
 async fn evict_node(inner: &Inner, node_id: u64) -> Result<usize, write::WriteError> {
     let (applied, has_sessions) = {
         let guard = inner.state.read();
-        let applied = guard.last_applied.map_or(0, |l| l.index);
+        // Session ids are command ids: every id issued so far is at most this.
+        let applied = guard
+            .state
+            .last_issued_id(guard.last_applied.map_or(0, |l| l.index));
         let has = guard
             .state
             .tables()

@@ -18,6 +18,7 @@ mod duties;
 mod heartbeat;
 mod metrics;
 mod peer_service;
+mod propose;
 mod read;
 mod write;
 
@@ -79,6 +80,8 @@ pub(crate) struct Inner {
     pub(crate) id: NodeId,
     pub(crate) config: NodeConfig,
     pub(crate) raft: Raft,
+    /// Group commit of this node's proposals (see `propose.rs`).
+    pub(crate) proposer: propose::Proposer,
     pub(crate) state: StateReader,
     pub(crate) peers: Peers,
     pub(crate) conns: connections::Connections,
@@ -150,7 +153,7 @@ impl Node {
         };
         tune_socket(&socket);
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            tls.endpoint_config(),
             Some(tls.server_config()?),
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -193,9 +196,11 @@ impl Node {
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
 
+        let shutdown = CancellationToken::new();
         let inner = Arc::new(Inner {
             id: config.node_id,
             config,
+            proposer: propose::Proposer::start(raft.clone(), shutdown.clone()),
             raft,
             state,
             peers,
@@ -208,7 +213,7 @@ impl Node {
             node_authority,
             draining: CancellationToken::new(),
             requests: TaskTracker::new(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             tasks: TaskTracker::new(),
         });
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -284,13 +289,19 @@ impl Node {
                     };
                     match tls::classify(&conn) {
                         Ok(ConnectionKind::Peer) => match inner.node_authority.check(&conn) {
-                            Ok(()) => peer_service::serve(inner, conn).await,
+                            Ok(()) => {
+                                tls::widen_streams(&conn);
+                                peer_service::serve(inner, conn).await
+                            }
                             Err(e) => {
                                 tracing::warn!(%remote, error = %e, "refusing peer connection");
                                 conn.close(quinn::VarInt::from_u32(1), e.to_string().as_bytes());
                             }
                         },
-                        Ok(ConnectionKind::Admin) => admin::serve(inner, conn).await,
+                        Ok(ConnectionKind::Admin) => {
+                            tls::widen_streams(&conn);
+                            admin::serve(inner, conn).await
+                        }
                         Ok(ConnectionKind::Agent) => agent_service::serve(inner, conn).await,
                         Err(e) => {
                             tracing::warn!(%remote, error = %e, "refusing connection");

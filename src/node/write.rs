@@ -136,8 +136,16 @@ async fn propose_locally(
     cmd: Command,
     budget: Duration,
 ) -> Result<Written, Attempt> {
-    let result = match tokio::time::timeout(budget, inner.raft.client_write(cmd)).await {
-        Ok(r) => r,
+    let result = match tokio::time::timeout(budget, inner.proposer.propose(cmd)).await {
+        Ok(Some(r)) => r,
+        Ok(None) if inner.shutdown.is_cancelled() => {
+            return Err(Attempt::Failed(WriteError::ShuttingDown))
+        }
+        Ok(None) => {
+            return Err(Attempt::Failed(WriteError::Unknown(
+                "the write was proposed but its answer was lost".into(),
+            )))
+        }
         Err(_) => {
             return Err(Attempt::Failed(WriteError::Unknown(format!(
                 "not committed within {budget:?}; this node may have lost its quorum"
@@ -145,10 +153,7 @@ async fn propose_locally(
         }
     };
     match result {
-        Ok(resp) => Ok(Written {
-            index: resp.log_id.index,
-            response: resp.data,
-        }),
+        Ok((index, response)) => Ok(Written { index, response }),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(Attempt::Elsewhere(
             f.leader_id.zip(f.leader_node.map(|n| n.addr)),
         )),

@@ -143,7 +143,6 @@ fn responses_echo_request_id_and_keep_the_shapes() {
 
 #[test]
 fn bad_inputs_get_clear_errors() {
-    let c = serde_json::to_value(cert()).unwrap();
     let e = parse_request(&[0xff, 0xfe, b'{']).request.unwrap_err();
     assert_eq!(e, "request is not valid UTF-8");
     assert!(parse_request(b"{not json")

@@ -3,11 +3,17 @@
 //! The tables live in memory ([`RegistryState`]); what makes them durable is the log plus
 //! the latest snapshot, both in the node's sled database. On start the state machine loads
 //! the snapshot and openraft re-applies the committed entries after it, so a restarted node
-//! holds exactly the state it had acknowledged. The snapshot is flushed before openraft may
+//! holds exactly the state it had acknowledged. The snapshot is synced before openraft may
 //! purge the entries it covers.
 //!
+//! The snapshot is a file of its own beside the sled database, written to a temporary name,
+//! synced and renamed over the previous one. (It used to be a sled tree; writing megabytes
+//! of snapshot into sled made every log flush after it wait for them, which showed as write
+//! latency spikes. A data dir with only that tree is still read.)
+//!
 //! ```text
-//! snapshot   "meta" -> bincode(SnapshotMeta)   "data" -> bincode(SnapshotPayload)
+//! <data_dir>/snapshot   u32 BE length of the meta, bincode(SnapshotMeta), bincode(SnapshotPayload)
+//! sled tree "snapshot"  "meta" -> bincode(SnapshotMeta)   "data" -> bincode(SnapshotPayload)  (old)
 //! ```
 
 use std::io::Cursor;
@@ -27,8 +33,9 @@ use crate::registry::{Outcome, RegistryState, Response, SessionEnd, Tables};
 
 const SNAP_META: &[u8] = b"meta";
 const SNAP_DATA: &[u8] = b"data";
-/// Version of the snapshot payload layout.
-const SNAPSHOT_FORMAT: u32 = 1;
+/// Version of the snapshot payload layout: 2 added `Tables::next_id`. Format 1 is still
+/// read (its tables carry no `next_id`, which is then 0: ids were log indexes).
+const SNAPSHOT_FORMAT: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct SnapshotPayload {
@@ -36,8 +43,50 @@ struct SnapshotPayload {
     tables: Tables,
 }
 
+/// The tables as format 1 laid them out.
+#[derive(Deserialize)]
+struct TablesV1 {
+    claims: std::collections::BTreeMap<String, crate::registry::Claim>,
+    sessions: std::collections::BTreeMap<String, crate::registry::Session>,
+    revocations: std::collections::BTreeMap<u64, crate::registry::Revocation>,
+    keyring: crate::identity::Keyring,
+}
+
+#[derive(Deserialize)]
+struct SnapshotPayloadV1 {
+    #[allow(dead_code)]
+    format: u32,
+    tables: TablesV1,
+}
+
+/// Decodes a snapshot payload of any format this build reads.
+fn decode_payload(data: &[u8]) -> Result<Tables, String> {
+    let (format, _): (u32, usize) =
+        bincode::serde::decode_from_slice(data, bincode::config::standard())
+            .map_err(|e| format!("malformed snapshot payload: {e}"))?;
+    match format {
+        1 => {
+            let v1: SnapshotPayloadV1 =
+                codec::decode(data).map_err(|e| format!("malformed snapshot payload: {e}"))?;
+            Ok(Tables {
+                claims: v1.tables.claims,
+                sessions: v1.tables.sessions,
+                revocations: v1.tables.revocations,
+                keyring: v1.tables.keyring,
+                next_id: 0,
+            })
+        }
+        SNAPSHOT_FORMAT => {
+            let p: SnapshotPayload =
+                codec::decode(data).map_err(|e| format!("malformed snapshot payload: {e}"))?;
+            Ok(p.tables)
+        }
+        other => Err(format!("unsupported snapshot format {other}")),
+    }
+}
+
 /// What has been applied: the tables and the position in the log they reflect.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Applied {
     pub last_applied: Option<LogId>,
     pub membership: StoredMembership,
@@ -55,6 +104,12 @@ impl StateReader {
         // lock still holds consistent data because apply mutates only after validating.
         self.0.read().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// A copy of the applied state, to encode without holding up apply: the lock is held
+    /// only while the tables are cloned, not while they are encoded and written.
+    pub fn copy(&self) -> Applied {
+        self.read().clone()
+    }
 }
 
 /// Where applied session ends are reported (to close the connections they belonged to).
@@ -65,8 +120,10 @@ type EventSink = Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<
 pub struct StateMachineStore {
     applied: StateReader,
     events: EventSink,
-    db: sled::Db,
-    snapshots: sled::Tree,
+    /// The snapshot file.
+    file: std::path::PathBuf,
+    /// Where snapshots were kept before they had a file.
+    legacy: sled::Tree,
 }
 
 fn sm_read_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -78,17 +135,18 @@ fn snap_write_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl StateMachineStore {
-    /// Opens the snapshot tree of `db` and loads the latest snapshot, if any.
+    /// Opens the state machine of the data dir `dir` (whose sled database is `db`) and loads
+    /// the latest snapshot, if any.
     ///
     /// # Errors
-    /// sled fails, or the stored snapshot cannot be decoded.
-    pub fn open(db: &sled::Db) -> Result<Self, StorageError> {
-        let snapshots = db.open_tree("snapshot").map_err(sm_read_err)?;
+    /// sled or the file system fails, or the stored snapshot cannot be decoded.
+    pub fn open(db: &sled::Db, dir: &std::path::Path) -> Result<Self, StorageError> {
+        let legacy = db.open_tree("snapshot").map_err(sm_read_err)?;
         let store = StateMachineStore {
             applied: StateReader::default(),
             events: EventSink::default(),
-            db: db.clone(),
-            snapshots,
+            file: dir.join("snapshot"),
+            legacy,
         };
         if let Some((meta, data)) = store.stored_snapshot()? {
             store.load(&meta, &data)?;
@@ -109,12 +167,17 @@ impl StateMachineStore {
     }
 
     fn stored_snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
-        let Some(meta) = self.snapshots.get(SNAP_META).map_err(sm_read_err)? else {
+        match std::fs::read(&self.file) {
+            Ok(bytes) => return split_snapshot_file(&bytes).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(sm_read_err(e)),
+        }
+        let Some(meta) = self.legacy.get(SNAP_META).map_err(sm_read_err)? else {
             return Ok(None);
         };
         let meta: SnapshotMeta = codec::decode(&meta).map_err(sm_read_err)?;
         let data = self
-            .snapshots
+            .legacy
             .get(SNAP_DATA)
             .map_err(sm_read_err)?
             .ok_or_else(|| sm_read_err(std::io::Error::other("snapshot data missing")))?;
@@ -123,18 +186,11 @@ impl StateMachineStore {
 
     /// Replaces the in-memory state with a snapshot's.
     fn load(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
-        let payload: SnapshotPayload = codec::decode(data).map_err(|e| {
-            StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))
+        let tables = decode_payload(data).map_err(|e| {
+            StorageIOError::read_snapshot(Some(meta.signature()), AnyError::error(e))
         })?;
-        if payload.format != SNAPSHOT_FORMAT {
-            return Err(StorageIOError::read_snapshot(
-                Some(meta.signature()),
-                AnyError::error(format!("unsupported snapshot format {}", payload.format)),
-            )
-            .into());
-        }
         let mut applied = self.applied.0.write().unwrap_or_else(|e| e.into_inner());
-        applied.state = RegistryState::from_tables(payload.tables);
+        applied.state = RegistryState::from_tables(tables);
         applied.last_applied = meta.last_log_id;
         applied.membership = meta.last_membership.clone();
         Ok(())
@@ -155,13 +211,50 @@ impl StateMachineStore {
 
     async fn persist_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
         let meta_bytes = codec::encode(meta).map_err(snap_write_err)?;
-        let mut batch = sled::Batch::default();
-        batch.insert(SNAP_META, meta_bytes);
-        batch.insert(SNAP_DATA, data);
-        self.snapshots.apply_batch(batch).map_err(snap_write_err)?;
-        self.db.flush_async().await.map_err(snap_write_err)?;
+        let meta_len = u32::try_from(meta_bytes.len())
+            .map_err(|_| snap_write_err(std::io::Error::other("snapshot meta too large")))?;
+        let mut bytes = Vec::with_capacity(4 + meta_bytes.len() + data.len());
+        bytes.extend_from_slice(&meta_len.to_be_bytes());
+        bytes.extend_from_slice(&meta_bytes);
+        bytes.extend_from_slice(data);
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || write_synced(&file, &bytes))
+            .await
+            .map_err(|e| snap_write_err(std::io::Error::other(e.to_string())))?
+            .map_err(snap_write_err)?;
+        // The file supersedes what an older build kept in sled; no flush needed: the file
+        // is read first.
+        let _ = self.legacy.clear();
         Ok(())
     }
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one:
+/// a temporary file, synced, renamed over `path`, and the directory synced.
+fn write_synced(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Splits the snapshot file into its meta and its payload bytes.
+fn split_snapshot_file(bytes: &[u8]) -> Result<(SnapshotMeta, Vec<u8>), StorageError> {
+    let bad = |what: &str| sm_read_err(std::io::Error::other(format!("snapshot file: {what}")));
+    let len = bytes
+        .get(..4)
+        .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
+        .ok_or_else(|| bad("truncated"))?;
+    let meta = bytes.get(4..4 + len).ok_or_else(|| bad("truncated meta"))?;
+    let meta: SnapshotMeta = codec::decode(meta).map_err(sm_read_err)?;
+    Ok((meta, bytes[4 + len..].to_vec()))
 }
 
 /// The applied state as a snapshot: its meta and its payload bytes (what `build_snapshot`
@@ -192,17 +285,12 @@ pub fn capture(applied: &Applied) -> Result<(SnapshotMeta, Vec<u8>), StorageErro
 /// # Errors
 /// The bytes are not a snapshot payload of a format this build reads.
 pub fn decode_tables(data: &[u8]) -> Result<Tables, String> {
-    let payload: SnapshotPayload =
-        codec::decode(data).map_err(|e| format!("malformed snapshot payload: {e}"))?;
-    if payload.format != SNAPSHOT_FORMAT {
-        return Err(format!("unsupported snapshot format {}", payload.format));
-    }
-    Ok(payload.tables)
+    decode_payload(data)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let (meta, data) = capture(&self.applied.read())?;
+        let (meta, data) = capture(&self.applied.copy())?;
         self.persist_snapshot(&meta, &data).await?;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
         Ok(Snapshot {
@@ -283,5 +371,136 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{Command, Op};
+
+    /// A format-1 snapshot payload (written before `next_id` existed) still loads, and the
+    /// ids issued after it continue from the log index.
+    #[test]
+    fn reads_format_1_snapshots() {
+        let mut state = RegistryState::default();
+        state
+            .apply(
+                1,
+                &Command {
+                    at: 1_700_000_000,
+                    op: Op::InitKeyring {
+                        secret: crate::identity::Secret::new(vec![7; 32]),
+                    },
+                },
+            )
+            .unwrap();
+        let t = state.tables();
+        #[derive(Serialize)]
+        struct V1<'a> {
+            format: u32,
+            claims: &'a std::collections::BTreeMap<String, crate::registry::Claim>,
+            sessions: &'a std::collections::BTreeMap<String, crate::registry::Session>,
+            revocations: &'a std::collections::BTreeMap<u64, crate::registry::Revocation>,
+            keyring: &'a crate::identity::Keyring,
+        }
+        // Format 1 laid out (format, tables{claims, sessions, revocations, keyring}); a
+        // struct inside a struct encodes as its fields in order.
+        let v1 = codec::encode(&V1 {
+            format: 1,
+            claims: &t.claims,
+            sessions: &t.sessions,
+            revocations: &t.revocations,
+            keyring: &t.keyring,
+        })
+        .unwrap();
+        let tables = decode_tables(&v1).unwrap();
+        assert_eq!(tables.keyring, t.keyring);
+        assert_eq!(tables.next_id, 0);
+
+        let (_, v2) = capture(&Applied {
+            state: state.clone(),
+            ..Applied::default()
+        })
+        .unwrap();
+        assert_eq!(decode_tables(&v2).unwrap(), *state.tables());
+        assert_eq!(state.tables().next_id, 2);
+
+        let mut bad = v2.clone();
+        bad[0] = 9;
+        assert_eq!(
+            decode_tables(&bad).unwrap_err(),
+            "unsupported snapshot format 9"
+        );
+    }
+}
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+
+    fn meta(index: u64) -> SnapshotMeta {
+        RaftSnapshotMeta {
+            last_log_id: Some(openraft::LogId::new(
+                openraft::CommittedLeaderId::new(1, 1),
+                index,
+            )),
+            last_membership: StoredMembership::default(),
+            snapshot_id: format!("s{index}"),
+        }
+    }
+
+    /// A data dir whose snapshot an older build kept in sled still loads; the next snapshot
+    /// goes to the file, and a reopened store reads that one.
+    #[tokio::test]
+    async fn reads_a_snapshot_kept_in_sled_and_then_writes_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path().join("db"))
+            .open()
+            .unwrap();
+        let mut state = RegistryState::default();
+        state
+            .apply(
+                3,
+                &crate::registry::Command {
+                    at: 1_700_000_000,
+                    op: crate::registry::Op::InitKeyring {
+                        secret: crate::identity::Secret::new(vec![7; 32]),
+                    },
+                },
+            )
+            .unwrap();
+        let (_, data) = capture(&Applied {
+            state: state.clone(),
+            ..Applied::default()
+        })
+        .unwrap();
+        let legacy = db.open_tree("snapshot").unwrap();
+        legacy
+            .insert(SNAP_META, codec::encode(&meta(3)).unwrap())
+            .unwrap();
+        legacy.insert(SNAP_DATA, data.clone()).unwrap();
+
+        let mut store = StateMachineStore::open(&db, dir.path()).unwrap();
+        assert_eq!(store.reader().read().state.tables(), state.tables());
+        assert_eq!(store.reader().read().last_applied.map(|l| l.index), Some(3));
+
+        store.persist_snapshot(&meta(9), &data).await.unwrap();
+        assert!(dir.path().join("snapshot").exists());
+        assert!(
+            legacy.is_empty(),
+            "the sled copy is dropped once the file exists"
+        );
+        let got = store.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(got.meta, meta(9));
+        assert_eq!(got.snapshot.into_inner(), data);
+
+        let reopened = StateMachineStore::open(&db, dir.path()).unwrap();
+        assert_eq!(
+            reopened.reader().read().last_applied.map(|l| l.index),
+            Some(9)
+        );
+        assert_eq!(reopened.reader().read().state.tables(), state.tables());
     }
 }

@@ -1,5 +1,5 @@
-//! A node's data directory: one sled database holding the log, the vote, the latest snapshot
-//! and the identity of the node that wrote it.
+//! A node's data directory: one sled database holding the log, the vote and the identity of
+//! the node that wrote it, and the latest snapshot in a file beside it.
 
 use std::path::{Path, PathBuf};
 
@@ -95,7 +95,7 @@ impl DataDir {
             }
         }
         let state_machine =
-            StateMachineStore::open(&db).map_err(|source| DataDirError::Storage {
+            StateMachineStore::open(&db, path).map_err(|source| DataDirError::Storage {
                 path: path.to_owned(),
                 source,
             })?;

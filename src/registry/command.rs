@@ -38,7 +38,7 @@ pub enum Op {
         /// The connection asking, if any: its own session ends quietly (it gets the answer).
         by: Option<ConnRef>,
     },
-    /// Open a session for `agent_id` on `conn`. Its session id is this entry's log index.
+    /// Open a session for `agent_id` on `conn`. Its session id is the command id (see `Tables::next_id`).
     Register {
         agent_id: String,
         conn: ConnRef,
@@ -66,10 +66,25 @@ pub enum Op {
     RevokeAgent { agent_id: String },
     /// Installs the first signing key; does nothing when the keyring already has one.
     InitKeyring { secret: Secret },
-    /// Makes a new signing key active; its id is `k<log index>`.
+    /// Makes a new signing key active; its id is `k<command id>`.
     RotateKey { secret: Secret },
     /// Retires a validating key.
     RetireKey { key_id: String },
+    /// Several commands in one log entry (group commit): applied in order, each answered as
+    /// if it had its own entry, with consecutive ids. Never nested.
+    Batch(Vec<Command>),
+}
+
+impl Command {
+    /// A rough upper bound on the encoded size, to keep batches bounded without encoding.
+    pub fn size_hint(&self) -> usize {
+        const FIXED: usize = 512; // ids, a certificate, a secret
+        match &self.op {
+            Op::Register { metadata, .. } => FIXED + metadata.len(),
+            Op::Batch(cmds) => cmds.iter().map(Command::size_hint).sum(),
+            _ => FIXED,
+        }
+    }
 }
 
 impl Op {
@@ -87,6 +102,7 @@ impl Op {
             Op::InitKeyring { .. } => "init_keyring",
             Op::RotateKey { .. } => "rotate_key",
             Op::RetireKey { .. } => "retire_key",
+            Op::Batch(_) => "batch",
         }
     }
 }
@@ -140,6 +156,8 @@ pub enum Outcome {
     KeyRetired {
         key_id: String,
     },
+    /// The answers to the commands of a batch, in order.
+    Batch(Vec<Response>),
 }
 
 /// Why a command was refused. Refusals change nothing. `Display` is the text agents see.
@@ -167,6 +185,8 @@ pub enum RegistryError {
     MetadataTooLarge(usize),
     #[error("{0}")]
     Keyring(KeyringError),
+    #[error("a batch may not contain a batch")]
+    NestedBatch,
 }
 
 /// The result every log entry produces.
@@ -216,6 +236,12 @@ impl SessionEnd {
             cause,
         };
         match (op, outcome) {
+            (Op::Batch(cmds), Outcome::Batch(answers)) => cmds
+                .iter()
+                .zip(answers)
+                .filter_map(|(c, a)| a.as_ref().ok().map(|o| (c, o)))
+                .flat_map(|(c, o)| SessionEnd::from_applied(&c.op, o))
+                .collect(),
             (
                 Op::Register { agent_id, .. },
                 Outcome::Registered {

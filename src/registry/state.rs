@@ -21,7 +21,8 @@ pub const EXPIRY_GRACE_SECS: u64 = 3600;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {
-    /// Log index of the claim; the serial of the certificate it issued.
+    /// Id the claim was given when applied (see [`Tables::next_id`]); the serial of the
+    /// certificate it issued.
     pub serial: u64,
     pub issued_at: u64,
     pub expires_at: u64,
@@ -31,7 +32,7 @@ pub struct Claim {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
-    /// Log index of the registration: the fencing token of this session.
+    /// Id the registration was given when applied: the fencing token of this session.
     pub session_id: u64,
     pub conn: ConnRef,
     /// JSON text, as the agent sent it.
@@ -65,6 +66,11 @@ pub struct Tables {
     pub sessions: BTreeMap<String, Session>,
     pub revocations: BTreeMap<u64, Revocation>,
     pub keyring: Keyring,
+    /// The id the next applied command gets, unless its log index is higher: certificate
+    /// serials, session ids and key ids. A command's id is `max(next_id, log index)`, so a
+    /// log entry holding one command gives it its log index, and one holding a batch gives
+    /// its commands consecutive ids; ids strictly increase along the log either way.
+    pub next_id: u64,
 }
 
 impl Tables {
@@ -181,9 +187,27 @@ impl RegistryState {
         cert.verify_signature(secret)
     }
 
-    /// Applies the command of log entry `index`. A refusal leaves every table unchanged.
+    /// Every id issued so far is at most this, every later one is above it (`applied_index`
+    /// is the index of the last applied log entry).
+    pub fn last_issued_id(&self, applied_index: u64) -> u64 {
+        applied_index.max(self.tables.next_id.saturating_sub(1))
+    }
+
+    /// Applies the command of log entry `index`; a batch applies its commands in order and
+    /// answers each. A refusal leaves every table unchanged.
     pub fn apply(&mut self, index: u64, cmd: &Command) -> Response {
+        if let Op::Batch(cmds) = &cmd.op {
+            let answers = cmds
+                .iter()
+                .map(|c| match c.op {
+                    Op::Batch(_) => Err(RegistryError::NestedBatch),
+                    _ => self.apply(index, c),
+                })
+                .collect();
+            return Ok(Outcome::Batch(answers));
+        }
         let at = cmd.at;
+        let id = self.tables.next_id.max(index);
         let result = match &cmd.op {
             Op::Claim {
                 agent_id,
@@ -191,15 +215,7 @@ impl RegistryState {
                 force,
                 proof,
                 conn,
-            } => self.claim_id(
-                index,
-                at,
-                agent_id,
-                *ttl_secs,
-                *force,
-                proof.as_ref(),
-                *conn,
-            ),
+            } => self.claim_id(id, at, agent_id, *ttl_secs, *force, proof.as_ref(), *conn),
             Op::Release { certificate, .. } => self.release(at, certificate),
             Op::Register {
                 agent_id,
@@ -209,7 +225,7 @@ impl RegistryState {
                 force_reconnect,
                 allow_uncertified_takeover,
             } => self.register(
-                index,
+                id,
                 at,
                 agent_id,
                 *conn,
@@ -233,15 +249,16 @@ impl RegistryState {
             } => Ok(self.evict_node(*node_id, *max_session_id)),
             Op::RevokeCertificate { certificate, .. } => self.revoke_certificate(at, certificate),
             Op::RevokeAgent { agent_id } => self.revoke_agent(at, agent_id),
-            Op::InitKeyring { secret } => self.init_keyring(index, at, secret),
+            Op::InitKeyring { secret } => self.init_keyring(id, at, secret),
             Op::RotateKey { secret } => {
-                let key_id = format!("k{index}");
+                let key_id = format!("k{id}");
                 self.tables
                     .keyring
                     .rotate(key_id.clone(), secret.clone(), at)
                     .map(|()| Outcome::KeyRotated { key_id })
                     .map_err(RegistryError::Keyring)
             }
+            Op::Batch(_) => unreachable!("batches are applied above"),
             Op::RetireKey { key_id } => self
                 .tables
                 .keyring
@@ -251,6 +268,17 @@ impl RegistryState {
                 })
                 .map_err(RegistryError::Keyring),
         };
+        // Only a command that issued the id uses it up: anything else leaves the tables as
+        // they were.
+        if matches!(
+            result,
+            Ok(Outcome::Claimed { .. }
+                | Outcome::Registered { .. }
+                | Outcome::KeyringInitialized { created: true, .. }
+                | Outcome::KeyRotated { .. })
+        ) {
+            self.tables.next_id = id + 1;
+        }
         self.drop_expired_revocations(at);
         result
     }
@@ -258,7 +286,7 @@ impl RegistryState {
     #[allow(clippy::too_many_arguments)]
     fn claim_id(
         &mut self,
-        index: u64,
+        id: u64,
         at: u64,
         agent_id: &str,
         ttl_secs: u64,
@@ -307,11 +335,11 @@ impl RegistryState {
             .keyring
             .active()
             .ok_or(RegistryError::NoSigningKey)?;
-        let certificate = Certificate::issue(agent_id, index, at, at + ttl_secs, key_id, secret);
+        let certificate = Certificate::issue(agent_id, id, at, at + ttl_secs, key_id, secret);
         self.tables.claims.insert(
             agent_id.to_owned(),
             Claim {
-                serial: index,
+                serial: id,
                 issued_at: at,
                 expires_at: certificate.expires_at,
                 key_id: key_id.to_owned(),
@@ -334,7 +362,7 @@ impl RegistryState {
     #[allow(clippy::too_many_arguments)]
     fn register(
         &mut self,
-        index: u64,
+        id: u64,
         at: u64,
         agent_id: &str,
         conn: ConnRef,
@@ -380,7 +408,7 @@ impl RegistryState {
         self.tables.sessions.insert(
             agent_id.to_owned(),
             Session {
-                session_id: index,
+                session_id: id,
                 conn,
                 metadata: metadata.to_owned(),
                 registered_at: at,
@@ -388,7 +416,7 @@ impl RegistryState {
             },
         );
         Ok(Outcome::Registered {
-            session_id: index,
+            session_id: id,
             replaced: existing.filter(|s| s.conn != conn),
         })
     }
@@ -488,14 +516,14 @@ impl RegistryState {
         Some((agent_id.to_owned(), session))
     }
 
-    fn init_keyring(&mut self, index: u64, at: u64, secret: &Secret) -> Response {
+    fn init_keyring(&mut self, id: u64, at: u64, secret: &Secret) -> Response {
         if let Some((key_id, _)) = self.tables.keyring.active() {
             return Ok(Outcome::KeyringInitialized {
                 key_id: key_id.to_owned(),
                 created: false,
             });
         }
-        let key_id = format!("k{index}");
+        let key_id = format!("k{id}");
         self.tables
             .keyring
             .rotate(key_id.clone(), secret.clone(), at)

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::identity::KeyState;
+use crate::registry::{EndCause, SessionEnd};
 
 const T0: u64 = 1_700_000_000;
 const DAY: u64 = 86_400;
@@ -105,7 +106,10 @@ fn first_claim_wins_and_issues_a_valid_certificate() {
     let mut log = Log::new();
     let cert = log.claim(T0, "a");
     assert_eq!(cert.agent_id, "a");
-    assert_eq!(cert.serial, 2, "serial is the claim's log index");
+    assert_eq!(
+        cert.serial, 2,
+        "alone in its entry, a claim's serial is its log index"
+    );
     assert_eq!((cert.issued_at, cert.expires_at), (T0, T0 + DAY));
     log.sm.validate(&cert, T0 + 1).unwrap();
     let claim = log.sm.claim("a").unwrap();
@@ -697,4 +701,106 @@ fn apply_is_deterministic() {
     ops(&mut x);
     ops(&mut y);
     assert_eq!(x.sm.tables(), y.sm.tables());
+}
+
+// ---- batches (group commit) ----
+
+fn batch(cmds: Vec<(u64, Op)>) -> Op {
+    Op::Batch(
+        cmds.into_iter()
+            .map(|(at, op)| Command { at, op })
+            .collect(),
+    )
+}
+
+fn answers(o: Outcome) -> Vec<Response> {
+    match o {
+        Outcome::Batch(a) => a,
+        o => panic!("not a batch answer: {o:?}"),
+    }
+}
+
+#[test]
+fn a_batch_answers_each_command_as_if_alone_with_increasing_ids() {
+    let mut log = Log::new();
+    let c = conn(1, 7);
+    // Index 2 carries a batch: two claims of "a" (the second refused), a claim of "b" and a
+    // registration of an unclaimed id.
+    let out = answers(log.ok(
+        T0,
+        batch(vec![
+            (T0, claim_op("a", false, None, None)),
+            (T0, claim_op("a", false, None, None)),
+            (T0, claim_op("b", false, None, None)),
+            (T0, register_op("free", c, None, false, false)),
+        ]),
+    ));
+    assert_eq!(out.len(), 4);
+    let cert_a = match &out[0] {
+        Ok(Outcome::Claimed { certificate }) => certificate.clone(),
+        o => panic!("{o:?}"),
+    };
+    assert_eq!(
+        out[1],
+        Err(RegistryError::AlreadyClaimed {
+            agent_id: "a".into()
+        }),
+        "the second claim of one id in a batch sees the first"
+    );
+    let cert_b = match &out[2] {
+        Ok(Outcome::Claimed { certificate }) => certificate.clone(),
+        o => panic!("{o:?}"),
+    };
+    let session = match &out[3] {
+        Ok(Outcome::Registered { session_id, .. }) => *session_id,
+        o => panic!("{o:?}"),
+    };
+    // The first command takes the entry's index; a refused one takes no id.
+    assert_eq!((cert_a.serial, cert_b.serial, session), (2, 3, 4));
+    log.sm.validate(&cert_a, T0 + 1).unwrap();
+    log.sm.validate(&cert_b, T0 + 1).unwrap();
+    // The next entry (index 3) must not reuse an id the batch gave out.
+    let cert_c = log.claim(T0, "c");
+    assert_eq!(cert_c.serial, 5);
+    assert_eq!(log.sm.last_issued_id(3), 5);
+    // ...and once the log index passes the ids again, it is the index.
+    log.next = 100;
+    assert_eq!(log.claim(T0, "d").serial, 100);
+}
+
+#[test]
+fn a_batch_may_not_nest_and_its_other_commands_still_apply() {
+    let mut log = Log::new();
+    let out = answers(log.ok(
+        T0,
+        batch(vec![
+            (T0, batch(vec![(T0, claim_op("inner", false, None, None))])),
+            (T0, claim_op("outer", false, None, None)),
+        ]),
+    ));
+    assert_eq!(out[0], Err(RegistryError::NestedBatch));
+    assert!(matches!(out[1], Ok(Outcome::Claimed { .. })));
+    assert!(log.sm.claim("inner").is_none());
+    assert!(log.sm.claim("outer").is_some());
+}
+
+#[test]
+fn session_ends_are_reported_for_every_command_of_a_batch() {
+    let mut log = Log::new();
+    let cert = log.claim(T0, "a");
+    let Outcome::Registered { session_id, .. } =
+        log.register(T0, "a", conn(1, 1), Some(&cert)).unwrap()
+    else {
+        panic!()
+    };
+    let op = batch(vec![
+        (T0, register_op("a", conn(2, 9), Some(&cert), false, false)),
+        (T0, claim_op("x", false, None, None)),
+    ]);
+    let outcome = log.ok(T0, op.clone());
+    let ends = SessionEnd::from_applied(&op, &outcome);
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    assert_eq!(ends[0].agent_id, "a");
+    assert_eq!(ends[0].session.session_id, session_id);
+    assert!(matches!(ends[0].cause, EndCause::TakenOver { .. }));
 }

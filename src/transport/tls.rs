@@ -53,9 +53,16 @@ pub const DEFAULT_SERVER_NAME: &str = "agentreg";
 const KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// Idle timeout of [`transport_config`].
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Concurrent bidirectional streams a peer may open: Raft and agents open one
-/// stream per request, so the quinn default of 100 is too tight.
+/// Concurrent bidirectional streams a peer or operator may open: Raft and forwarded
+/// writes open one stream per request, so the quinn default of 100 is too tight.
 const MAX_BIDI_STREAMS: u32 = 1024;
+/// Concurrent bidirectional streams an agent may open (one per request in flight). quinn
+/// allocates the state of every stream a connection may open up front, so with tens of
+/// thousands of agents this limit is most of a node's memory per agent: at 1024 it was
+/// over 100 KiB per connection.
+pub const AGENT_BIDI_STREAMS: u32 = 64;
+/// Streams a node may open towards an agent: one ping at a time.
+const AGENT_INCOMING_STREAMS: u32 = 8;
 
 /// Errors from loading TLS material, building configurations, generating dev
 /// material and classifying connections.
@@ -241,6 +248,33 @@ impl fmt::Debug for NodeTls {
 }
 
 impl NodeTls {
+    /// The QUIC endpoint config of this node: its stateless-reset key is derived from the
+    /// node's private key, so it is the same in every run of the node. A restarted node then
+    /// answers packets of its previous run's connections with a stateless reset, and peers
+    /// and agents drop those connections at once instead of sending into them until the
+    /// idle timeout (a peer that keeps talking to a dead connection cannot even vote).
+    #[must_use]
+    pub fn endpoint_config(&self) -> quinn::EndpointConfig {
+        use sha2::{Digest, Sha256};
+        let derive = |label: &[u8]| -> [u8; 32] {
+            let mut h = Sha256::new();
+            h.update(label);
+            h.update(self.key.secret_der());
+            h.finalize().into()
+        };
+        let mut config = quinn::EndpointConfig::new(Arc::new(ResetKey(derive(
+            b"agentreg/quic-stateless-reset/v1\0",
+        ))));
+        // The endpoint only resets packets whose connection id it could have issued, so the
+        // connection-id generator's key must outlive the process too.
+        let cid_key = derive(b"agentreg/quic-connection-id/v1\0");
+        let cid_key = u64::from_le_bytes(cid_key[..8].try_into().expect("8 bytes"));
+        config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        config
+    }
+
     /// Loads and checks the PEM files named in `files`.
     ///
     /// # Errors
@@ -364,7 +398,9 @@ impl NodeTls {
         // The node sends no keep-alives of its own: the dialling side (agent, peer,
         // operator) keeps a connection alive. With tens of thousands of agents, a
         // per-connection keep-alive from the node would be most of its traffic.
-        config.transport_config(client_transport(Duration::ZERO, IDLE_TIMEOUT));
+        // Every connection starts with an agent's stream limit; peer and operator connections
+        // are widened once their ALPN and certificate are known (`widen_streams`).
+        config.transport_config(transport(Duration::ZERO, IDLE_TIMEOUT, AGENT_BIDI_STREAMS));
         Ok(config)
     }
 
@@ -436,7 +472,9 @@ fn agent_config(roots: Arc<RootCertStore>) -> Result<quinn::ClientConfig, TlsErr
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    quic_client_config(tls, ALPN_AGENT)
+    let mut config = quic_client_config(tls, ALPN_AGENT)?;
+    config.transport_config(agent_transport(KEEP_ALIVE, IDLE_TIMEOUT));
+    Ok(config)
 }
 
 fn quic_client_config(
@@ -578,13 +616,65 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
 /// (about 146 million years) are capped.
 #[must_use]
 pub fn client_transport(keep_alive: Duration, idle: Duration) -> Arc<quinn::TransportConfig> {
+    transport(keep_alive, idle, MAX_BIDI_STREAMS)
+}
+
+/// Transport of an agent's connection: like [`client_transport`], but the node may open
+/// only a few streams towards it (pings), which keeps the agent's memory small.
+#[must_use]
+pub fn agent_transport(keep_alive: Duration, idle: Duration) -> Arc<quinn::TransportConfig> {
+    transport(keep_alive, idle, AGENT_INCOMING_STREAMS)
+}
+
+/// Lets a peer or operator connection open as many concurrent streams as Raft needs (the
+/// node accepts every connection with an agent's limit).
+pub fn widen_streams(conn: &quinn::Connection) {
+    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(MAX_BIDI_STREAMS));
+}
+
+fn transport(keep_alive: Duration, idle: Duration, bidi: u32) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval((!keep_alive.is_zero()).then_some(keep_alive));
     let idle = quinn::IdleTimeout::try_from(idle)
         .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::MAX));
     transport.max_idle_timeout(Some(idle));
-    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_BIDI_STREAMS));
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(bidi));
+    // No unidirectional streams in any of the three protocols.
+    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     Arc::new(transport)
+}
+
+/// HMAC-SHA256 key for QUIC stateless-reset tokens (see [`NodeTls::endpoint_config`]).
+struct ResetKey([u8; 32]);
+
+impl ResetKey {
+    fn mac(&self, data: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0)
+            .expect("HMAC takes a key of any length");
+        m.update(data);
+        m
+    }
+}
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        use hmac::Mac;
+        let tag = self.mac(data).finalize().into_bytes();
+        let n = signature_out.len().min(tag.len());
+        signature_out[..n].copy_from_slice(&tag[..n]);
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        use hmac::Mac;
+        self.mac(data)
+            .verify_slice(signature)
+            .map_err(|_| quinn::crypto::CryptoError)
+    }
 }
 
 /// The ring provider, built once; passed explicitly to every builder.
