@@ -187,7 +187,11 @@ async fn run(seed: u64, duration: Duration) -> Report {
     sample(&cluster, &samples, Duration::from_secs(2)).await;
     shared.stop.cancel();
     for w in workers {
-        w.await.expect("worker panicked");
+        // A worker's requests time out after 5 s, its connects after 3 s.
+        tokio::time::timeout(Duration::from_secs(30), w)
+            .await
+            .unwrap_or_else(|_| panic!("seed {seed}: a worker did not stop within 30 s"))
+            .expect("worker panicked");
     }
 
     let mut history = std::mem::take(&mut *shared.history.lock().unwrap());
@@ -280,29 +284,41 @@ async fn final_tables(
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
+    // Every call below is bounded: a node that stops answering is a finding, not a hang.
+    let within = |what: String| move |_| format!("node {what}: no answer within 15 s");
+    const PATIENCE: Duration = Duration::from_secs(15);
     let mut out = BTreeMap::new();
     for id in NODES {
-        let status = cluster.status(id).await.expect("status");
-        let (claims, sessions) = cluster.tables(id).await.expect("tables");
+        let status = cluster
+            .status(id)
+            .await
+            .ok_or_else(|| format!("node {id} gave no status after healing"))?;
+        let (claims, sessions) = tokio::time::timeout(PATIENCE, cluster.tables(id))
+            .await
+            .map_err(within(format!("{id}, claims and agents lists")))?
+            .ok_or_else(|| format!("node {id} did not list its claims and agents"))?;
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(client_config.clone());
-        let conn = endpoint
+        let connecting = endpoint
             .connect(
                 cluster.addrs[&id],
                 agentreg::transport::tls::DEFAULT_SERVER_NAME,
             )
-            .unwrap()
+            .unwrap();
+        let conn = tokio::time::timeout(PATIENCE, connecting)
             .await
-            .expect("connect for the final validations");
+            .map_err(within(format!("{id}, connect")))?
+            .map_err(|e| format!("node {id}: connect for the final validations: {e}"))?;
         let mut revoked = std::collections::BTreeSet::new();
         for serial in &ended {
             let Some((_, cert)) = certs.get(serial) else {
                 continue;
             };
             let req = json!({"type": "system_request", "command": "validate_certificate", "certificate": cert});
-            let answer = workload::request(&conn, &req)
+            let answer = tokio::time::timeout(PATIENCE, workload::request(&conn, &req))
                 .await
-                .expect("final validation");
+                .map_err(within(format!("{id}, final validation")))?
+                .map_err(|e| format!("node {id}: final validation: {e}"))?;
             if answer["reason"]
                 .as_str()
                 .is_some_and(|r| r.contains("revoked"))
@@ -340,6 +356,19 @@ where
     }
 }
 
+/// `run`, but a run that has not finished five minutes after its faults stopped fails with
+/// its seed instead of hanging the suite (the cluster is killed when the future is dropped).
+async fn run_bounded(seed: u64, duration: Duration) -> Report {
+    let limit = duration + Duration::from_secs(300);
+    match tokio::time::timeout(limit, run(seed, duration)).await {
+        Ok(report) => report,
+        Err(_) => panic!(
+            "FAULT RUN HUNG: seed {seed} did not finish within {limit:?}; \
+             reproduce with AGENTREG_FAULT_SEED={seed} scripts/fault-run.sh"
+        ),
+    }
+}
+
 fn seed_from_env() -> u64 {
     match std::env::var("AGENTREG_FAULT_SEED") {
         Ok(s) => s.parse().expect("AGENTREG_FAULT_SEED must be a number"),
@@ -362,7 +391,7 @@ async fn short_run() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(45);
-    let report = run(seed_from_env(), Duration::from_secs(secs)).await;
+    let report = run_bounded(seed_from_env(), Duration::from_secs(secs)).await;
     // The run must have exercised something: operations of every outcome and every fault.
     let counts = report.history.counts();
     assert!(
@@ -379,6 +408,6 @@ async fn long_run() {
     let secs: u64 = std::env::var("AGENTREG_FAULT_SECS")
         .map(|s| s.parse().expect("AGENTREG_FAULT_SECS must be a number"))
         .unwrap_or(300);
-    let report = run(seed_from_env(), Duration::from_secs(secs)).await;
+    let report = run_bounded(seed_from_env(), Duration::from_secs(secs)).await;
     assert_clean(&report);
 }

@@ -114,7 +114,7 @@ pub async fn run_worker(shared: Arc<Shared>, name: usize, seed: u64) {
     if let Some(c) = w.conn.conn.take() {
         c.close(quinn::VarInt::from_u32(0), b"done");
     }
-    w.endpoint.wait_idle().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), w.endpoint.wait_idle()).await;
 }
 
 fn serial_of(cert: &Value) -> Serial {
@@ -150,6 +150,15 @@ impl Worker {
         if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(3), connecting).await {
             agentreg::client::spawn_ping_answerer(c.clone());
             self.conn.conn = Some(c);
+        }
+    }
+
+    /// Gives up on the current connection. It is closed, not just dropped: its ping
+    /// answerer holds a handle and would keep it (and its sessions) alive, and the
+    /// endpoint's `wait_idle` at the end of the run would wait for it forever.
+    fn abandon(&mut self) {
+        if let Some(c) = self.conn.conn.take() {
+            c.close(quinn::VarInt::from_u32(8), b"gave up");
         }
     }
 
@@ -323,11 +332,11 @@ impl Worker {
             Ok(Ok(answer)) if answer["success"] == true => ok(&answer),
             Ok(Ok(answer)) => classify(answer["error"].as_str().unwrap_or("")),
             Ok(Err(e)) => {
-                self.conn.conn = None;
+                self.abandon();
                 Ret::Unknown(e)
             }
             Err(_) => {
-                self.conn.conn = None;
+                self.abandon();
                 Ret::Unknown("no answer in time".into())
             }
         };
