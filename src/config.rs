@@ -78,12 +78,13 @@ pub struct RaftConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
-            // openraft's own defaults. The leader lease is election_timeout_max: a follower
-            // refuses votes for that long after it last heard from the leader, so a killed
-            // leader is replaced in about one to two times election_timeout_max.
+            // openraft 0.9 waits election_timeout_max (the leader lease) plus this node's
+            // random election timeout (fixed at start, between min and max) after it last
+            // heard from the leader, checked every 1.5 heartbeats: a killed leader is
+            // replaced after 350-475 ms with these values (see docs/configuration.md).
             heartbeat_interval_ms: 50,
             election_timeout_min_ms: 150,
-            election_timeout_max_ms: 300,
+            election_timeout_max_ms: 200,
             snapshot_logs_since_last: 10_000,
             max_in_snapshot_log_to_keep: 1_000,
             write_timeout_ms: 5_000,

@@ -239,3 +239,64 @@ async fn a_restarted_node_evicts_the_sessions_it_held_before() {
     .await;
     assert!(restarted.elapsed() < Duration::from_secs(30));
 }
+
+/// A node spreads its pings over the round instead of sending them all at each tick: with
+/// a 1 s interval and a 200 ms ping timeout, the pings of one round reach 40 agents over
+/// about 800 ms. (A burst at every tick delays the last answers past the ping timeout on a
+/// busy machine, and live agents get evicted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pings_are_spread_over_the_round_not_sent_in_a_burst() {
+    use agentreg::proto::agent;
+    use agentreg::transport::frame::{read_frame, write_frame, MAX_AGENT_FRAME};
+    use std::sync::{Arc, Mutex};
+
+    const AGENTS: usize = 40;
+    let cluster = TestCluster::start(hb(1_000, 10_000, 200)).await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
+
+    // Every ping reaching any of the agents, with the instant it arrived.
+    let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let mut agents = Vec::new();
+    for i in 0..AGENTS {
+        let (raw, _) = silent_agent(&cluster, 2, &format!("paced-{i}")).await;
+        let (conn, arrivals) = (raw.conn.clone(), arrivals.clone());
+        tokio::spawn(async move {
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let Ok(_ping) = read_frame(&mut recv, MAX_AGENT_FRAME).await else {
+                    return;
+                };
+                arrivals.lock().unwrap().push(Instant::now());
+                let answer = agent::ok_response(agent::PING_AGENT, None, Map::new());
+                if write_frame(&mut send, &answer).await.is_ok() {
+                    let _ = send.finish();
+                }
+            }
+        });
+        agents.push(raw);
+    }
+
+    // From now on every round pings all of them. Wait for three rounds' worth of pings and
+    // look at the first whole round: the 40 pings that follow the first pause.
+    arrivals.lock().unwrap().clear();
+    wait_for("three more ping rounds", TIMEOUT, || async {
+        (arrivals.lock().unwrap().len() >= 3 * AGENTS).then_some(())
+    })
+    .await;
+    let mut times = arrivals.lock().unwrap().clone();
+    times.sort();
+    let round_start = times
+        .windows(2)
+        .position(|w| w[1] - w[0] > Duration::from_millis(100))
+        .expect("a pause between two rounds")
+        + 1;
+    let round = &times[round_start..round_start + AGENTS];
+    let span = round[AGENTS - 1] - round[0];
+    assert!(
+        span >= Duration::from_millis(500),
+        "one round's {AGENTS} pings arrived within {span:?}: sent in a burst"
+    );
+    let status = cluster.node(2).status().heartbeat;
+    assert_eq!(status.evictions_proposed, 0, "{status:?}");
+    drop(agents);
+}

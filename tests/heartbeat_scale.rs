@@ -52,7 +52,7 @@ async fn two_thousand_agents_on_one_node_are_pinged_without_false_evictions() {
         heartbeat: HeartbeatConfig {
             interval_ms: 1_000,
             agent_timeout_ms: 4_000,
-            ping_timeout_ms: 1_000,
+            ping_timeout_ms: 500,
         },
         ..Options::default()
     })

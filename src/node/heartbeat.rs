@@ -39,11 +39,25 @@ pub(super) fn spawn(inner: Arc<Inner>) {
     });
 }
 
-/// Pings every registered agent concurrently; an answer counts as a sign of life.
+/// Pings every registered agent once, spread evenly over the round: the pings start over
+/// the first `interval - ping_timeout` of it, in connection order (so each agent keeps about
+/// the same place in every round), and the last one is answered or timed out by the end of
+/// the interval. A node with many agents thus sends a steady stream of pings, not a burst
+/// at every tick whose last answers, on a busy machine, queue past the ping timeout and get
+/// live agents evicted. An answer counts as a sign of life.
 async fn ping_all(inner: &Arc<Inner>) {
-    let agents = inner.conns.registered();
+    let mut agents = inner.conns.registered();
+    agents.sort_unstable_by_key(|(conn_id, ..)| *conn_id);
     let timeout = inner.config.heartbeat.ping_timeout();
-    futures::stream::iter(agents)
+    let spread = inner.config.heartbeat.interval().saturating_sub(timeout);
+    let start = Instant::now();
+    let n = agents.len().max(1) as f64;
+    futures::stream::iter(agents.into_iter().enumerate())
+        .then(|(i, agent)| async move {
+            // Absolute deadlines: timer granularity makes some pings late, never the round.
+            tokio::time::sleep_until(start + spread.mul_f64(i as f64 / n)).await;
+            agent
+        })
         .for_each_concurrent(
             MAX_CONCURRENT_PINGS,
             |(conn_id, agent_id, conn, _)| async move {
