@@ -300,3 +300,40 @@ async fn pings_are_spread_over_the_round_not_sent_in_a_burst() {
     assert_eq!(status.evictions_proposed, 0, "{status:?}");
     drop(agents);
 }
+
+/// A node lets an agent stay silent (no keep-alives, no requests) for its agent_timeout, not
+/// just QUIC's usual 10 s: a large fleet with a long heartbeat need not send a packet every
+/// few seconds per agent to keep its connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_connection_lives_as_long_as_the_agent_timeout() {
+    use agentreg::transport::tls;
+
+    let cluster = TestCluster::start(hb(20_000, 60_000, 5_000)).await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut config = tls::agent_client_config(&cluster.ca_pem()).unwrap();
+    // No keep-alives from this side, and it would wait a minute itself.
+    config.transport_config(tls::agent_transport(Duration::ZERO, Duration::from_secs(60)));
+    endpoint.set_default_client_config(config);
+    let conn = endpoint
+        .connect(cluster.addrs[&2], tls::DEFAULT_SERVER_NAME)
+        .unwrap()
+        .await
+        .expect("connects");
+    let raw = RawAgent::from_parts(endpoint, conn);
+    let a = raw
+        .request(json!({"type":"system_request","command":"ping_agent","timestamp":1}))
+        .await;
+    assert_eq!(a["success"], true, "{a}");
+
+    let quiet = tls::IDLE_TIMEOUT + Duration::from_secs(3);
+    tokio::select! {
+        reason = raw.conn.closed() => panic!("the node closed a silent connection: {reason}"),
+        _ = tokio::time::sleep(quiet) => {}
+    }
+    let a = raw
+        .request(json!({"type":"system_request","command":"ping_agent","timestamp":2}))
+        .await;
+    assert_eq!(a["success"], true, "{a}");
+}

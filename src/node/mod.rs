@@ -154,7 +154,12 @@ impl Node {
         tune_socket(&socket);
         let endpoint = quinn::Endpoint::new(
             tls.endpoint_config(),
-            Some(tls.server_config()?),
+            // An agent may stay silent between pings for as long as it may stay silent at
+            // all (agent_timeout): a large fleet need not send a keep-alive every few
+            // seconds. Peers and operators ask for 10 s themselves.
+            Some(tls.server_config(
+                config.heartbeat.agent_timeout().max(tls::IDLE_TIMEOUT),
+            )?),
             socket,
             Arc::new(quinn::TokioRuntime),
         )

@@ -51,8 +51,9 @@ pub const DEFAULT_SERVER_NAME: &str = "agentreg";
 
 /// Keep-alive interval of [`transport_config`].
 const KEEP_ALIVE: Duration = Duration::from_secs(1);
-/// Idle timeout of [`transport_config`].
-const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle timeout of the dialling side's connections (peers, operators, raw agent configs),
+/// and the least a node accepts from agents (see [`NodeTls::server_config`]).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent bidirectional streams a peer or operator may open: Raft and forwarded
 /// writes open one stream per request, so the quinn default of 100 is too tight.
 const MAX_BIDI_STREAMS: u32 = 1024;
@@ -381,7 +382,10 @@ impl NodeTls {
     /// [`TlsError::Verifier`], [`TlsError::Config`] or [`TlsError::Quic`] if
     /// rustls or quinn refuse the material; not expected for material that
     /// passed [`NodeTls::load`].
-    pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+    ///
+    /// `idle` is the longest silence the node accepts on a connection; the dialling side
+    /// may ask for less (QUIC uses the smaller of the two), and peers and operators do.
+    pub fn server_config(&self, idle: Duration) -> Result<quinn::ServerConfig, TlsError> {
         let verifier =
             WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
                 .allow_unauthenticated()
@@ -400,7 +404,7 @@ impl NodeTls {
         // per-connection keep-alive from the node would be most of its traffic.
         // Every connection starts with an agent's stream limit; peer and operator connections
         // are widened once their ALPN and certificate are known (`widen_streams`).
-        config.transport_config(transport(Duration::ZERO, IDLE_TIMEOUT, AGENT_BIDI_STREAMS));
+        config.transport_config(transport(Duration::ZERO, idle, AGENT_BIDI_STREAMS));
         Ok(config)
     }
 

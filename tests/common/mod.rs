@@ -413,6 +413,14 @@ pub struct RawAgent {
 }
 
 impl RawAgent {
+    /// A raw agent on a connection made with a client config of the test's own.
+    pub fn from_parts(endpoint: quinn::Endpoint, conn: quinn::Connection) -> RawAgent {
+        RawAgent {
+            _endpoint: endpoint,
+            conn,
+        }
+    }
+
     /// Writes `bytes` as-is on a new stream, finishes, returns what came back (None when the
     /// stream was closed without an answer).
     pub async fn send_raw(&self, bytes: &[u8]) -> Option<serde_json::Value> {
