@@ -1,0 +1,229 @@
+//! agentreg and etcd 3.4 side by side, in one run on one machine: three agentreg processes
+//! and three etcd members on loopback, the same workloads against both, and a table with
+//! the ratio agentreg/etcd per row. See docs/benchmarks.md.
+//!
+//! etcd plays the registry the way operators would build it: a claim is a txn
+//! put-if-absent with a lease, a heartbeat is a lease keepalive, a validation is a get
+//! (serializable or linearizable), an eviction is a lease expiring.
+
+mod agentreg_side;
+mod etcd_side;
+mod stats;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use stats::{Cell, Row};
+
+#[derive(Debug, Clone, Parser)]
+#[command(about = "agentreg and etcd 3.4 side by side (see docs/benchmarks.md)")]
+pub struct Args {
+    /// The agentreg binary (release build).
+    #[arg(long, default_value = "target/release/agentreg")]
+    pub agentreg: PathBuf,
+    /// The etcd 3.4 server binary.
+    #[arg(long, default_value = "/usr/bin/etcd")]
+    pub etcd: PathBuf,
+    /// Seconds each throughput row runs.
+    #[arg(long, default_value_t = 5)]
+    pub secs: u64,
+    /// Agents held connected with heartbeats (and etcd leases kept alive).
+    #[arg(long, default_value_t = 5000)]
+    pub agents: usize,
+    /// Repetitions of the failover and eviction rows (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Heartbeat interval of the agentreg nodes; an agent is evicted after three silent
+    /// intervals, and etcd's leases get that TTL (rounded up to whole seconds).
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// Run only these groups (comma-separated): claims, validate, register, agents,
+    /// eviction, failover. All by default.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Skip etcd (agentreg rows only).
+    #[arg(long)]
+    pub no_etcd: bool,
+    /// Also write the table as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+impl Args {
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs(self.secs)
+    }
+
+    /// Whether the group of rows `name` runs.
+    pub fn runs(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == name)
+    }
+
+    /// The eviction timeout both systems are given.
+    pub fn agent_timeout(&self) -> Duration {
+        Duration::from_millis(3 * self.heartbeat_ms)
+    }
+}
+
+/// Keeps `inflight` operations going for `duration`; `op(slot)` is one operation.
+pub async fn drive<F, Fut>(inflight: usize, duration: Duration, op: F) -> stats::Rate
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    let end = std::time::Instant::now() + duration;
+    drive_while(inflight, move || std::time::Instant::now() < end, op).await
+}
+
+/// Runs `count` operations, `inflight` at a time; `op(slot)` takes the next one.
+pub async fn drive_count<F, Fut>(inflight: usize, count: usize, op: F) -> stats::Rate
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    let left = AtomicUsize::new(count);
+    drive_while(
+        inflight,
+        move || left.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok(),
+        op,
+    )
+    .await
+}
+
+/// `inflight` workers each run `op(slot)` for as long as `more()` says so.
+async fn drive_while<M, F, Fut>(inflight: usize, more: M, op: F) -> stats::Rate
+where
+    M: Fn() -> bool + Send + Sync + 'static,
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    let (more, op) = (std::sync::Arc::new(more), std::sync::Arc::new(op));
+    let start = std::time::Instant::now();
+    let tasks: Vec<_> = (0..inflight)
+        .map(|slot| {
+            let (more, op) = (more.clone(), op.clone());
+            tokio::spawn(async move {
+                let mut r = stats::Rate::default();
+                while more() {
+                    let t = std::time::Instant::now();
+                    match op(slot).await {
+                        Ok(()) => {
+                            r.ok += 1;
+                            r.latencies.push(t.elapsed());
+                        }
+                        Err(e) => {
+                            r.failed += 1;
+                            r.first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                r
+            })
+        })
+        .collect();
+    let mut total = stats::Rate::default();
+    for t in tasks {
+        total.merge(t.await.expect("bench task"));
+    }
+    total.elapsed = start.elapsed();
+    total
+}
+
+/// Sends each request of `work` on its connection, `inflight` at a time.
+pub async fn drive_list(
+    inflight: usize,
+    work: std::sync::Arc<Vec<(quinn::Connection, serde_json::Value)>>,
+) -> stats::Rate {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = work.len();
+    drive_count(inflight, n, move |_| {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (conn, req) = work[i].clone();
+        async move { agentreg_side::request(&conn, req).await.map(|_| ()) }
+    })
+    .await
+}
+
+/// Starts an attempt `op()` every `every` (earlier ones keep going) until one succeeds;
+/// returns when the first success completed, measured from `since`. Gives up after 60 s.
+pub async fn first_success<F, Fut>(since: std::time::Instant, every: Duration, op: F) -> Duration
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tick = tokio::time::interval(every);
+    let give_up = tokio::time::sleep(Duration::from_secs(60));
+    tokio::pin!(give_up);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let attempt = op();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    if attempt.await {
+                        let _ = tx.send(std::time::Instant::now());
+                    }
+                });
+            }
+            Some(done) = rx.recv() => return done.duration_since(since),
+            _ = &mut give_up => return Duration::from_secs(60),
+        }
+    }
+}
+
+/// Resident memory of a process, from /proc.
+pub fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!("bench: agentreg side");
+    let a = agentreg_side::run(&args).await?;
+    let e = if args.no_etcd {
+        Vec::new()
+    } else {
+        eprintln!("bench: etcd side");
+        etcd_side::run(&args).await?
+    };
+    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+
+    let mut rows: Vec<Row> = Vec::new();
+    for (name, cell) in a {
+        let etcd = e
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, c)| c.clone())
+            .unwrap_or(Cell::NotApplicable);
+        rows.push(Row {
+            name,
+            agentreg: cell,
+            etcd,
+        });
+    }
+    println!("{}", stats::render(&rows));
+    println!(
+        "machine: {} cores; load average before {} after {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_before.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        load_after.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&stats::to_json(&rows))?)?;
+    }
+    Ok(())
+}
