@@ -314,7 +314,10 @@ async fn a_silent_connection_lives_as_long_as_the_agent_timeout() {
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let mut config = tls::agent_client_config(&cluster.ca_pem()).unwrap();
     // No keep-alives from this side, and it would wait a minute itself.
-    config.transport_config(tls::agent_transport(Duration::ZERO, Duration::from_secs(60)));
+    config.transport_config(tls::agent_transport(
+        Duration::ZERO,
+        Duration::from_secs(60),
+    ));
     endpoint.set_default_client_config(config);
     let conn = endpoint
         .connect(cluster.addrs[&2], tls::DEFAULT_SERVER_NAME)

@@ -57,7 +57,8 @@ impl TestServer {
 /// bidirectional streams on accepted ones and closes rejected ones.
 fn start_server(tls: &NodeTls) -> TestServer {
     let endpoint = Endpoint::server(
-        tls.server_config(agentreg::transport::tls::IDLE_TIMEOUT).expect("server config"),
+        tls.server_config(agentreg::transport::tls::IDLE_TIMEOUT)
+            .expect("server config"),
         "127.0.0.1:0".parse().unwrap(),
     )
     .expect("bind server");
@@ -428,7 +429,9 @@ fn node_endpoint(
     tls: &NodeTls,
     socket: std::net::UdpSocket,
 ) -> Endpoint {
-    let server = tls.server_config(agentreg::transport::tls::IDLE_TIMEOUT).unwrap();
+    let server = tls
+        .server_config(agentreg::transport::tls::IDLE_TIMEOUT)
+        .unwrap();
     rt.block_on(async move {
         let ep =
             Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime)).unwrap();

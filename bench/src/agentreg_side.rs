@@ -41,7 +41,10 @@ impl Drop for Cluster {
 }
 
 fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 impl Cluster {
@@ -110,7 +113,10 @@ impl Cluster {
         let child = Command::new(&self.bin)
             .args(["node", "--config"])
             .arg(self.path.join(format!("node{id}.toml")))
-            .env("RUST_LOG", std::env::var("AGENTREG_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("AGENTREG_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -172,9 +178,17 @@ impl Cluster {
         self.procs.values().map(|c| crate::rss_of(c.id())).sum()
     }
 
-    async fn connect(&self, endpoint: &quinn::Endpoint, node: u64) -> anyhow::Result<quinn::Connection> {
+    async fn connect(
+        &self,
+        endpoint: &quinn::Endpoint,
+        node: u64,
+    ) -> anyhow::Result<quinn::Connection> {
         let conn = endpoint
-            .connect_with(self.client_config.clone(), self.addrs[&node], tls::DEFAULT_SERVER_NAME)?
+            .connect_with(
+                self.client_config.clone(),
+                self.addrs[&node],
+                tls::DEFAULT_SERVER_NAME,
+            )?
             .await?;
         Ok(conn)
     }
@@ -196,7 +210,11 @@ impl Cluster {
                     .with_context(|| format!("connection {} of {n}", i + 1))?;
                 agentreg::client::spawn_ping_answerer(c.clone());
                 if (i + 1) % 10_000 == 0 {
-                    eprintln!("bench: {} connections in {:.1} s", i + 1, started.elapsed().as_secs_f64());
+                    eprintln!(
+                        "bench: {} connections in {:.1} s",
+                        i + 1,
+                        started.elapsed().as_secs_f64()
+                    );
                 }
                 Ok(c)
             })
@@ -297,13 +315,19 @@ async fn claims(
         let rate = crate::drive(inflight, args.duration(), move |slot| {
             let conn = conns[slot % conns.len()].clone();
             async move {
-                request(&conn, json!({"command": "claim_agent_id", "agent_id": fresh("claim")}))
-                    .await
-                    .map(|_| ())
+                request(
+                    &conn,
+                    json!({"command": "claim_agent_id", "agent_id": fresh("claim")}),
+                )
+                .await
+                .map(|_| ())
             }
         })
         .await;
-        rows.push((format!("claim, {inflight} in flight{via}"), Cell::Rate(rate)));
+        rows.push((
+            format!("claim, {inflight} in flight{via}"),
+            Cell::Rate(rate),
+        ));
     }
 }
 
@@ -313,11 +337,17 @@ async fn validations(
     conns: &Arc<Vec<quinn::Connection>>,
     rows: &mut Vec<(String, Cell)>,
 ) -> anyhow::Result<()> {
-    let cert = request(&conns[0], json!({"command": "claim_agent_id", "agent_id": fresh("v")}))
-        .await
-        .map_err(anyhow::Error::msg)?["certificate"]
+    let cert = request(
+        &conns[0],
+        json!({"command": "claim_agent_id", "agent_id": fresh("v")}),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?["certificate"]
         .clone();
-    for (name, consistency) in [("linearizable", "linearizable"), ("local/serializable", "local")] {
+    for (name, consistency) in [
+        ("linearizable", "linearizable"),
+        ("local/serializable", "local"),
+    ] {
         let conns = conns.clone();
         let cert = cert.clone();
         let rate = crate::drive(64, args.duration(), move |slot| {
@@ -344,9 +374,12 @@ async fn registrations(c: &Cluster, rows: &mut Vec<(String, Cell)>) -> anyhow::R
     let ids: Vec<String> = (0..n).map(|_| fresh("reg")).collect();
     let mut certs = Vec::with_capacity(n);
     for (i, id) in ids.iter().enumerate() {
-        let v = request(&first[i], json!({"command": "claim_agent_id", "agent_id": id}))
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let v = request(
+            &first[i],
+            json!({"command": "claim_agent_id", "agent_id": id}),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
         certs.push(v["certificate"].clone());
     }
     let work: Arc<Vec<(quinn::Connection, Value)>> = Arc::new(
@@ -356,7 +389,10 @@ async fn registrations(c: &Cluster, rows: &mut Vec<(String, Cell)>) -> anyhow::R
             })
             .collect(),
     );
-    rows.push(("register (new agent), 64 in flight".into(), Cell::Rate(crate::drive_list(64, work).await)));
+    rows.push((
+        "register (new agent), 64 in flight".into(),
+        Cell::Rate(crate::drive_list(64, work).await),
+    ));
     let work: Arc<Vec<(quinn::Connection, Value)>> = Arc::new(
         (0..n)
             .map(|i| {
@@ -364,7 +400,10 @@ async fn registrations(c: &Cluster, rows: &mut Vec<(String, Cell)>) -> anyhow::R
             })
             .collect(),
     );
-    rows.push(("takeover, 64 in flight".into(), Cell::Rate(crate::drive_list(64, work).await)));
+    rows.push((
+        "takeover, 64 in flight".into(),
+        Cell::Rate(crate::drive_list(64, work).await),
+    ));
     for conn in first.iter().chain(second.iter()) {
         conn.close(quinn::VarInt::from_u32(0), b"done");
     }
@@ -373,14 +412,23 @@ async fn registrations(c: &Cluster, rows: &mut Vec<(String, Cell)>) -> anyhow::R
 
 /// Agents held connected with heartbeats for three rounds: memory per agent, missed pings,
 /// evictions (there must be none).
-async fn held_agents(args: &Args, c: &Cluster, rows: &mut Vec<(String, Cell)>) -> anyhow::Result<()> {
+async fn held_agents(
+    args: &Args,
+    c: &Cluster,
+    rows: &mut Vec<(String, Cell)>,
+) -> anyhow::Result<()> {
     let all = [1, 2, 3];
     c.wait_ready().await?;
     let before = c.rss_bytes();
     let held = c.connections(args.agents, &all).await?;
     let work: Arc<Vec<(quinn::Connection, Value)>> = Arc::new(
         held.iter()
-            .map(|conn| (conn.clone(), json!({"command": "register_agent", "agent_id": fresh("held")})))
+            .map(|conn| {
+                (
+                    conn.clone(),
+                    json!({"command": "register_agent", "agent_id": fresh("held")}),
+                )
+            })
             .collect(),
     );
     let registering = Instant::now();
@@ -436,7 +484,12 @@ async fn eviction(args: &Args, c: &Cluster, rows: &mut Vec<(String, Cell)>) -> a
         loop {
             let gone = c
                 .admin
-                .call(&c.addrs[&1].to_string(), &AdminRequest::ClaimsShow { agent_id: id.clone() })
+                .call(
+                    &c.addrs[&1].to_string(),
+                    &AdminRequest::ClaimsShow {
+                        agent_id: id.clone(),
+                    },
+                )
                 .await
                 .is_err();
             if gone {
@@ -448,14 +501,21 @@ async fn eviction(args: &Args, c: &Cluster, rows: &mut Vec<(String, Cell)>) -> a
         conn.close(quinn::VarInt::from_u32(0), b"done");
     }
     rows.push((
-        format!("eviction after silence (timeout {} ms)", args.agent_timeout().as_millis()),
+        format!(
+            "eviction after silence (timeout {} ms)",
+            args.agent_timeout().as_millis()
+        ),
         Cell::Times(times),
     ));
     Ok(())
 }
 
 /// Leader killed -> next acknowledged claim, through a survivor.
-async fn leader_failover(args: &Args, c: &mut Cluster, rows: &mut Vec<(String, Cell)>) -> anyhow::Result<()> {
+async fn leader_failover(
+    args: &Args,
+    c: &mut Cluster,
+    rows: &mut Vec<(String, Cell)>,
+) -> anyhow::Result<()> {
     let all = [1, 2, 3];
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap())?;
     let mut times = Vec::new();
@@ -464,18 +524,24 @@ async fn leader_failover(args: &Args, c: &mut Cluster, rows: &mut Vec<(String, C
         let leader = c.leader().await.context("no leader")?;
         let survivor = *all.iter().find(|n| **n != leader).unwrap();
         let conn = c.connect(&endpoint, survivor).await?;
-        request(&conn, json!({"command": "claim_agent_id", "agent_id": fresh("pre")}))
-            .await
-            .map_err(anyhow::Error::msg)?;
+        request(
+            &conn,
+            json!({"command": "claim_agent_id", "agent_id": fresh("pre")}),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
         let killed = Instant::now();
         c.kill(leader);
         times.push(
             crate::first_success(killed, Duration::from_millis(20), || {
                 let conn = conn.clone();
                 async move {
-                    request(&conn, json!({"command": "claim_agent_id", "agent_id": fresh("fo")}))
-                        .await
-                        .is_ok()
+                    request(
+                        &conn,
+                        json!({"command": "claim_agent_id", "agent_id": fresh("fo")}),
+                    )
+                    .await
+                    .is_ok()
                 }
             })
             .await,
@@ -483,19 +549,30 @@ async fn leader_failover(args: &Args, c: &mut Cluster, rows: &mut Vec<(String, C
         conn.close(quinn::VarInt::from_u32(0), b"done");
         c.spawn(leader)?;
     }
-    rows.push(("leader killed -> next acknowledged claim".into(), Cell::Times(times)));
+    rows.push((
+        "leader killed -> next acknowledged claim".into(),
+        Cell::Times(times),
+    ));
     Ok(())
 }
 
 /// A node killed -> its agents registered elsewhere (AgentClient with failover).
-async fn node_failover(args: &Args, c: &mut Cluster, rows: &mut Vec<(String, Cell)>) -> anyhow::Result<()> {
+async fn node_failover(
+    args: &Args,
+    c: &mut Cluster,
+    rows: &mut Vec<(String, Cell)>,
+) -> anyhow::Result<()> {
     let all = [1, 2, 3];
     let mut times = Vec::new();
     for _ in 0..args.repeat {
         c.wait_ready().await?;
         let victim = c.leader().await.map_or(1, |l| if l == 3 { 2 } else { 3 });
         let mut order: Vec<String> = vec![c.addrs[&victim].to_string()];
-        order.extend(all.iter().filter(|n| **n != victim).map(|n| c.addrs[n].to_string()));
+        order.extend(
+            all.iter()
+                .filter(|n| **n != victim)
+                .map(|n| c.addrs[n].to_string()),
+        );
         let mut clients = Vec::new();
         for _ in 0..100 {
             let mut config = ClientConfig::new(order.clone(), c.ca_pem.clone());
@@ -503,7 +580,9 @@ async fn node_failover(args: &Args, c: &mut Cluster, rows: &mut Vec<(String, Cel
             let client = AgentClient::connect(config).await?;
             let id = fresh("mover");
             let cert = client.claim_agent_id(&id, false).await?;
-            client.register(&id, serde_json::Map::new(), Some(cert), false).await?;
+            client
+                .register(&id, serde_json::Map::new(), Some(cert), false)
+                .await?;
             clients.push(client);
         }
         let mut events: Vec<_> = clients.iter().map(|c| c.events()).collect();
@@ -524,7 +603,10 @@ async fn node_failover(args: &Args, c: &mut Cluster, rows: &mut Vec<(String, Cel
         }
         c.spawn(victim)?;
     }
-    rows.push(("node killed -> its 100 agents registered elsewhere".into(), Cell::Times(times)));
+    rows.push((
+        "node killed -> its 100 agents registered elsewhere".into(),
+        Cell::Times(times),
+    ));
     Ok(())
 }
 

@@ -12,9 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp,
-};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 
 use crate::stats::Cell;
 use crate::Args;
@@ -46,7 +44,11 @@ impl Drop for Cluster {
 }
 
 fn free_tcp() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Cluster {
@@ -151,7 +153,9 @@ impl Cluster {
                 continue;
             };
             let leader = s.leader();
-            let Ok(list) = c.member_list().await else { continue };
+            let Ok(list) = c.member_list().await else {
+                continue;
+            };
             for mem in list.members() {
                 if mem.id() == leader {
                     return self.members.iter().position(|x| x.name == mem.name());
@@ -204,7 +208,11 @@ fn fresh(prefix: &str) -> String {
 async fn claim(c: &mut Client, key: &str, lease: i64) -> Result<(), String> {
     let txn = Txn::new()
         .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(key, "owner", Some(PutOptions::new().with_lease(lease)))]);
+        .and_then([TxnOp::put(
+            key,
+            "owner",
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
     let r = c.txn(txn).await.map_err(|e| e.to_string())?;
     if r.succeeded() {
         Ok(())
@@ -245,7 +253,9 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
     }
     if args.runs("validate") {
         let key = fresh("/claims/v");
-        claim(&mut clients[0].clone(), &key, leases[0]).await.map_err(anyhow::Error::msg)?;
+        claim(&mut clients[0].clone(), &key, leases[0])
+            .await
+            .map_err(anyhow::Error::msg)?;
         for (name, serializable) in [("linearizable", false), ("local/serializable", true)] {
             let clients = clients.clone();
             let key = key.clone();
@@ -255,7 +265,11 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
                 async move {
                     let opts = serializable.then(|| GetOptions::new().with_serializable());
                     let r = c.get(key, opts).await.map_err(|e| e.to_string())?;
-                    if r.kvs().is_empty() { Err("missing".into()) } else { Ok(()) }
+                    if r.kvs().is_empty() {
+                        Err("missing".into())
+                    } else {
+                        Ok(())
+                    }
                 }
             })
             .await;
@@ -282,7 +296,9 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
         for _ in 0..args.repeat {
             let lease = c.lease_grant(ttl, None).await?.id();
             let key = fresh("/sessions/silent");
-            claim(&mut c, &key, lease).await.map_err(anyhow::Error::msg)?;
+            claim(&mut c, &key, lease)
+                .await
+                .map_err(anyhow::Error::msg)?;
             let silent_since = Instant::now();
             loop {
                 if c.get(key.as_str(), None).await?.kvs().is_empty() {
@@ -293,7 +309,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
             times.push(silent_since.elapsed());
         }
         rows.push((
-            format!("eviction after silence (timeout {} ms)", args.agent_timeout().as_millis()),
+            format!(
+                "eviction after silence (timeout {} ms)",
+                args.agent_timeout().as_millis()
+            ),
             Cell::Times(times),
         ));
     }
@@ -306,7 +325,9 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
             let survivor = (leader + 1) % 3;
             let mut c = e.client(&[urls[survivor].clone()]).await?;
             let lease = c.lease_grant(600, None).await?.id();
-            claim(&mut c, &fresh("/claims/pre"), lease).await.map_err(anyhow::Error::msg)?;
+            claim(&mut c, &fresh("/claims/pre"), lease)
+                .await
+                .map_err(anyhow::Error::msg)?;
             let killed = Instant::now();
             e.kill(leader);
             times.push(
@@ -318,14 +339,22 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
             );
             e.spawn_existing(leader)?;
         }
-        rows.push(("leader killed -> next acknowledged claim".into(), Cell::Times(times)));
+        rows.push((
+            "leader killed -> next acknowledged claim".into(),
+            Cell::Times(times),
+        ));
     }
     Ok(rows)
 }
 
 /// Registration of a new agent: its own lease, then its session key if absent. Takeover:
 /// replace the owner if it is still the old one.
-async fn registrations(clients: &Arc<Vec<Client>>, leases: &Arc<Vec<i64>>, ttl: i64, rows: &mut Vec<(String, Cell)>) {
+async fn registrations(
+    clients: &Arc<Vec<Client>>,
+    leases: &Arc<Vec<i64>>,
+    ttl: i64,
+    rows: &mut Vec<(String, Cell)>,
+) {
     let n = 3000;
     let ids: Arc<Vec<String>> = Arc::new((0..n).map(|_| fresh("/sessions/reg")).collect());
     let slots = Arc::new(AtomicU64::new(0));
@@ -336,13 +365,20 @@ async fn registrations(clients: &Arc<Vec<Client>>, leases: &Arc<Vec<i64>>, ttl: 
             let i = slots.fetch_add(1, Ordering::Relaxed) as usize;
             let key = ids[i].clone();
             async move {
-                let lease = c.lease_grant(ttl, None).await.map_err(|e| e.to_string())?.id();
+                let lease = c
+                    .lease_grant(ttl, None)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .id();
                 claim(&mut c, &key, lease).await
             }
         })
         .await
     };
-    rows.push(("register (new agent), 64 in flight".into(), Cell::Rate(rate)));
+    rows.push((
+        "register (new agent), 64 in flight".into(),
+        Cell::Rate(rate),
+    ));
     let slots = Arc::new(AtomicU64::new(0));
     let rate = {
         let (clients, ids, leases) = (clients.clone(), ids.clone(), leases.clone());
@@ -354,9 +390,17 @@ async fn registrations(clients: &Arc<Vec<Client>>, leases: &Arc<Vec<i64>>, ttl: 
             async move {
                 let txn = Txn::new()
                     .when([Compare::value(key.as_str(), CompareOp::Equal, "owner")])
-                    .and_then([TxnOp::put(key.as_str(), "new-owner", Some(PutOptions::new().with_lease(lease)))]);
+                    .and_then([TxnOp::put(
+                        key.as_str(),
+                        "new-owner",
+                        Some(PutOptions::new().with_lease(lease)),
+                    )]);
                 let r = c.txn(txn).await.map_err(|e| e.to_string())?;
-                if r.succeeded() { Ok(()) } else { Err("not the owner".into()) }
+                if r.succeeded() {
+                    Ok(())
+                } else {
+                    Err("not the owner".into())
+                }
             }
         })
         .await
@@ -377,19 +421,22 @@ async fn held_leases(
     // round runs late.
     let ttl = 60;
     let before = e.rss_bytes();
-    let keepers: Vec<anyhow::Result<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>> =
-        futures::stream::iter(0..args.agents)
-            .map(|i| {
-                let mut c = clients[i % clients.len()].clone();
-                async move {
-                    let lease = c.lease_grant(ttl, None).await?.id();
-                    claim(&mut c, &fresh("/sessions/held"), lease).await.map_err(anyhow::Error::msg)?;
-                    Ok(c.lease_keep_alive(lease).await?)
-                }
-            })
-            .buffer_unordered(64)
-            .collect()
-            .await;
+    let keepers: Vec<
+        anyhow::Result<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+    > = futures::stream::iter(0..args.agents)
+        .map(|i| {
+            let mut c = clients[i % clients.len()].clone();
+            async move {
+                let lease = c.lease_grant(ttl, None).await?.id();
+                claim(&mut c, &fresh("/sessions/held"), lease)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                Ok(c.lease_keep_alive(lease).await?)
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
     let mut keepers: Vec<_> = keepers.into_iter().collect::<anyhow::Result<_>>()?;
     let rounds = 3;
     let mut answered = 0usize;
@@ -399,7 +446,8 @@ async fn held_leases(
         let round_start = Instant::now();
         let results: Vec<bool> = futures::stream::iter(keepers.iter_mut())
             .map(|(k, s)| async move {
-                k.keep_alive().await.is_ok() && matches!(s.message().await, Ok(Some(r)) if r.ttl() > 0)
+                k.keep_alive().await.is_ok()
+                    && matches!(s.message().await, Ok(Some(r)) if r.ttl() > 0)
             })
             .buffer_unordered(256)
             .collect()

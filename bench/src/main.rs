@@ -87,7 +87,10 @@ where
     let left = AtomicUsize::new(count);
     drive_while(
         inflight,
-        move || left.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok(),
+        move || {
+            left.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+        },
         op,
     )
     .await
@@ -219,8 +222,16 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "machine: {} cores; load average before {} after {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        load_before.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
-        load_after.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        load_before
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        load_after
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
     );
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&stats::to_json(&rows))?)?;

@@ -157,9 +157,7 @@ impl Node {
             // An agent may stay silent between pings for as long as it may stay silent at
             // all (agent_timeout): a large fleet need not send a keep-alive every few
             // seconds. Peers and operators ask for 10 s themselves.
-            Some(tls.server_config(
-                config.heartbeat.agent_timeout().max(tls::IDLE_TIMEOUT),
-            )?),
+            Some(tls.server_config(config.heartbeat.agent_timeout().max(tls::IDLE_TIMEOUT))?),
             socket,
             Arc::new(quinn::TokioRuntime),
         )
