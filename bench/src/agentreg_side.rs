@@ -72,13 +72,10 @@ impl Cluster {
             std::fs::write(path.join(format!("node{id}.toml")), text)?;
         }
         let ca_pem = std::fs::read_to_string(path.join("tls/ca.pem"))?;
-        let admin = AdminClient::new(&AdminArgs {
-            endpoints: addrs.values().map(ToString::to_string).collect(),
-            ca: path.join("tls/ca.pem"),
-            cert: path.join("tls/operator.pem"),
-            key: path.join("tls/operator.key"),
-            server_name: tls::DEFAULT_SERVER_NAME.into(),
-        })?;
+        let admin = AdminClient::new(&AdminArgs::for_dev_material(
+            &path.join("tls"),
+            addrs.values().map(ToString::to_string).collect(),
+        ))?;
         let mut c = Cluster {
             _dir: dir,
             path,

@@ -171,6 +171,20 @@ pub struct AdminArgs {
     pub server_name: String,
 }
 
+impl AdminArgs {
+    /// Operator access to the nodes at `endpoints` with the dev material that
+    /// [`crate::transport::tls::write_dev_material`] wrote into `tls_dir`.
+    pub fn for_dev_material(tls_dir: &std::path::Path, endpoints: Vec<String>) -> AdminArgs {
+        AdminArgs {
+            endpoints,
+            ca: tls_dir.join("ca.pem"),
+            cert: tls_dir.join("operator.pem"),
+            key: tls_dir.join("operator.key"),
+            server_name: crate::transport::tls::DEFAULT_SERVER_NAME.into(),
+        }
+    }
+}
+
 /// Runs a parsed command.
 ///
 /// # Errors

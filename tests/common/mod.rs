@@ -162,13 +162,10 @@ impl TestCluster {
 
     /// Operator connection settings for this cluster.
     pub fn admin_args(&self) -> agentreg::cli::AdminArgs {
-        agentreg::cli::AdminArgs {
-            endpoints: self.addrs.values().map(|a| a.to_string()).collect(),
-            ca: self.tls_dir().join("ca.pem"),
-            cert: self.tls_dir().join("operator.pem"),
-            key: self.tls_dir().join("operator.key"),
-            server_name: tls::DEFAULT_SERVER_NAME.into(),
-        }
+        agentreg::cli::AdminArgs::for_dev_material(
+            &self.tls_dir(),
+            self.addrs.values().map(|a| a.to_string()).collect(),
+        )
     }
 
     pub fn net(&self) -> &faultnet::FaultNet {

@@ -45,13 +45,10 @@ impl Cluster {
         for id in NODES {
             write_config(&path, id, &addrs, &net.proxies);
         }
-        let admin = AdminClient::new(&AdminArgs {
-            endpoints: addrs.values().map(ToString::to_string).collect(),
-            ca: path.join("tls/ca.pem"),
-            cert: path.join("tls/operator.pem"),
-            key: path.join("tls/operator.key"),
-            server_name: tls::DEFAULT_SERVER_NAME.into(),
-        })
+        let admin = AdminClient::new(&AdminArgs::for_dev_material(
+            &path.join("tls"),
+            addrs.values().map(ToString::to_string).collect(),
+        ))
         .expect("admin client");
         let mut cluster = Cluster {
             dir: Some(dir),
