@@ -92,6 +92,66 @@ async fn concurrent_claims_share_log_entries_and_each_gets_its_own_serial() {
     assert_eq!(cluster.tables(2), cluster.tables(3));
 }
 
+/// A follower sends the writes it receives while earlier ones are on their way to the leader
+/// together, in one call; every write still gets its own answer, and is applied on the
+/// follower before it is acknowledged there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_forwards_concurrent_writes_in_batches_and_answers_each() {
+    let cluster = TestCluster::start(Options::default()).await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
+    let follower = cluster.follower().await;
+    let node = cluster.node(follower);
+    // Every tenth id is claimed twice at once: exactly one of the two may win.
+    let ids: Vec<String> = (0..200)
+        .map(|i| format!("fwd-{}", if i % 10 == 9 { i - 1 } else { i }))
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+    let writes = futures::future::join_all(
+        ids.iter()
+            .map(|id| async move { (id, node.write(claim(id)).await) }),
+    )
+    .await;
+    let tables = cluster.tables(follower);
+    let mut won = std::collections::BTreeMap::new();
+    for (id, w) in writes {
+        let w = w.unwrap_or_else(|e| panic!("claim of {id} not acknowledged: {e}"));
+        match &w.response {
+            Ok(Outcome::Claimed { certificate }) => {
+                assert_eq!(&certificate.agent_id, id, "another write's answer");
+                assert!(
+                    won.insert(id.clone(), certificate.serial).is_none(),
+                    "{id} was claimed twice"
+                );
+                assert_eq!(
+                    tables.claims.get(id).map(|c| c.serial),
+                    Some(certificate.serial),
+                    "acknowledged claim of {id} not applied on the follower"
+                );
+            }
+            other => assert!(
+                ids.iter().filter(|i| *i == id).count() == 2,
+                "the only claim of {id} failed: {other:?}"
+            ),
+        }
+    }
+    assert_eq!(won.len(), distinct.len(), "every id has exactly one winner");
+
+    let (_, text) = http_get(node, "/metrics").await;
+    let counter = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    let forwarded = counter("agentreg_forwarded_writes_total");
+    let calls = counter("agentreg_forward_calls_total");
+    assert!(forwarded >= 200, "{forwarded} writes forwarded");
+    assert!(
+        calls * 4 < forwarded,
+        "{forwarded} writes took {calls} calls to the leader: not batched"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_the_leader_is_killed_a_new_one_takes_writes_and_nothing_acknowledged_is_lost() {
     let mut cluster = TestCluster::start(Options::default()).await;

@@ -49,6 +49,15 @@ pub(crate) struct Metrics {
     pings_missed: Counter,
     evictions_proposed: Counter,
     evictions_committed: Counter,
+    forwarding: Forwarding,
+}
+
+/// Counters of the writes a follower forwards to the leader: calls below writes means the
+/// forwarder batches.
+#[derive(Clone, Default)]
+pub(crate) struct Forwarding {
+    pub(crate) writes: Counter,
+    pub(crate) calls: Counter,
 }
 
 /// Gauges filled at scrape time, by name.
@@ -135,6 +144,16 @@ impl Metrics {
             "agentreg_evictions_committed",
             "Sessions this node's evictions removed",
         );
+        let forwarding = Forwarding {
+            writes: counter(
+                "agentreg_forwarded_writes",
+                "Writes this node forwarded to the leader",
+            ),
+            calls: counter(
+                "agentreg_forward_calls",
+                "Calls to the leader that carried them (one per batch)",
+            ),
+        };
         Metrics {
             registry,
             requests,
@@ -145,7 +164,13 @@ impl Metrics {
             pings_missed,
             evictions_proposed,
             evictions_committed,
+            forwarding,
         }
+    }
+
+    /// The forwarding counters, for the forwarder to count with.
+    pub(crate) fn forwarding(&self) -> Forwarding {
+        self.forwarding.clone()
     }
 
     /// Records one agent request.

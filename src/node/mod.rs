@@ -15,6 +15,7 @@ mod agent_service;
 mod audit;
 mod connections;
 mod duties;
+mod forward;
 mod heartbeat;
 mod metrics;
 mod peer_service;
@@ -82,6 +83,8 @@ pub(crate) struct Inner {
     pub(crate) raft: Raft,
     /// Group commit of this node's proposals (see `propose.rs`).
     pub(crate) proposer: propose::Proposer,
+    /// Batching of the writes this node forwards to the leader (see `forward.rs`).
+    pub(crate) forwarder: forward::Forwarder,
     pub(crate) state: StateReader,
     pub(crate) peers: Peers,
     pub(crate) conns: connections::Connections,
@@ -200,16 +203,18 @@ impl Node {
         .map_err(|e| NodeError::Raft(e.to_string()))?;
 
         let shutdown = CancellationToken::new();
+        let metrics = metrics::Metrics::new();
         let inner = Arc::new(Inner {
             id: config.node_id,
             config,
             proposer: propose::Proposer::start(raft.clone(), shutdown.clone()),
+            forwarder: forward::Forwarder::start(shutdown.clone(), metrics.forwarding()),
             raft,
             state,
             peers,
             conns: connections::Connections::new(),
             counters: Counters::default(),
-            metrics: metrics::Metrics::new(),
+            metrics,
             log: log_handle,
             db: data.db,
             initial_secret,

@@ -7,8 +7,11 @@ use crate::raft::network::{PeerRequest, PeerResponse, MAX_PEER_FRAME};
 use crate::raft::types::codec;
 use crate::transport::frame::{read_frame, write_frame};
 
-/// Application error code for a stream closed because of a bad frame.
-const BAD_FRAME: quinn::VarInt = quinn::VarInt::from_u32(0x10);
+use crate::raft::network::BAD_FRAME;
+
+/// Application error code for a stream whose request was served but whose answer could not
+/// be encoded (not [`BAD_FRAME`]: the caller must not think the request was not read).
+const ANSWER_LOST: quinn::VarInt = quinn::VarInt::from_u32(0x11);
 
 pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
     let remote = conn.remote_address();
@@ -65,13 +68,19 @@ async fn serve_stream(
             tracing::debug!(%remote, op = cmd.op.name(), "forwarded write");
             PeerResponse::Forward(write::serve_forward(inner, cmd).await)
         }
+        PeerRequest::ForwardBatch(cmds) => {
+            tracing::debug!(%remote, writes = cmds.len(), "forwarded writes");
+            // Proposed all at once, so that they reach the proposer together.
+            let answers = cmds.into_iter().map(|cmd| write::serve_forward(inner, cmd));
+            PeerResponse::ForwardBatch(futures::future::join_all(answers).await)
+        }
         PeerRequest::ReadIndex => PeerResponse::ReadIndex(read::serve_read_index(inner).await),
     };
     let bytes = match codec::encode(&resp) {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(error = %e, "cannot encode peer response");
-            let _ = send.reset(BAD_FRAME);
+            let _ = send.reset(ANSWER_LOST);
             return;
         }
     };

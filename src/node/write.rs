@@ -6,7 +6,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::time::Instant;
 
 use super::Inner;
-use crate::raft::network::{ForwardError, PeerError, PeerRequest, PeerResponse};
+use crate::raft::network::{ForwardError, PeerError};
 use crate::raft::types::NodeId;
 use crate::registry::{Command, Response};
 
@@ -29,6 +29,10 @@ pub enum WriteError {
     Unknown(String),
     #[error("node is shutting down")]
     ShuttingDown,
+    /// Certainly not applied: the leader could not read the write (during a rolling upgrade,
+    /// a leader of an older build that does not know it).
+    #[error("not applied: {0}")]
+    Refused(String),
 }
 
 /// How long to wait between attempts while no leader is known.
@@ -48,7 +52,7 @@ pub(super) async fn commit(
         Ok(w) => w.response.map_err(|e| e.to_string()),
         Err(e @ WriteError::NoLeader(_)) => Err(format!("cluster unavailable: {e}")),
         Err(e @ WriteError::ShuttingDown) => Err(format!("{e}; reconnect to another node")),
-        Err(e @ WriteError::Unknown(_)) => Err(e.to_string()),
+        Err(e @ (WriteError::Unknown(_) | WriteError::Refused(_))) => Err(e.to_string()),
     }
 }
 
@@ -62,21 +66,25 @@ pub(super) async fn write(inner: &Inner, cmd: Command) -> Result<Written, WriteE
 async fn write_unaudited(inner: &Inner, cmd: Command) -> Result<Written, WriteError> {
     let budget = inner.config.write_timeout();
     let deadline = Instant::now() + budget;
+    // A follower that knows the leader forwards straight away; proposing here first would
+    // only be told the same, one round through Raft later.
+    let mut known_leader = leader_elsewhere(inner);
     loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let leader = match propose_locally(inner, cmd.clone(), remaining).await {
-            Ok(w) => return Ok(w),
-            Err(Attempt::Elsewhere(leader)) => leader,
-            Err(Attempt::Failed(e)) => return Err(e),
+        let leader = match known_leader.take() {
+            Some(leader) => Some(leader),
+            None => {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                match propose_locally(inner, cmd.clone(), remaining).await {
+                    Ok(w) => return Ok(w),
+                    Err(Attempt::Elsewhere(leader)) => leader,
+                    Err(Attempt::Failed(e)) => return Err(e),
+                }
+            }
         };
         if let Some((leader_id, addr)) = leader.filter(|(id, _)| *id != inner.id) {
             let client = inner.peers.client(leader_id, &addr);
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            match client
-                .call(&PeerRequest::Forward(cmd.clone()), remaining)
-                .await
-            {
-                Ok(PeerResponse::Forward(Ok((index, response)))) => {
+            match inner.forwarder.forward(client, cmd.clone(), deadline).await {
+                Ok(Ok((index, response))) => {
                     // Read your writes: answer only once this node has applied the entry
                     // too, so the agent's next request here sees it.
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -90,17 +98,13 @@ async fn write_unaudited(inner: &Inner, cmd: Command) -> Result<Written, WriteEr
                     }
                     return Ok(Written { index, response });
                 }
-                Ok(PeerResponse::Forward(Err(ForwardError::NotLeader { .. }))) => {}
-                Ok(PeerResponse::Forward(Err(ForwardError::Unknown(e)))) => {
-                    return Err(WriteError::Unknown(e))
-                }
-                Ok(_) => {
-                    return Err(WriteError::Unknown(format!(
-                        "node {leader_id} answered a forward with another message"
-                    )))
-                }
+                Ok(Err(ForwardError::NotLeader { .. })) => {}
+                Ok(Err(ForwardError::Unknown(e))) => return Err(WriteError::Unknown(e)),
                 // Not delivered: safe to try again once a leader is known.
                 Err(PeerError::Unreachable { .. }) => {}
+                Err(e @ PeerError::Refused { .. }) => {
+                    return Err(WriteError::Refused(e.to_string()))
+                }
                 Err(PeerError::Timeout { .. }) if Instant::now() >= deadline => {
                     return Err(WriteError::Unknown(format!(
                         "leader {leader_id} did not answer within {budget:?}"
@@ -117,6 +121,15 @@ async fn write_unaudited(inner: &Inner, cmd: Command) -> Result<Written, WriteEr
             _ = tokio::time::sleep(RETRY_PAUSE) => {}
         }
     }
+}
+
+/// The leader, if this node knows it and it is another node.
+fn leader_elsewhere(inner: &Inner) -> Option<(NodeId, String)> {
+    let metrics = inner.raft.metrics();
+    let m = metrics.borrow();
+    let leader = m.current_leader.filter(|l| *l != inner.id)?;
+    let node = m.membership_config.membership().get_node(&leader)?;
+    Some((leader, node.addr.clone()))
 }
 
 enum Attempt {

@@ -10,6 +10,11 @@
 //! frame = u32 big-endian length, then that many bytes (at most MAX_PEER_FRAME)
 //! ```
 //!
+//! A follower forwards the writes agents send it to the leader as `Forward` (one) or
+//! `ForwardBatch` (several that arrived together, see `node/forward.rs`). A callee that cannot
+//! read a request closes its stream with [`BAD_FRAME`] without acting on it, which the caller
+//! sees as [`PeerError::Refused`]: an older build refuses `ForwardBatch` that way.
+//!
 //! Snapshots travel as openraft's chunked `InstallSnapshot` calls (`snapshot_max_chunk_size`
 //! bytes each), so a large snapshot never has to fit one frame. A peer that cannot be reached
 //! is reported as `Unreachable`; openraft then waits out [`RaftNetwork::backoff`] (exponential,
@@ -32,10 +37,15 @@ use serde::{Deserialize, Serialize};
 
 use super::types::{codec, Node, NodeId, TypeConfig};
 use crate::registry::{Command, Response};
-use crate::transport::frame::{read_frame, write_frame};
+use crate::transport::frame::{read_frame, write_frame, FrameError};
 
 /// Largest peer frame accepted: a full AppendEntries batch of the largest commands fits.
 pub const MAX_PEER_FRAME: usize = 16 * 1024 * 1024;
+
+/// Application error code with which the callee closes a stream whose request it could not
+/// read (a bad frame, or a message it does not know, as an older build receiving a newer
+/// request): it did nothing with it.
+pub const BAD_FRAME: quinn::VarInt = quinn::VarInt::from_u32(0x10);
 
 /// A request from one node to another.
 #[derive(Debug, Serialize, Deserialize)]
@@ -47,6 +57,10 @@ pub enum PeerRequest {
     Forward(Command),
     /// A follower asks the leader for its read index (see node/read.rs).
     ReadIndex,
+    /// Writes received by a follower while its earlier forwards were in flight, for the
+    /// leader to propose together; answered one result per command, in order. (Last, so
+    /// that the encoding of the variants before it is the same as before it existed.)
+    ForwardBatch(Vec<Command>),
 }
 
 /// Why a forwarded write was not applied by the node it was sent to.
@@ -71,9 +85,10 @@ pub enum PeerResponse {
     /// The log index the write was committed at, and its result.
     Forward(Result<(u64, Response), ForwardError>),
     ReadIndex(Result<u64, ForwardError>),
+    ForwardBatch(Vec<Result<(u64, Response), ForwardError>>),
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PeerError {
     /// The request was certainly not delivered.
     #[error("cannot reach node {target} at {addr}: {reason}")]
@@ -85,6 +100,9 @@ pub enum PeerError {
     /// The request may have been delivered; its answer was lost.
     #[error("call to node {target} failed: {reason}")]
     Failed { target: NodeId, reason: String },
+    /// The callee could not read the request and did nothing with it.
+    #[error("node {target} could not read the request: {reason}")]
+    Refused { target: NodeId, reason: String },
     #[error("call to node {target} timed out after {after:?}")]
     Timeout { target: NodeId, after: Duration },
     #[error("node {target} answered with a {got} response to a {sent} request")]
@@ -96,24 +114,26 @@ pub enum PeerError {
 }
 
 impl PeerRequest {
-    fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             PeerRequest::AppendEntries(_) => "append_entries",
             PeerRequest::Vote(_) => "vote",
             PeerRequest::InstallSnapshot(_) => "install_snapshot",
             PeerRequest::Forward(_) => "forward",
+            PeerRequest::ForwardBatch(_) => "forward_batch",
             PeerRequest::ReadIndex => "read_index",
         }
     }
 }
 
 impl PeerResponse {
-    fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             PeerResponse::AppendEntries(_) => "append_entries",
             PeerResponse::Vote(_) => "vote",
             PeerResponse::InstallSnapshot(_) => "install_snapshot",
             PeerResponse::Forward(_) => "forward",
+            PeerResponse::ForwardBatch(_) => "forward_batch",
             PeerResponse::ReadIndex(_) => "read_index",
         }
     }
@@ -135,6 +155,9 @@ pub struct PeerClient {
     conn: tokio::sync::Mutex<Option<quinn::Connection>>,
     /// When a call to this peer last succeeded.
     last_ok: Mutex<Option<tokio::time::Instant>>,
+    /// The peer refused a `ForwardBatch` on the current connection (an older build); cleared
+    /// when a new connection is dialled, as the peer may have been upgraded meanwhile.
+    refuses_batches: std::sync::atomic::AtomicBool,
 }
 
 impl PeerClient {
@@ -145,12 +168,31 @@ impl PeerClient {
             dialer,
             conn: tokio::sync::Mutex::new(None),
             last_ok: Mutex::new(None),
+            refuses_batches: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// When a call to this peer last got an answer.
     pub fn last_ok(&self) -> Option<tokio::time::Instant> {
         *self.last_ok.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The node this client calls.
+    pub fn target(&self) -> NodeId {
+        self.target
+    }
+
+    /// Whether the peer can take batched forwards, as far as this client knows.
+    pub fn takes_batches(&self) -> bool {
+        !self
+            .refuses_batches
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records that the peer refused a batched forward.
+    pub fn refused_batches(&self) {
+        self.refuses_batches
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn addr(&self) -> &str {
@@ -185,6 +227,8 @@ impl PeerClient {
             )
             .map_err(|e| self.unreachable(e))?;
         let conn = connecting.await.map_err(|e| self.unreachable(e))?;
+        self.refuses_batches
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(target_node = self.target, addr = %self.addr, "connected to peer");
         *slot = Some(conn.clone());
         Ok(conn)
@@ -243,14 +287,24 @@ impl PeerClient {
             target: self.target,
             reason,
         };
+        let failed_frame = |doing: &str, e: FrameError| {
+            if refused(&e) {
+                PeerError::Refused {
+                    target: self.target,
+                    reason: format!("{} request: {e}", req.kind()),
+                }
+            } else {
+                failed(format!("{doing}: {e}"))
+            }
+        };
         let exchange = async {
             write_frame(&mut send, &bytes)
                 .await
-                .map_err(|e| failed(format!("sending: {e}")))?;
+                .map_err(|e| failed_frame("sending", e))?;
             send.finish().map_err(|e| failed(format!("sending: {e}")))?;
             read_frame(&mut recv, MAX_PEER_FRAME)
                 .await
-                .map_err(|e| failed(format!("receiving: {e}")))
+                .map_err(|e| failed_frame("receiving", e))
         };
         let answer = match exchange.await {
             Ok(a) => a,
@@ -265,6 +319,19 @@ impl PeerClient {
             codec::decode(&answer).map_err(|e| failed(format!("malformed response: {e}")))?;
         Ok(resp)
     }
+}
+
+/// Whether `e` is the callee closing the stream with [`BAD_FRAME`]: it did not read the
+/// request.
+fn refused(e: &FrameError) -> bool {
+    let FrameError::Io(e) = e else {
+        return false;
+    };
+    let Some(inner) = e.get_ref() else {
+        return false;
+    };
+    matches!(inner.downcast_ref::<quinn::ReadError>(), Some(quinn::ReadError::Reset(c)) if *c == BAD_FRAME)
+        || matches!(inner.downcast_ref::<quinn::WriteError>(), Some(quinn::WriteError::Stopped(c)) if *c == BAD_FRAME)
 }
 
 async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {

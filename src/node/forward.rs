@@ -1,0 +1,369 @@
+//! Forwarding on a follower: writes that agents send to this node go to the leader in
+//! batches, one peer stream for many of them.
+//!
+//! Like the leader's proposer (`propose.rs`), the forwarder keeps at most [`IN_FLIGHT`] calls
+//! to the leader outstanding; writes that arrive meanwhile wait and go out together in the
+//! next one, as a `ForwardBatch`. A write with nothing else waiting goes out alone, as a
+//! plain `Forward`, without waiting for company. The leader proposes the commands of a batch
+//! together, so they usually share one log entry too.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::raft::network::{ForwardError, PeerClient, PeerError, PeerRequest, PeerResponse};
+use crate::registry::{Command, Response};
+
+/// Calls to the leader outstanding at once; more writes than this wait and are batched.
+const IN_FLIGHT: usize = 4;
+/// Most commands in one call.
+const MAX_BATCH: usize = 256;
+/// Rough upper bound on one call's encoded size.
+const MAX_BATCH_BYTES: usize = 64 * 1024;
+
+/// What the leader answered for one forwarded write.
+pub(super) type Forwarded = Result<(u64, Response), ForwardError>;
+
+struct Pending {
+    leader: Arc<PeerClient>,
+    cmd: Command,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Forwarded, PeerError>>,
+}
+
+/// Handle to the forwarder task. Clones share it.
+#[derive(Clone)]
+pub(crate) struct Forwarder {
+    tx: mpsc::UnboundedSender<Pending>,
+}
+
+/// What the forwarder counts.
+type Counters = super::metrics::Forwarding;
+
+impl Forwarder {
+    /// Starts the forwarder task; it stops when `stop` is cancelled.
+    pub(crate) fn start(stop: CancellationToken, counters: Counters) -> Forwarder {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(rx, stop, counters));
+        Forwarder { tx }
+    }
+
+    /// Sends `cmd` to `leader` and waits for its answer until `deadline`. The errors are the
+    /// peer link's: [`PeerError::Unreachable`] means the write was certainly not delivered.
+    pub(super) async fn forward(
+        &self,
+        leader: Arc<PeerClient>,
+        cmd: Command,
+        deadline: Instant,
+    ) -> Result<Forwarded, PeerError> {
+        let target = leader.target();
+        let timeout = || PeerError::Timeout {
+            target,
+            after: deadline.saturating_duration_since(Instant::now()),
+        };
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            leader,
+            cmd,
+            deadline,
+            reply,
+        };
+        if self.tx.send(pending).is_err() {
+            return Err(PeerError::Unreachable {
+                target,
+                addr: String::new(),
+                reason: "this node is stopping".into(),
+            });
+        }
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(r)) => r,
+            // The forwarder stopped with the call outstanding: the write may have arrived.
+            Ok(Err(_)) => Err(PeerError::Failed {
+                target,
+                reason: "this node stopped before the leader answered".into(),
+            }),
+            Err(_) => Err(timeout()),
+        }
+    }
+}
+
+async fn run(
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    stop: CancellationToken,
+    counters: Counters,
+) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    // Writes taken from the queue for a leader other than the batch's (a leader change in
+    // between): they lead the next batch.
+    let mut held: VecDeque<Pending> = VecDeque::new();
+    loop {
+        let slot = tokio::select! {
+            _ = stop.cancelled() => return,
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+        };
+        let first = match held.pop_front() {
+            Some(p) => p,
+            None => tokio::select! {
+                _ = stop.cancelled() => return,
+                p = rx.recv() => match p {
+                    Some(p) => p,
+                    None => return,
+                },
+            },
+        };
+        let target = first.leader.target();
+        let most = if first.leader.takes_batches() {
+            MAX_BATCH
+        } else {
+            1
+        };
+        let mut bytes = first.cmd.size_hint();
+        let mut batch = vec![first];
+        while batch.len() < most && bytes < MAX_BATCH_BYTES {
+            let next = match held.pop_front() {
+                Some(p) => p,
+                None => match rx.try_recv() {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            if next.leader.target() == target {
+                bytes += next.cmd.size_hint();
+                batch.push(next);
+            } else {
+                held.push_back(next);
+            }
+        }
+        counters.calls.inc();
+        counters.writes.inc_by(batch.len() as u64);
+        tokio::spawn(async move {
+            call(batch).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Sends `batch` (all for one leader) in one call and answers every write in it.
+async fn call(batch: Vec<Pending>) {
+    let leader = batch[0].leader.clone();
+    let deadline = batch
+        .iter()
+        .map(|p| p.deadline)
+        .max()
+        .unwrap_or_else(Instant::now);
+    let budget = deadline.saturating_duration_since(Instant::now());
+    let n = batch.len();
+    let (cmds, replies): (Vec<Command>, Vec<_>) =
+        batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+    if n == 1 {
+        let cmd = cmds.into_iter().next().expect("one command");
+        let answer = single(&leader, cmd, budget).await;
+        for reply in replies {
+            let _ = reply.send(answer.clone());
+        }
+        return;
+    }
+    let req = PeerRequest::ForwardBatch(cmds);
+    let answers = match leader.call(&req, budget).await {
+        Ok(PeerResponse::ForwardBatch(rs)) if rs.len() == n => Ok(rs),
+        Ok(PeerResponse::ForwardBatch(rs)) => Err(PeerError::Failed {
+            target: leader.target(),
+            reason: format!("answered {} results for {n} forwarded writes", rs.len()),
+        }),
+        Ok(other) => Err(mismatch(&leader, "forward_batch", other.kind())),
+        Err(PeerError::Refused { reason, .. }) => {
+            // A leader of an older build, during a rolling upgrade: it did not read the batch,
+            // so each write goes again on its own.
+            tracing::info!(
+                leader = leader.target(),
+                reason,
+                "the leader does not take batched forwards; forwarding one by one"
+            );
+            leader.refused_batches();
+            let PeerRequest::ForwardBatch(cmds) = req else {
+                unreachable!("built above")
+            };
+            let budget = deadline.saturating_duration_since(Instant::now());
+            let answers = cmds.into_iter().map(|cmd| single(&leader, cmd, budget));
+            let answers = futures::future::join_all(answers).await;
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(answer);
+            }
+            return;
+        }
+        Err(e) => Err(e),
+    };
+    match answers {
+        Ok(rs) => {
+            for (reply, r) in replies.into_iter().zip(rs) {
+                let _ = reply.send(Ok(r));
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// Forwards one write as a plain `Forward`, which every build reads.
+async fn single(
+    leader: &PeerClient,
+    cmd: Command,
+    budget: std::time::Duration,
+) -> Result<Forwarded, PeerError> {
+    match leader.call(&PeerRequest::Forward(cmd), budget).await {
+        Ok(PeerResponse::Forward(r)) => Ok(r),
+        Ok(other) => Err(mismatch(leader, "forward", other.kind())),
+        Err(e) => Err(e),
+    }
+}
+
+fn mismatch(leader: &PeerClient, sent: &'static str, got: &'static str) -> PeerError {
+    PeerError::Mismatch {
+        target: leader.target(),
+        sent,
+        got,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::raft::network::{PeerDialer, BAD_FRAME, MAX_PEER_FRAME};
+    use crate::raft::types::codec;
+    use crate::registry::{Op, Outcome};
+    use crate::transport::frame::{read_frame, write_frame};
+    use crate::transport::tls::{self, NodeTls, TlsFiles};
+
+    fn node_tls(dir: &std::path::Path, id: u64) -> NodeTls {
+        NodeTls::load(&TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("node{id}.pem")),
+            key: dir.join(format!("node{id}.key")),
+        })
+        .unwrap()
+    }
+
+    /// A leader of a build before `ForwardBatch`: it answers every `Forward` and closes the
+    /// stream of anything else with `BAD_FRAME`, unread. Counts what it got.
+    #[derive(Default)]
+    struct OldLeader {
+        singles: AtomicUsize,
+        batches: AtomicUsize,
+    }
+
+    async fn serve_old_leader(endpoint: quinn::Endpoint, seen: Arc<OldLeader>) {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            tls::widen_streams(&conn);
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let bytes = read_frame(&mut recv, MAX_PEER_FRAME).await.unwrap();
+                    match codec::decode::<PeerRequest>(&bytes).unwrap() {
+                        PeerRequest::Forward(_) => {
+                            let n = seen.singles.fetch_add(1, SeqCst) as u64;
+                            let answer = PeerResponse::Forward(Ok((100 + n, Ok(Outcome::Noop))));
+                            write_frame(&mut send, &codec::encode(&answer).unwrap())
+                                .await
+                                .unwrap();
+                            let _ = send.finish();
+                        }
+                        _ => {
+                            seen.batches.fetch_add(1, SeqCst);
+                            let _ = recv.stop(BAD_FRAME);
+                            let _ = send.reset(BAD_FRAME);
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    fn write(i: u64) -> Command {
+        Command {
+            at: i,
+            op: Op::Unregister {
+                agent_id: format!("agent-{i}"),
+                session_id: i,
+            },
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_that_refuses_batches_gets_every_write_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::transport::devcerts::write_dev_material(dir.path(), &[1, 2], &[], false).unwrap();
+        let server = quinn::Endpoint::server(
+            node_tls(dir.path(), 1)
+                .server_config(Duration::from_secs(10))
+                .unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let seen = Arc::new(OldLeader::default());
+        tokio::spawn(serve_old_leader(server.clone(), seen.clone()));
+
+        let leader = Arc::new(PeerClient::new(
+            1,
+            addr.to_string(),
+            PeerDialer {
+                endpoint: quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap(),
+                client_config: node_tls(dir.path(), 2).peer_client_config().unwrap(),
+                server_name: tls::DEFAULT_SERVER_NAME.into(),
+            },
+        ));
+        let stop = CancellationToken::new();
+        let counters = Counters::default();
+        let forwarder = Forwarder::start(stop.clone(), counters.clone());
+        let deadline = Instant::now() + Duration::from_secs(10);
+
+        // Sent all at once: the first goes alone, the rest wait for it and go as a batch,
+        // which this leader refuses; they are then sent again one by one.
+        let answers = futures::future::join_all(
+            (0..50).map(|i| forwarder.forward(leader.clone(), write(i), deadline)),
+        )
+        .await;
+        let mut indexes = std::collections::BTreeSet::new();
+        for (i, a) in answers.into_iter().enumerate() {
+            match a {
+                Ok(Ok((index, Ok(Outcome::Noop)))) => assert!(indexes.insert(index)),
+                other => panic!("write {i}: {other:?}"),
+            }
+        }
+        assert!(seen.batches.load(SeqCst) >= 1, "no batch was tried");
+        assert_eq!(
+            seen.singles.load(SeqCst),
+            50,
+            "every write read exactly once"
+        );
+        assert!(!leader.takes_batches());
+
+        // Known now: no more batches to this leader on this connection.
+        let tried = seen.batches.load(SeqCst);
+        let answers = futures::future::join_all(
+            (50..80).map(|i| forwarder.forward(leader.clone(), write(i), deadline)),
+        )
+        .await;
+        assert!(
+            answers.iter().all(|a| matches!(a, Ok(Ok(_)))),
+            "{answers:?}"
+        );
+        assert_eq!(seen.batches.load(SeqCst), tried);
+        assert_eq!(seen.singles.load(SeqCst), 80);
+        stop.cancel();
+        server.close(0u32.into(), b"done");
+    }
+}
