@@ -21,9 +21,14 @@ use crate::transport::frame::{read_frame, write_frame, MAX_AGENT_FRAME};
 /// Pings in flight at once, per node.
 const MAX_CONCURRENT_PINGS: usize = 4096;
 
+/// Silence is checked this many times per heartbeat interval.
+const SILENCE_CHECKS_PER_INTERVAL: u32 = 4;
+
 pub(super) fn spawn(inner: Arc<Inner>) {
     let tasks = inner.tasks.clone();
+    let pinger = inner.clone();
     tasks.spawn(async move {
+        let inner = pinger;
         let mut tick = tokio::time::interval(inner.config.heartbeat.interval());
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut issued_last_round = 0;
@@ -33,8 +38,21 @@ pub(super) fn spawn(inner: Arc<Inner>) {
                 _ = tick.tick() => {}
             }
             ping_all(&inner).await;
-            evict_silent(&inner).await;
             issued_last_round = sweep_orphans(&inner, issued_last_round).await;
+        }
+    });
+    // Apart from the pings, and more often than a round: an agent is evicted soon after its
+    // agent_timeout of silence is over, not at the end of the round after that.
+    tasks.spawn(async move {
+        let every = inner.config.heartbeat.interval() / SILENCE_CHECKS_PER_INTERVAL;
+        let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(1)));
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = inner.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            evict_silent(&inner).await;
         }
     });
 }
