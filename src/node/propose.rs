@@ -21,9 +21,10 @@ use crate::registry::{Command, Op, Outcome, Response};
 const IN_FLIGHT: usize = 2;
 /// Most commands in one entry.
 const MAX_BATCH: usize = 256;
-/// Rough upper bound on one entry's encoded size (the peer link carries up to
-/// `max_payload_entries` entries per message).
-const MAX_BATCH_BYTES: usize = 64 * 1024;
+/// Commands stop being added to an entry once it holds this many bytes, so that an entry
+/// (this plus at most one command, itself under the 64 KiB agent frame) stays under sled's
+/// 128 KiB blob threshold: sled writes larger values to separate files without any fsync.
+const MAX_BATCH_BYTES: usize = 32 * 1024;
 
 pub(super) type ProposeError = RaftError<NodeId, ClientWriteError<NodeId, Node>>;
 

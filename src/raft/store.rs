@@ -56,7 +56,7 @@ impl DataDir {
         let identity = db.open_tree("identity").map_err(open_err)?;
         let stored_cluster = identity.get(CLUSTER_ID).map_err(open_err)?;
         let stored_node = identity.get(NODE_ID).map_err(open_err)?;
-        let log = LogStore::open(&db).map_err(open_err)?;
+        let log = LogStore::open(&db, &path.join("db")).map_err(open_err)?;
         match (stored_cluster, stored_node) {
             (Some(c), Some(n)) => {
                 let found = String::from_utf8_lossy(&c).into_owned();
