@@ -2,12 +2,14 @@
 //! batches, one peer stream for many of them.
 //!
 //! Like the leader's proposer (`propose.rs`), the forwarder keeps at most [`IN_FLIGHT`] calls
-//! to the leader outstanding; writes that arrive meanwhile wait and go out together in the
-//! next one, as a `ForwardBatch`. A write with nothing else waiting goes out alone, as a
+//! to a leader outstanding; writes that arrive meanwhile wait and go out together in the
+//! next one, as a `ForwardBatch`. Each leader has its own lane (queue, slots and task): calls
+//! to a leader that died hold its slots until they time out, and must not hold up the writes
+//! for the next one. A write with nothing else waiting goes out alone, as a
 //! plain `Forward`, without waiting for company. The leader proposes the commands of a batch
 //! together, so they usually share one log entry too.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -15,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::raft::network::{ForwardError, PeerClient, PeerError, PeerRequest, PeerResponse};
+use crate::raft::types::NodeId;
 use crate::registry::{Command, Response};
 
 /// Calls to the leader outstanding at once; more writes than this wait and are batched.
@@ -34,21 +37,47 @@ struct Pending {
     reply: oneshot::Sender<Result<Forwarded, PeerError>>,
 }
 
-/// Handle to the forwarder task. Clones share it.
+/// Handle to the forwarder. Clones share it.
 #[derive(Clone)]
 pub(crate) struct Forwarder {
-    tx: mpsc::UnboundedSender<Pending>,
+    lanes: Arc<std::sync::Mutex<HashMap<NodeId, mpsc::UnboundedSender<Pending>>>>,
+    stop: CancellationToken,
+    counters: Counters,
 }
 
 /// What the forwarder counts.
 type Counters = super::metrics::Forwarding;
 
 impl Forwarder {
-    /// Starts the forwarder task; it stops when `stop` is cancelled.
+    /// A forwarder whose lanes stop when `stop` is cancelled.
     pub(crate) fn start(stop: CancellationToken, counters: Counters) -> Forwarder {
+        Forwarder {
+            lanes: Arc::default(),
+            stop,
+            counters,
+        }
+    }
+
+    /// Queues `pending` in its leader's lane, starting the lane if need be. The pending write
+    /// back if the forwarder has stopped.
+    fn enqueue(&self, pending: Pending) -> Result<(), Pending> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        let target = pending.leader.target();
+        let pending = match lanes.get(&target) {
+            Some(lane) => match lane.send(pending) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(p)) => p,
+            },
+            None => pending,
+        };
+        if self.stop.is_cancelled() {
+            return Err(pending);
+        }
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(rx, stop, counters));
-        Forwarder { tx }
+        tokio::spawn(run(rx, self.stop.clone(), self.counters.clone()));
+        let sent = tx.send(pending).map_err(|mpsc::error::SendError(p)| p);
+        lanes.insert(target, tx);
+        sent
     }
 
     /// Sends `cmd` to `leader` and waits for its answer until `deadline`. The errors are the
@@ -60,10 +89,8 @@ impl Forwarder {
         deadline: Instant,
     ) -> Result<Forwarded, PeerError> {
         let target = leader.target();
-        let timeout = || PeerError::Timeout {
-            target,
-            after: deadline.saturating_duration_since(Instant::now()),
-        };
+        let after = deadline.saturating_duration_since(Instant::now());
+        let timeout = || PeerError::Timeout { target, after };
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             leader,
@@ -71,7 +98,7 @@ impl Forwarder {
             deadline,
             reply,
         };
-        if self.tx.send(pending).is_err() {
+        if self.enqueue(pending).is_err() {
             return Err(PeerError::Unreachable {
                 target,
                 addr: String::new(),
@@ -90,14 +117,15 @@ impl Forwarder {
     }
 }
 
+/// One leader's lane: batches its writes, at most [`IN_FLIGHT`] calls at once.
 async fn run(
     mut rx: mpsc::UnboundedReceiver<Pending>,
     stop: CancellationToken,
     counters: Counters,
 ) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    // Writes taken from the queue for a leader other than the batch's (a leader change in
-    // between): they lead the next batch.
+    // Writes taken from the queue for another client of the same node (its address changed
+    // in between): they lead the next batch.
     let mut held: VecDeque<Pending> = VecDeque::new();
     loop {
         let slot = tokio::select! {
@@ -117,7 +145,7 @@ async fn run(
                 },
             },
         };
-        let target = first.leader.target();
+        let leader = first.leader.clone();
         let most = if first.leader.takes_batches() {
             MAX_BATCH
         } else {
@@ -133,7 +161,7 @@ async fn run(
                     Err(_) => break,
                 },
             };
-            if next.leader.target() == target {
+            if Arc::ptr_eq(&next.leader, &leader) {
                 bytes += next.cmd.size_hint();
                 batch.push(next);
             } else {
@@ -288,6 +316,98 @@ mod tests {
                     }
                 }
             });
+        }
+    }
+
+    /// A leader that reads every request and never answers (a paused or dead process).
+    async fn serve_black_hole(endpoint: quinn::Endpoint, seen: Arc<AtomicUsize>) {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            tls::widen_streams(&conn);
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Ok((send, mut recv)) = conn.accept_bi().await {
+                    let _ = read_frame(&mut recv, MAX_PEER_FRAME).await;
+                    seen.fetch_add(1, SeqCst);
+                    held.push((send, recv));
+                }
+            });
+        }
+    }
+
+    fn server(dir: &std::path::Path) -> quinn::Endpoint {
+        quinn::Endpoint::server(
+            node_tls(dir, 1)
+                .server_config(Duration::from_secs(60))
+                .unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn client(dir: &std::path::Path, target: u64, server: &quinn::Endpoint) -> Arc<PeerClient> {
+        Arc::new(PeerClient::new(
+            target,
+            server.local_addr().unwrap().to_string(),
+            PeerDialer {
+                endpoint: quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap(),
+                client_config: node_tls(dir, 2).peer_client_config().unwrap(),
+                server_name: tls::DEFAULT_SERVER_NAME.into(),
+            },
+        ))
+    }
+
+    /// Calls to a leader that stopped answering hold its lane's slots until they time out;
+    /// the writes for the next leader go through meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_old_leader_does_not_hold_up_writes_for_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::transport::devcerts::write_dev_material(dir.path(), &[1, 2], &[], false).unwrap();
+        let silent = server(dir.path());
+        let reached_silent = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(serve_black_hole(silent.clone(), reached_silent.clone()));
+        let new = server(dir.path());
+        tokio::spawn(serve_old_leader(new.clone(), Arc::default()));
+        let (old_leader, new_leader) =
+            (client(dir.path(), 1, &silent), client(dir.path(), 3, &new));
+
+        let stop = CancellationToken::new();
+        let forwarder = Forwarder::start(stop.clone(), Counters::default());
+        let stuck: Vec<_> = (0..2 * IN_FLIGHT as u64)
+            .map(|i| {
+                let (f, l) = (forwarder.clone(), old_leader.clone());
+                tokio::spawn(async move {
+                    f.forward(l, write(i), Instant::now() + Duration::from_secs(60))
+                        .await
+                })
+            })
+            .collect();
+        let until = Instant::now() + Duration::from_secs(20);
+        while reached_silent.load(SeqCst) < IN_FLIGHT {
+            assert!(Instant::now() < until, "the silent leader was never called");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        let answers = futures::future::join_all((100..110).map(|i| {
+            forwarder.forward(
+                new_leader.clone(),
+                write(i),
+                Instant::now() + Duration::from_secs(20),
+            )
+        }))
+        .await;
+        assert!(
+            answers.iter().all(|a| matches!(a, Ok(Ok(_)))),
+            "{answers:?}"
+        );
+        assert!(
+            stuck.iter().all(|t| !t.is_finished()),
+            "the silent leader answered"
+        );
+        stop.cancel();
+        for t in stuck {
+            t.abort();
         }
     }
 
