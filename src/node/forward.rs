@@ -3,11 +3,12 @@
 //!
 //! Like the leader's proposer (`propose.rs`), the forwarder keeps at most [`IN_FLIGHT`] calls
 //! to a leader outstanding; writes that arrive meanwhile wait and go out together in the
-//! next one, as a `ForwardBatch`. Each leader has its own lane (queue, slots and task): calls
-//! to a leader that died hold its slots until they time out, and must not hold up the writes
-//! for the next one. A write with nothing else waiting goes out alone, as a
+//! next one, as a `ForwardBatch`. A write with nothing else waiting goes out alone, as a
 //! plain `Forward`, without waiting for company. The leader proposes the commands of a batch
 //! together, so they usually share one log entry too.
+//!
+//! Each leader has its own lane (queue, slots and task): calls to a leader that died hold
+//! its slots until they time out, and must not hold up the writes for the next one.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -58,8 +59,8 @@ impl Forwarder {
         }
     }
 
-    /// Queues `pending` in its leader's lane, starting the lane if need be. The pending write
-    /// back if the forwarder has stopped.
+    /// Queues `pending` in its leader's lane, starting the lane if need be. Gives it back if
+    /// the forwarder has stopped.
     fn enqueue(&self, pending: Pending) -> Result<(), Pending> {
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
         let target = pending.leader.target();
