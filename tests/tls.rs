@@ -184,6 +184,22 @@ async fn operator_is_classified_admin() {
     ));
 }
 
+/// Both ends ask the other, through QUIC's ACK frequency extension, to acknowledge less
+/// often than every second packet (fewer acknowledgement-only packets under load).
+#[tokio::test]
+async fn connections_ask_for_fewer_acknowledgements() {
+    let m = material();
+    let server = start_server(&m.node_tls(1).unwrap());
+    let (_ep, conn) = connect(agent_client_config(&m.ca_cert_pem).unwrap(), server.addr).await;
+    let conn = conn.expect("agent connects");
+    for i in 0..20u8 {
+        assert_eq!(echo(&conn, &[i]).await.unwrap(), [i]);
+    }
+    let stats = conn.stats();
+    assert!(stats.frame_tx.ack_frequency >= 1, "{:?}", stats.frame_tx);
+    assert!(stats.frame_rx.ack_frequency >= 1, "{:?}", stats.frame_rx);
+}
+
 #[tokio::test]
 async fn agent_without_certificate_is_agent_but_peer_alpn_needs_one() {
     let m = material();

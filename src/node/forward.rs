@@ -10,12 +10,14 @@
 //! Each leader has its own lane (queue, slots and task): calls to a leader that died hold
 //! its slots until they time out, and must not hold up the writes for the next one.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use super::propose::next_batch;
 
 use crate::raft::network::{ForwardError, PeerClient, PeerError, PeerRequest, PeerResponse};
 use crate::raft::types::NodeId;
@@ -32,7 +34,6 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 pub(super) type Forwarded = Result<(u64, Response), ForwardError>;
 
 struct Pending {
-    leader: Arc<PeerClient>,
     cmd: Command,
     deadline: Instant,
     reply: oneshot::Sender<Result<Forwarded, PeerError>>,
@@ -41,10 +42,14 @@ struct Pending {
 /// Handle to the forwarder. Clones share it.
 #[derive(Clone)]
 pub(crate) struct Forwarder {
-    lanes: Arc<std::sync::Mutex<HashMap<NodeId, mpsc::UnboundedSender<Pending>>>>,
+    /// One lane per leader and address (a node that moved gets a new lane).
+    lanes: Arc<std::sync::Mutex<Lanes>>,
     stop: CancellationToken,
     counters: Counters,
 }
+
+/// The lanes by leader and address.
+type Lanes = HashMap<(NodeId, String), mpsc::UnboundedSender<Pending>>;
 
 /// What the forwarder counts.
 type Counters = super::metrics::Forwarding;
@@ -59,12 +64,12 @@ impl Forwarder {
         }
     }
 
-    /// Queues `pending` in its leader's lane, starting the lane if need be. Gives it back if
-    /// the forwarder has stopped.
-    fn enqueue(&self, pending: Pending) -> Result<(), Pending> {
+    /// Queues `pending` in the lane of `leader`, starting the lane if need be. Gives it back
+    /// if the forwarder has stopped.
+    fn enqueue(&self, leader: Arc<PeerClient>, pending: Pending) -> Result<(), Pending> {
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-        let target = pending.leader.target();
-        let pending = match lanes.get(&target) {
+        let lane = (leader.target(), leader.addr().to_owned());
+        let pending = match lanes.get(&lane) {
             Some(lane) => match lane.send(pending) {
                 Ok(()) => return Ok(()),
                 Err(mpsc::error::SendError(p)) => p,
@@ -75,9 +80,9 @@ impl Forwarder {
             return Err(pending);
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(rx, self.stop.clone(), self.counters.clone()));
+        tokio::spawn(run(rx, leader, self.stop.clone(), self.counters.clone()));
         let sent = tx.send(pending).map_err(|mpsc::error::SendError(p)| p);
-        lanes.insert(target, tx);
+        lanes.insert(lane, tx);
         sent
     }
 
@@ -94,12 +99,11 @@ impl Forwarder {
         let timeout = || PeerError::Timeout { target, after };
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
-            leader,
             cmd,
             deadline,
             reply,
         };
-        if self.enqueue(pending).is_err() {
+        if self.enqueue(leader, pending).is_err() {
             return Err(PeerError::Unreachable {
                 target,
                 addr: String::new(),
@@ -121,13 +125,11 @@ impl Forwarder {
 /// One leader's lane: batches its writes, at most [`IN_FLIGHT`] calls at once.
 async fn run(
     mut rx: mpsc::UnboundedReceiver<Pending>,
+    leader: Arc<PeerClient>,
     stop: CancellationToken,
     counters: Counters,
 ) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    // Writes taken from the queue for another client of the same node (its address changed
-    // in between): they lead the next batch.
-    let mut held: VecDeque<Pending> = VecDeque::new();
     loop {
         let slot = tokio::select! {
             _ = stop.cancelled() => return,
@@ -136,51 +138,25 @@ async fn run(
                 Err(_) => return,
             },
         };
-        let first = match held.pop_front() {
-            Some(p) => p,
-            None => tokio::select! {
-                _ = stop.cancelled() => return,
-                p = rx.recv() => match p {
-                    Some(p) => p,
-                    None => return,
-                },
-            },
+        // Asked once a write is there: a refusal may have been learnt while this waited.
+        let most = || if leader.takes_batches() { MAX_BATCH } else { 1 };
+        let Some(batch) =
+            next_batch(&mut rx, &stop, most, MAX_BATCH_BYTES, |p| p.cmd.size_hint()).await
+        else {
+            return;
         };
-        let leader = first.leader.clone();
-        let most = if first.leader.takes_batches() {
-            MAX_BATCH
-        } else {
-            1
-        };
-        let mut bytes = first.cmd.size_hint();
-        let mut batch = vec![first];
-        while batch.len() < most && bytes < MAX_BATCH_BYTES {
-            let next = match held.pop_front() {
-                Some(p) => p,
-                None => match rx.try_recv() {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
-            if Arc::ptr_eq(&next.leader, &leader) {
-                bytes += next.cmd.size_hint();
-                batch.push(next);
-            } else {
-                held.push_back(next);
-            }
-        }
         counters.calls.inc();
         counters.writes.inc_by(batch.len() as u64);
+        let leader = leader.clone();
         tokio::spawn(async move {
-            call(batch).await;
+            call(&leader, batch).await;
             drop(slot);
         });
     }
 }
 
-/// Sends `batch` (all for one leader) in one call and answers every write in it.
-async fn call(batch: Vec<Pending>) {
-    let leader = batch[0].leader.clone();
+/// Sends `batch` to `leader` in one call and answers every write in it.
+async fn call(leader: &PeerClient, batch: Vec<Pending>) {
     let deadline = batch
         .iter()
         .map(|p| p.deadline)
@@ -192,7 +168,7 @@ async fn call(batch: Vec<Pending>) {
         batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
     if n == 1 {
         let cmd = cmds.into_iter().next().expect("one command");
-        let answer = single(&leader, cmd, budget).await;
+        let answer = single(leader, cmd, budget).await;
         for reply in replies {
             let _ = reply.send(answer.clone());
         }
@@ -205,7 +181,7 @@ async fn call(batch: Vec<Pending>) {
             target: leader.target(),
             reason: format!("answered {} results for {n} forwarded writes", rs.len()),
         }),
-        Ok(other) => Err(mismatch(&leader, "forward_batch", other.kind())),
+        Ok(other) => Err(mismatch(leader, "forward_batch", other.kind())),
         Err(PeerError::Refused { reason, .. }) => {
             // A leader of an older build, during a rolling upgrade: it did not read the batch,
             // so each write goes again on its own.
@@ -219,7 +195,7 @@ async fn call(batch: Vec<Pending>) {
                 unreachable!("built above")
             };
             let budget = deadline.saturating_duration_since(Instant::now());
-            let answers = cmds.into_iter().map(|cmd| single(&leader, cmd, budget));
+            let answers = cmds.into_iter().map(|cmd| single(leader, cmd, budget));
             let answers = futures::future::join_all(answers).await;
             for (reply, answer) in replies.into_iter().zip(answers) {
                 let _ = reply.send(answer);
@@ -292,49 +268,60 @@ mod tests {
         batches: AtomicUsize,
     }
 
-    async fn serve_old_leader(endpoint: quinn::Endpoint, seen: Arc<OldLeader>) {
+    /// Accepts peer connections on `endpoint` and hands every stream, with the request it
+    /// carried, to `handle`.
+    async fn serve<F, Fut>(endpoint: quinn::Endpoint, handle: F)
+    where
+        F: Fn(quinn::SendStream, quinn::RecvStream, Vec<u8>) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         while let Some(incoming) = endpoint.accept().await {
             let Ok(conn) = incoming.await else { continue };
             tls::widen_streams(&conn);
-            let seen = seen.clone();
+            let handle = handle.clone();
             tokio::spawn(async move {
-                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                while let Ok((send, mut recv)) = conn.accept_bi().await {
                     let bytes = read_frame(&mut recv, MAX_PEER_FRAME).await.unwrap();
-                    match codec::decode::<PeerRequest>(&bytes).unwrap() {
-                        PeerRequest::Forward(_) => {
-                            let n = seen.singles.fetch_add(1, SeqCst) as u64;
-                            let answer = PeerResponse::Forward(Ok((100 + n, Ok(Outcome::Noop))));
-                            write_frame(&mut send, &codec::encode(&answer).unwrap())
-                                .await
-                                .unwrap();
-                            let _ = send.finish();
-                        }
-                        _ => {
-                            seen.batches.fetch_add(1, SeqCst);
-                            let _ = recv.stop(BAD_FRAME);
-                            let _ = send.reset(BAD_FRAME);
-                        }
-                    }
+                    tokio::spawn(handle(send, recv, bytes));
                 }
             });
         }
     }
 
+    async fn serve_old_leader(endpoint: quinn::Endpoint, seen: Arc<OldLeader>) {
+        serve(endpoint, move |mut send, mut recv, bytes| {
+            let seen = seen.clone();
+            async move {
+                match codec::decode::<PeerRequest>(&bytes).unwrap() {
+                    PeerRequest::Forward(_) => {
+                        let n = seen.singles.fetch_add(1, SeqCst) as u64;
+                        let answer = PeerResponse::Forward(Ok((100 + n, Ok(Outcome::Noop))));
+                        write_frame(&mut send, &codec::encode(&answer).unwrap())
+                            .await
+                            .unwrap();
+                        let _ = send.finish();
+                    }
+                    _ => {
+                        seen.batches.fetch_add(1, SeqCst);
+                        let _ = recv.stop(BAD_FRAME);
+                        let _ = send.reset(BAD_FRAME);
+                    }
+                }
+            }
+        })
+        .await
+    }
+
     /// A leader that reads every request and never answers (a paused or dead process).
     async fn serve_black_hole(endpoint: quinn::Endpoint, seen: Arc<AtomicUsize>) {
-        while let Some(incoming) = endpoint.accept().await {
-            let Ok(conn) = incoming.await else { continue };
-            tls::widen_streams(&conn);
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let mut held = Vec::new();
-                while let Ok((send, mut recv)) = conn.accept_bi().await {
-                    let _ = read_frame(&mut recv, MAX_PEER_FRAME).await;
-                    seen.fetch_add(1, SeqCst);
-                    held.push((send, recv));
-                }
-            });
-        }
+        serve(endpoint, move |send, recv, _| {
+            seen.fetch_add(1, SeqCst);
+            async move {
+                let _open = (send, recv);
+                std::future::pending::<()>().await
+            }
+        })
+        .await
     }
 
     fn server(dir: &std::path::Path) -> quinn::Endpoint {
@@ -375,19 +362,20 @@ mod tests {
 
         let stop = CancellationToken::new();
         let forwarder = Forwarder::start(stop.clone(), Counters::default());
-        let stuck: Vec<_> = (0..2 * IN_FLIGHT as u64)
-            .map(|i| {
-                let (f, l) = (forwarder.clone(), old_leader.clone());
-                tokio::spawn(async move {
-                    f.forward(l, write(i), Instant::now() + Duration::from_secs(60))
-                        .await
-                })
-            })
-            .collect();
+        // One at a time until every slot of the silent leader's lane holds a call, then as
+        // many more waiting in its queue.
         let until = Instant::now() + Duration::from_secs(20);
-        while reached_silent.load(SeqCst) < IN_FLIGHT {
-            assert!(Instant::now() < until, "the silent leader was never called");
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut stuck = Vec::new();
+        for i in 0..2 * IN_FLIGHT {
+            let (f, l) = (forwarder.clone(), old_leader.clone());
+            stuck.push(tokio::spawn(async move {
+                f.forward(l, write(i as u64), Instant::now() + Duration::from_secs(60))
+                    .await
+            }));
+            while i < IN_FLIGHT && reached_silent.load(SeqCst) <= i {
+                assert!(Instant::now() < until, "the silent leader was not called");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
 
         let answers = futures::future::join_all((100..110).map(|i| {

@@ -26,35 +26,38 @@ const SILENCE_CHECKS_PER_INTERVAL: u32 = 4;
 
 pub(super) fn spawn(inner: Arc<Inner>) {
     let tasks = inner.tasks.clone();
-    let pinger = inner.clone();
-    tasks.spawn(async move {
-        let inner = pinger;
-        let mut tick = tokio::time::interval(inner.config.heartbeat.interval());
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut issued_last_round = 0;
-        loop {
-            tokio::select! {
-                _ = inner.shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            ping_all(&inner).await;
-            issued_last_round = sweep_orphans(&inner, issued_last_round).await;
+    tasks.spawn(ping_rounds(inner.clone()));
+    tasks.spawn(silence_checks(inner));
+}
+
+/// Every interval: ping the agents, then sweep orphaned sessions.
+async fn ping_rounds(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(inner.config.heartbeat.interval());
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut issued_last_round = 0;
+    loop {
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => break,
+            _ = tick.tick() => {}
         }
-    });
-    // Apart from the pings, and more often than a round: an agent is evicted soon after its
-    // agent_timeout of silence is over, not at the end of the round after that.
-    tasks.spawn(async move {
-        let every = inner.config.heartbeat.interval() / SILENCE_CHECKS_PER_INTERVAL;
-        let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(1)));
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = inner.shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            evict_silent(&inner).await;
+        ping_all(&inner).await;
+        issued_last_round = sweep_orphans(&inner, issued_last_round).await;
+    }
+}
+
+/// Apart from the pings, and more often than a round: an agent is evicted soon after its
+/// agent_timeout of silence is over, not at the end of the round after that.
+async fn silence_checks(inner: Arc<Inner>) {
+    let every = inner.config.heartbeat.interval() / SILENCE_CHECKS_PER_INTERVAL;
+    let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => break,
+            _ = tick.tick() => {}
         }
-    });
+        evict_silent(&inner).await;
+    }
 }
 
 /// Pings every registered agent once, spread evenly over the round: the pings start over

@@ -3,11 +3,9 @@
 use std::sync::Arc;
 
 use super::{read, write, Inner};
-use crate::raft::network::{PeerRequest, PeerResponse, MAX_PEER_FRAME};
+use crate::raft::network::{PeerRequest, PeerResponse, BAD_FRAME, MAX_PEER_FRAME};
 use crate::raft::types::codec;
 use crate::transport::frame::{read_frame, write_frame};
-
-use crate::raft::network::BAD_FRAME;
 
 /// Application error code for a stream whose request was served but whose answer could not
 /// be encoded (not [`BAD_FRAME`]: the caller must not think the request was not read).

@@ -71,30 +71,52 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>, stop: Cancell
                 Err(_) => return,
             },
         };
-        let first = tokio::select! {
-            _ = stop.cancelled() => return,
-            p = rx.recv() => match p {
-                Some(p) => p,
-                None => return,
-            },
+        let Some(batch) = next_batch(
+            &mut rx,
+            &stop,
+            || MAX_BATCH,
+            MAX_BATCH_BYTES,
+            |p| p.cmd.size_hint(),
+        )
+        .await
+        else {
+            return;
         };
-        let mut bytes = first.cmd.size_hint();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(p) => {
-                    bytes += p.cmd.size_hint();
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
         let raft = raft.clone();
         tokio::spawn(async move {
             commit(&raft, batch).await;
             drop(slot);
         });
     }
+}
+
+/// Waits for the next item of `rx`, then takes whatever else is queued already, up to `most()`
+/// items (asked once the first is there) or until they add up to `max_bytes` (by `size`). `None` once `stop` is cancelled
+/// or the queue is closed. Shared by the proposer and the forwarder.
+pub(super) async fn next_batch<T>(
+    rx: &mut mpsc::UnboundedReceiver<T>,
+    stop: &CancellationToken,
+    most: impl FnOnce() -> usize,
+    max_bytes: usize,
+    size: impl Fn(&T) -> usize,
+) -> Option<Vec<T>> {
+    let first = tokio::select! {
+        _ = stop.cancelled() => return None,
+        p = rx.recv() => p?,
+    };
+    let most = most();
+    let mut bytes = size(&first);
+    let mut batch = vec![first];
+    while batch.len() < most && bytes < max_bytes {
+        match rx.try_recv() {
+            Ok(p) => {
+                bytes += size(&p);
+                batch.push(p);
+            }
+            Err(_) => break,
+        }
+    }
+    Some(batch)
 }
 
 /// Writes `batch` as one entry and answers every command in it.
