@@ -43,3 +43,76 @@ fn data_dir_of_another_cluster_or_node_is_refused_and_left_alone() {
     // Refusals changed nothing: the rightful owner still opens it.
     DataDir::open(dir.path(), "alpha", 1).unwrap();
 }
+
+/// A data directory written before the log's entries moved out of sled: entries 1..=20 in
+/// the `log` tree (1..=5 purged), a vote, the node's identity.
+fn old_layout(path: &std::path::Path) {
+    use agentreg::raft::types::{codec, Entry, LogId, Vote};
+    use openraft::{CommittedLeaderId, EntryPayload};
+    let db = sled::Config::new().path(path.join("db")).open().unwrap();
+    let identity = db.open_tree("identity").unwrap();
+    identity.insert("cluster_id", "alpha").unwrap();
+    identity.insert("node_id", &1u64.to_be_bytes()).unwrap();
+    let meta = db.open_tree("meta").unwrap();
+    meta.insert("vote", codec::encode(&Vote::new(3, 1)).unwrap())
+        .unwrap();
+    let purged = LogId::new(CommittedLeaderId::new(1, 1), 5);
+    meta.insert("last_purged", codec::encode(&purged).unwrap())
+        .unwrap();
+    let log = db.open_tree("log").unwrap();
+    for i in 3..=20u64 {
+        let e = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1 + i / 10, 1), i),
+            payload: EntryPayload::Blank,
+        };
+        log.insert(i.to_be_bytes(), codec::encode(&e).unwrap())
+            .unwrap();
+    }
+    db.flush().unwrap();
+}
+
+#[tokio::test]
+async fn a_log_kept_in_sled_by_an_earlier_version_is_moved_out_once() {
+    use openraft::storage::RaftLogStorage;
+    use openraft::RaftLogReader;
+    let dir = tempfile::tempdir().unwrap();
+    old_layout(dir.path());
+    // An earlier attempt that crashed half way left this behind.
+    std::fs::create_dir(dir.path().join("log.new")).unwrap();
+    std::fs::write(
+        dir.path().join("log.new").join("0000000000000001.wal"),
+        b"junk",
+    )
+    .unwrap();
+
+    // The wrong node is refused before anything moves.
+    assert!(DataDir::open(dir.path(), "alpha", 2).is_err());
+    assert!(!dir.path().join("log").exists());
+
+    for _ in 0..2 {
+        let data = DataDir::open(dir.path(), "alpha", 1).expect("open the old layout");
+        let mut log = data.log.clone();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(5));
+        assert_eq!(
+            state.last_log_id.map(|l| (l.leader_id.term, l.index)),
+            Some((3, 20))
+        );
+        let got: Vec<u64> = log
+            .try_get_log_entries(0..100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect();
+        assert_eq!(got, (6..=20).collect::<Vec<_>>());
+        assert_eq!(
+            log.read_vote().await.unwrap(),
+            Some(openraft::Vote::new(3, 1))
+        );
+        assert!(data.db.open_tree("log").unwrap().is_empty());
+        assert!(!dir.path().join("log.new").exists());
+        drop(log);
+        drop(data);
+    }
+}

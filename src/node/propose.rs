@@ -21,9 +21,9 @@ use crate::registry::{Command, Op, Outcome, Response};
 const IN_FLIGHT: usize = 2;
 /// Most commands in one entry.
 const MAX_BATCH: usize = 256;
-/// Commands stop being added to an entry once it holds this many bytes, so that an entry
-/// (this plus at most one command, itself under the 64 KiB agent frame) stays under sled's
-/// 128 KiB blob threshold: sled writes larger values to separate files without any fsync.
+/// Commands stop being added to an entry once it holds this many bytes (it then holds this
+/// plus at most one command, itself under the 64 KiB agent frame): it bounds one log write
+/// and one AppendEntries. At 64 claims in flight an entry holds a few KiB.
 const MAX_BATCH_BYTES: usize = 32 * 1024;
 
 pub(super) type ProposeError = RaftError<NodeId, ClientWriteError<NodeId, Node>>;

@@ -1,18 +1,22 @@
-//! The Raft log and vote in sled.
-//!
-//! Trees of the node's sled database used here:
+//! The Raft log: its entries in segment files of their own ([`super::wal`]), the vote and
+//! the purge point in sled.
 //!
 //! ```text
-//! log    u64 big-endian index -> bincode(Entry)
-//! meta   "vote" -> bincode(Vote)   "committed" -> bincode(LogId)   "last_purged" -> bincode(LogId)
+//! <data dir>/log/*.wal   the entries (see wal.rs)
+//! sled tree meta         "vote" -> bincode(Vote)   "committed" -> bincode(LogId)
+//!                        "last_purged" -> bincode(LogId)
 //! ```
 //!
 //! A vote or an append is acknowledged to openraft only after it is on disk: a node that
 //! crashes or loses power right after never forgets a vote it cast or an entry it
-//! acknowledged. sled's own flush is not enough for the second: on Linux it writes its
-//! buffers with `sync_file_range`, which neither flushes the disk's write cache nor the
-//! file's size (sled itself calls `fsync` only every 500 ms), so [`LogStore::sync`] follows it
-//! with an `fdatasync` of sled's data file.
+//! acknowledged. An append is one write and one `fdatasync` of a segment. For the vote and
+//! the purge point sled's own flush is not enough: on Linux it writes its buffers with
+//! `sync_file_range`, which neither flushes the disk's write cache nor the file's size (sled
+//! itself calls `fsync` only every 500 ms), so [`LogStore::sync`] follows it with an
+//! `fdatasync` of sled's data file.
+//!
+//! Data directories written before the entries moved out of sled have them in sled's `log`
+//! tree; [`LogStore::open`] moves them into segments once (see [`migrate`]).
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -20,9 +24,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
-use openraft::{AnyError, LogState, OptionalSend, RaftLogId, RaftLogReader, StorageIOError};
+use openraft::{AnyError, LogState, OptionalSend, RaftLogReader, StorageIOError};
 
 use super::types::{codec, Entry, LogId, StorageError, TypeConfig, Vote};
+use super::wal::{Wal, WalError, SEGMENT_BYTES};
 
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
@@ -31,14 +36,30 @@ const LAST_PURGED: &[u8] = b"last_purged";
 /// The file in a sled 0.34 directory that holds its log-structured data.
 const SLED_DATA_FILE: &str = "db";
 
-/// Handle to the log; clones share the same trees.
+/// The directory of the entries' segments, in the data directory.
+const WAL_DIR: &str = "log";
+
+/// Handle to the log; clones share the same files and trees.
 #[derive(Clone)]
 pub struct LogStore {
     db: sled::Db,
-    log: sled::Tree,
     meta: sled::Tree,
     /// sled's data file, for `fdatasync` (see the module docs).
     data_file: Arc<std::fs::File>,
+    wal: Arc<Wal>,
+}
+
+/// Why the log could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Sled(#[from] sled::Error),
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error("raft log: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("raft log: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
 }
 
 fn read_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -50,16 +71,25 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl LogStore {
-    /// Opens the log trees of `db`, the sled database in directory `db_dir`.
+    /// Opens the log of the data directory `data_dir`, whose sled database is `db`.
     ///
     /// # Errors
-    /// sled cannot open the trees, or its data file cannot be opened.
-    pub fn open(db: &sled::Db, db_dir: &Path) -> Result<Self, sled::Error> {
+    /// sled, its data file or the log's segments cannot be read, or a segment is damaged.
+    pub fn open(db: &sled::Db, data_dir: &Path) -> Result<Self, OpenError> {
+        let meta = db.open_tree("meta")?;
+        let data_file = Arc::new(std::fs::File::open(
+            data_dir.join("db").join(SLED_DATA_FILE),
+        )?);
+        let purged = match meta.get(LAST_PURGED)? {
+            Some(bytes) => Some(codec::decode::<LogId>(&bytes)?.index),
+            None => None,
+        };
+        let wal = migrate(db, data_dir, purged)?;
         Ok(LogStore {
             db: db.clone(),
-            log: db.open_tree("log")?,
-            meta: db.open_tree("meta")?,
-            data_file: Arc::new(std::fs::File::open(db_dir.join(SLED_DATA_FILE))?),
+            meta,
+            data_file,
+            wal: Arc::new(wal),
         })
     }
 
@@ -96,19 +126,9 @@ impl LogStore {
         self.sync().await.map_err(write_err)
     }
 
-    fn last_entry_id(&self) -> Result<Option<LogId>, StorageError> {
-        match self.log.last().map_err(read_err)? {
-            None => Ok(None),
-            Some((_, bytes)) => {
-                let e: Entry = codec::decode(&bytes).map_err(read_err)?;
-                Ok(Some(*e.get_log_id()))
-            }
-        }
-    }
-
     /// Index of the newest entry on disk, if any (for status output).
     pub fn last_index(&self) -> Option<u64> {
-        self.last_entry_id().ok().flatten().map(|id| id.index)
+        self.wal.last_log_id().map(|id| id.index)
     }
 
     /// The last index openraft reported committed (saved as a hint, see `save_committed`).
@@ -119,15 +139,28 @@ impl LogStore {
             .map(|l| l.index)
     }
 
-    /// Whether this log has ever been written: a vote or any entry.
+    /// Whether this log has ever been written: a vote, any entry or a purge.
     ///
     /// # Errors
     /// Reading the trees failed.
     pub fn is_pristine(&self) -> Result<bool, StorageError> {
         Ok(self.meta.get(VOTE).map_err(read_err)?.is_none()
-            && self.log.is_empty()
+            && self.wal.is_empty()
             && self.meta.get(LAST_PURGED).map_err(read_err)?.is_none())
     }
+}
+
+/// Whether the log of the data directory `data_dir` (sled database `db`) has never been
+/// written: no vote, no entry, no purge. Reads only.
+///
+/// # Errors
+/// sled or the segments' directory cannot be read.
+pub fn is_pristine(db: &sled::Db, data_dir: &Path) -> Result<bool, OpenError> {
+    let meta = db.open_tree("meta")?;
+    Ok(meta.get(VOTE)?.is_none()
+        && meta.get(LAST_PURGED)?.is_none()
+        && db.open_tree("log")?.is_empty()
+        && !super::wal::holds_records(&data_dir.join(WAL_DIR))?)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -141,16 +174,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => 0,
         };
         let end = match range.end_bound() {
-            Bound::Included(i) => Bound::Included(i.to_be_bytes()),
-            Bound::Excluded(i) => Bound::Excluded(i.to_be_bytes()),
-            Bound::Unbounded => Bound::Unbounded,
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
         };
-        let mut out = Vec::new();
-        for kv in self.log.range((Bound::Included(start.to_be_bytes()), end)) {
-            let (_, bytes) = kv.map_err(read_err)?;
-            out.push(codec::decode(&bytes).map_err(read_err)?);
-        }
-        Ok(out)
+        self.wal.read(start, end).map_err(read_err)
     }
 }
 
@@ -159,7 +187,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id: Option<LogId> = self.get_meta(LAST_PURGED)?;
-        let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
+        let last_log_id = self.wal.last_log_id().or(last_purged_log_id);
         Ok(LogState {
             last_purged_log_id,
             last_log_id,
@@ -208,24 +236,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
-        for entry in entries {
-            let bytes = codec::encode(&entry).map_err(write_err)?;
-            batch.insert(&entry.get_log_id().index.to_be_bytes(), bytes);
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let result = self.on_wal(move |wal| wal.append(entries)).await;
+        match result {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(write_err(e))
+            }
         }
-        self.log.apply_batch(batch).map_err(write_err)?;
-        callback.log_io_completed(self.sync().await);
-        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        for kv in self.log.range(log_id.index.to_be_bytes()..) {
-            let (k, _) = kv.map_err(read_err)?;
-            batch.remove(k);
-        }
-        self.log.apply_batch(batch).map_err(write_err)?;
-        self.flush().await
+        self.on_wal(move |wal| wal.truncate(log_id.index))
+            .await
+            .map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -233,12 +261,66 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // redundant, never a log that seems to start later than it does.
         self.put_meta(LAST_PURGED, &log_id)?;
         self.flush().await?;
-        let mut batch = sled::Batch::default();
-        for kv in self.log.range(..=log_id.index.to_be_bytes()) {
-            let (k, _) = kv.map_err(read_err)?;
-            batch.remove(k);
-        }
-        self.log.apply_batch(batch).map_err(write_err)?;
-        self.flush().await
+        self.on_wal(move |wal| wal.purge(log_id.index))
+            .await
+            .map_err(write_err)
     }
+}
+
+impl LogStore {
+    /// Runs `op` on the segments on a blocking thread (it waits for the disk).
+    async fn on_wal(
+        &self,
+        op: impl FnOnce(&Wal) -> Result<(), WalError> + Send + 'static,
+    ) -> Result<(), WalError> {
+        let wal = self.wal.clone();
+        tokio::task::spawn_blocking(move || op(&wal))
+            .await
+            .map_err(|e| WalError::Io {
+                path: WAL_DIR.into(),
+                source: std::io::Error::other(e),
+            })?
+    }
+}
+
+/// Opens the segments in `data_dir`, first moving the entries of a data directory written
+/// before they left sled (its `log` tree) into them.
+///
+/// The entries are written to `log.new` and synced, which is renamed to `log` and the data
+/// directory synced; only then is the tree emptied. A crash before the rename leaves the
+/// tree as it was (and the next start writes `log.new` afresh); after it, the segments are
+/// what counts and the tree is emptied again on the next start.
+fn migrate(db: &sled::Db, data_dir: &Path, purged: Option<u64>) -> Result<Wal, OpenError> {
+    let dir = data_dir.join(WAL_DIR);
+    let legacy = db.open_tree("log")?;
+    if !dir.exists() && !legacy.is_empty() {
+        let fresh = data_dir.join("log.new");
+        if fresh.exists() {
+            std::fs::remove_dir_all(&fresh)?;
+        }
+        let wal = Wal::open(&fresh, SEGMENT_BYTES, purged)?;
+        let mut batch = Vec::new();
+        for kv in legacy.iter() {
+            let (_, bytes) = kv?;
+            let entry: Entry = codec::decode(&bytes)?;
+            if purged.is_some_and(|p| openraft::RaftLogId::get_log_id(&entry).index <= p) {
+                continue;
+            }
+            batch.push(entry);
+            if batch.len() == 1024 {
+                wal.append(std::mem::take(&mut batch))?;
+            }
+        }
+        wal.append(batch)?;
+        drop(wal);
+        std::fs::rename(&fresh, &dir)?;
+        std::fs::File::open(data_dir)?.sync_all()?;
+        tracing::info!(dir = %dir.display(), "moved the raft log's entries out of sled");
+    }
+    let wal = Wal::open(&dir, SEGMENT_BYTES, purged)?;
+    if !legacy.is_empty() {
+        legacy.clear()?;
+        db.flush()?;
+    }
+    Ok(wal)
 }

@@ -6,6 +6,7 @@ mod log_store;
 mod state_machine;
 mod store;
 pub mod types;
+mod wal;
 
 pub use log_store::LogStore;
 pub use state_machine::{Applied, StateMachineStore, StateReader};

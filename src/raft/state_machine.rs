@@ -1,7 +1,7 @@
-//! openraft's state machine over the registry, with snapshots kept in sled.
+//! openraft's state machine over the registry, with snapshots in a file.
 //!
-//! The tables live in memory ([`RegistryState`]); what makes them durable is the log plus
-//! the latest snapshot, both in the node's sled database. On start the state machine loads
+//! The tables live in memory ([`RegistryState`]); what makes them durable is the log (see
+//! `log_store.rs`) plus the latest snapshot. On start the state machine loads
 //! the snapshot and openraft re-applies the committed entries after it, so a restarted node
 //! holds exactly the state it had acknowledged. The snapshot is synced before openraft may
 //! purge the entries it covers.

@@ -1,9 +1,10 @@
-//! A node's data directory: one sled database holding the log, the vote and the identity of
-//! the node that wrote it, and the latest snapshot in a file beside it.
+//! A node's data directory: one sled database holding the state machine, the vote and the
+//! identity of the node that wrote it; the log's entries in segments beside it (`log/`); and
+//! the latest snapshot in a file.
 
 use std::path::{Path, PathBuf};
 
-use super::log_store::LogStore;
+use super::log_store::{self, LogStore};
 use super::state_machine::StateMachineStore;
 use super::types::StorageError;
 
@@ -33,6 +34,11 @@ pub enum DataDirError {
     Unidentified { path: PathBuf },
     #[error("cannot read data dir {path}: {source}")]
     Storage { path: PathBuf, source: StorageError },
+    #[error("cannot open the raft log in data dir {path}: {source}")]
+    Log {
+        path: PathBuf,
+        source: log_store::OpenError,
+    },
 }
 
 const CLUSTER_ID: &[u8] = b"cluster_id";
@@ -56,7 +62,6 @@ impl DataDir {
         let identity = db.open_tree("identity").map_err(open_err)?;
         let stored_cluster = identity.get(CLUSTER_ID).map_err(open_err)?;
         let stored_node = identity.get(NODE_ID).map_err(open_err)?;
-        let log = LogStore::open(&db, &path.join("db")).map_err(open_err)?;
         match (stored_cluster, stored_node) {
             (Some(c), Some(n)) => {
                 let found = String::from_utf8_lossy(&c).into_owned();
@@ -76,10 +81,11 @@ impl DataDir {
                 }
             }
             _ => {
-                let pristine = log.is_pristine().map_err(|source| DataDirError::Storage {
-                    path: path.to_owned(),
-                    source,
-                })?;
+                let pristine =
+                    log_store::is_pristine(&db, path).map_err(|source| DataDirError::Log {
+                        path: path.to_owned(),
+                        source,
+                    })?;
                 if !pristine {
                     return Err(DataDirError::Unidentified {
                         path: path.to_owned(),
@@ -94,6 +100,11 @@ impl DataDir {
                 db.flush().map_err(open_err)?;
             }
         }
+        // Only now, with the directory known to be this node's, may the log write to it.
+        let log = LogStore::open(&db, path).map_err(|source| DataDirError::Log {
+            path: path.to_owned(),
+            source,
+        })?;
         let state_machine =
             StateMachineStore::open(&db, path).map_err(|source| DataDirError::Storage {
                 path: path.to_owned(),
