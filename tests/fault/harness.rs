@@ -213,6 +213,16 @@ const RAFT_TIMING: &str = if cfg!(debug_assertions) {
     "# the shipped heartbeat and election timings\n"
 };
 
+/// How long after losing its leader a quorum may take to elect another and make it known,
+/// with [`RAFT_TIMING`]: openraft 0.9 campaigns after the leader lease (the longest election
+/// timeout) plus an election timeout, checked every 1.5 heartbeats; then the vote and the
+/// new leader's first heartbeat, and half a second to spare.
+pub const TAKEOVER: std::time::Duration = if cfg!(debug_assertions) {
+    std::time::Duration::from_millis(1000 + 1000 + 150 + 350 + 500)
+} else {
+    std::time::Duration::from_millis(200 + 200 + 75 + 125 + 500)
+};
+
 fn write_config(
     dir: &Path,
     id: u64,

@@ -112,9 +112,24 @@ pub struct DigestSample {
     pub digest: String,
 }
 
+/// A fault as the checker needs it: when it held, and the nodes it left connected to each
+/// other as a quorum (empty when there is no such quorum to name, as for a cut link, or the
+/// cluster had not settled on one leader when it began).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultWindow {
+    pub what: String,
+    /// Microseconds since the run started.
+    pub start: u64,
+    pub end: u64,
+    pub quorum: Vec<u64>,
+    /// When the quorum should answer again: a new leader has had time to take over.
+    pub settled: u64,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct History {
     pub ops: Vec<Op>,
+    pub faults: Vec<FaultWindow>,
     /// Node id -> its final tables.
     pub finals: BTreeMap<u64, FinalTables>,
     pub samples: Vec<DigestSample>,

@@ -24,7 +24,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use harness::{Cluster, NODES};
-use history::{DigestSample, FinalTables, History, OpKind, Ret, Serial};
+use history::{DigestSample, FaultWindow, FinalTables, History, OpKind, Ret, Serial};
 use workload::Shared;
 
 const WORKERS: usize = 6;
@@ -81,6 +81,15 @@ impl Report {
                 .or_default() += 1;
         }
         out.push_str(&format!("faults injected: {by_fault:?}\n"));
+        let (faults, requests) = checker::availability_judged(&self.history);
+        let stuck = checker::check_availability(&self.history);
+        out.push_str(&format!(
+            "availability, over {faults} faults with a quorum up: {requests} requests, {} without a definite answer\n",
+            stuck.iter().map(|v| v.ops.len()).sum::<usize>()
+        ));
+        for v in &stuck {
+            out.push_str(&v.render(&self.history).replacen("VIOLATION ", "", 1));
+        }
         out
     }
 
@@ -136,6 +145,7 @@ async fn run(seed: u64, duration: Duration) -> Report {
 
     let mut rng = StdRng::seed_from_u64(seed);
     let mut schedule = Vec::new();
+    let mut windows = Vec::new();
     let deadline = Instant::now() + duration;
     let mut round: Vec<Fault> = Vec::new();
     while Instant::now() < deadline {
@@ -146,9 +156,15 @@ async fn run(seed: u64, duration: Duration) -> Report {
             round.shuffle(&mut rng);
         }
         let fault = round.pop().expect("non-empty");
-        let hold = Duration::from_millis(rng.gen_range(800..3000));
+        // Long enough, often, for a quorum's answers to be judged after a takeover.
+        let hold = Duration::from_millis(rng.gen_range(1000..4000));
         let victim = NODES[rng.gen_range(0..NODES.len())];
-        let at = shared.micros() as f64 / 1e6;
+        // Availability is judged only for faults that hit a cluster settled on one leader;
+        // waiting a little for that makes most of them count.
+        let healthy = agree_on_a_leader(&cluster, Duration::from_secs(5)).await;
+        let start = shared.micros();
+        // The node the fault cuts off from the other two, which remain a quorum.
+        let mut cut_off = Some(victim);
         let what = match fault {
             Fault::Kill => {
                 cluster.kill(victim);
@@ -161,6 +177,7 @@ async fn run(seed: u64, duration: Duration) -> Report {
             Fault::IsolateLeader => {
                 let leader = cluster.leader().await.unwrap_or(victim);
                 cluster.net.isolate(leader);
+                cut_off = Some(leader);
                 format!("isolate the leader (node {leader}) for {hold:?}")
             }
             Fault::IsolateNode => {
@@ -175,12 +192,29 @@ async fn run(seed: u64, duration: Duration) -> Report {
                     .nth(rng.gen_range(0..2))
                     .unwrap();
                 cluster.net.cut(victim, other);
+                cut_off = None;
                 format!("cut node {victim} <-> node {other} for {hold:?}")
             }
         };
-        schedule.push(format!("{at:>8.3}s {fault:?}: {what}"));
+        schedule.push(format!("{:>8.3}s {fault:?}: {what}", start as f64 / 1e6));
         sample(&cluster, &samples, hold).await;
         cluster.restore_all();
+        let quorum: Vec<u64> = NODES
+            .iter()
+            .copied()
+            .filter(|n| Some(*n) != cut_off)
+            .collect();
+        windows.push(FaultWindow {
+            what,
+            start,
+            end: shared.micros(),
+            settled: start + harness::TAKEOVER.as_micros() as u64,
+            quorum: if cut_off.is_some() && healthy {
+                quorum
+            } else {
+                Vec::new()
+            },
+        });
     }
 
     // Let the workload see a healthy cluster for a moment, then stop it.
@@ -196,6 +230,7 @@ async fn run(seed: u64, duration: Duration) -> Report {
 
     let mut history = std::mem::take(&mut *shared.history.lock().unwrap());
     history.samples = std::mem::take(&mut *samples.lock().unwrap());
+    history.faults = windows;
     let mut violations = Vec::new();
     match final_tables(&cluster, &shared, &history).await {
         Ok(finals) => history.finals = finals,
@@ -214,6 +249,26 @@ async fn run(seed: u64, duration: Duration) -> Report {
         violations,
         kept,
         elapsed: started.elapsed(),
+    }
+}
+
+/// Waits up to `patience` for every node to answer and name the same leader (the previous
+/// fault's node may still be starting, or its return may have moved leadership); says
+/// whether they did.
+async fn agree_on_a_leader(cluster: &Cluster, patience: Duration) -> bool {
+    let deadline = Instant::now() + patience;
+    loop {
+        let mut leaders = Vec::new();
+        for id in NODES {
+            leaders.push(cluster.status(id).await.and_then(|s| s.leader));
+        }
+        if leaders[0].is_some() && leaders.iter().all(|l| *l == leaders[0]) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
