@@ -5,7 +5,7 @@
 //! record = u32 LE payload length | u32 LE CRC-32 of the payload | payload = bincode(Record)
 //! ```
 //!
-//! Why not sled (where the vote and the state machine stay): an append must be on disk
+//! Why not sled (where the vote and the node's identity stay): an append must be on disk
 //! before openraft is told so, and twice per claim (the leader's, then a follower's). sled
 //! 0.34 writes with `sync_file_range` and needs an `fdatasync` after it, two trips to the
 //! disk per append; here an append of a batch is one `pwrite` and one `fdatasync`.
