@@ -142,10 +142,7 @@ impl Node {
             key: config.tls.key.clone(),
         })?;
         let data = DataDir::open(&config.data_dir, &config.cluster_id, config.node_id)?;
-        let pristine = data
-            .log
-            .is_pristine()
-            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let pristine = data.pristine;
 
         let socket = match socket {
             Some(s) => s,

@@ -138,20 +138,11 @@ impl LogStore {
             .flatten()
             .map(|l| l.index)
     }
-
-    /// Whether this log has ever been written: a vote, any entry or a purge.
-    ///
-    /// # Errors
-    /// Reading the trees failed.
-    pub fn is_pristine(&self) -> Result<bool, StorageError> {
-        Ok(self.meta.get(VOTE).map_err(read_err)?.is_none()
-            && self.wal.is_empty()
-            && self.meta.get(LAST_PURGED).map_err(read_err)?.is_none())
-    }
 }
 
 /// Whether the log of the data directory `data_dir` (sled database `db`) has never been
-/// written: no vote, no entry, no purge. Reads only.
+/// written: no vote, no entry (in segments, or in sled from an earlier version), no purge.
+/// Reads only, so it can be asked before the directory's identity is checked.
 ///
 /// # Errors
 /// sled or the segments' directory cannot be read.

@@ -13,6 +13,9 @@ pub struct DataDir {
     pub db: sled::Db,
     pub log: LogStore,
     pub state_machine: StateMachineStore,
+    /// Whether the Raft log had never been written (no vote, entry or purge) when opened:
+    /// a node with such a dir may initialise a new cluster.
+    pub pristine: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,10 @@ impl DataDir {
         let identity = db.open_tree("identity").map_err(open_err)?;
         let stored_cluster = identity.get(CLUSTER_ID).map_err(open_err)?;
         let stored_node = identity.get(NODE_ID).map_err(open_err)?;
+        let pristine = log_store::is_pristine(&db, path).map_err(|source| DataDirError::Log {
+            path: path.to_owned(),
+            source,
+        })?;
         match (stored_cluster, stored_node) {
             (Some(c), Some(n)) => {
                 let found = String::from_utf8_lossy(&c).into_owned();
@@ -81,11 +88,6 @@ impl DataDir {
                 }
             }
             _ => {
-                let pristine =
-                    log_store::is_pristine(&db, path).map_err(|source| DataDirError::Log {
-                        path: path.to_owned(),
-                        source,
-                    })?;
                 if !pristine {
                     return Err(DataDirError::Unidentified {
                         path: path.to_owned(),
@@ -114,6 +116,7 @@ impl DataDir {
             db,
             log,
             state_machine,
+            pristine,
         })
     }
 }

@@ -67,10 +67,12 @@ pub enum WalError {
         offset: u64,
         what: String,
     },
-    #[error("raft log: entry {got} cannot follow {after}")]
-    OutOfOrder { after: String, got: u64 },
+    #[error("raft log: entry {got} cannot follow entry {after}")]
+    OutOfOrder { after: u64, got: u64 },
     #[error("raft log: a write failed earlier; no more writes until the node restarts")]
     Broken,
+    #[error("raft log: cannot encode a record: {0}")]
+    Encode(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
@@ -91,7 +93,6 @@ struct Loc {
 }
 
 struct Segment {
-    path: PathBuf,
     file: Arc<File>,
     /// The highest entry index written into it, if any.
     last_index: Option<u64>,
@@ -164,14 +165,7 @@ impl Wal {
                     broken: false,
                 });
             }
-            index.segments.insert(
-                n,
-                Segment {
-                    path,
-                    file,
-                    last_index,
-                },
-            );
+            index.segments.insert(n, Segment { file, last_index });
         }
         let head = match head {
             Some(h) => h,
@@ -206,11 +200,6 @@ impl Wal {
         self.read_index().locs.back().map(|l| l.log_id)
     }
 
-    /// Whether no live entry is held.
-    pub fn is_empty(&self) -> bool {
-        self.read_index().locs.is_empty()
-    }
-
     /// Appends `entries`, which must continue the log without a gap, and syncs them.
     ///
     /// # Errors
@@ -221,22 +210,13 @@ impl Wal {
         if head.broken {
             return Err(WalError::Broken);
         }
-        let mut expected = {
-            let index = self.read_index();
-            next_index(&index)
-        };
+        let mut prev = self.last_log_id().map(|l| l.index);
         let mut buf = Vec::new();
         let mut locs = Vec::with_capacity(entries.len());
         for entry in entries {
             let log_id = *entry.get_log_id();
-            if expected.is_some_and(|e| e != log_id.index) {
-                let index = self.read_index();
-                return Err(WalError::OutOfOrder {
-                    after: describe_last(&index),
-                    got: log_id.index,
-                });
-            }
-            expected = Some(log_id.index + 1);
+            check_follows(prev, log_id.index)?;
+            prev = Some(log_id.index);
             let offset = buf.len() as u64;
             let len = push_record(&mut buf, &Record::Entry(entry))?;
             locs.push(Loc {
@@ -297,7 +277,7 @@ impl Wal {
     /// A segment could not be deleted.
     pub fn purge(&self, upto: u64) -> Result<(), WalError> {
         let head = self.head();
-        let doomed: Vec<Segment> = {
+        let doomed: Vec<u64> = {
             let mut index = self.write_index();
             while index.locs.front().is_some_and(|l| l.log_id.index <= upto) {
                 index.locs.pop_front();
@@ -308,12 +288,13 @@ impl Wal {
                 if *entry.key() == head.segment || s.last_index.is_some_and(|l| l > upto) {
                     break;
                 }
-                doomed.push(entry.remove());
+                doomed.push(entry.remove_entry().0);
             }
             doomed
         };
-        for s in &doomed {
-            std::fs::remove_file(&s.path).map_err(io_err(&s.path))?;
+        for &n in &doomed {
+            let path = segment_path(&self.dir, n);
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
         }
         if !doomed.is_empty() {
             sync_dir(&self.dir)?;
@@ -327,7 +308,7 @@ impl Wal {
     /// A segment could not be read, or holds something else than was written there.
     pub fn read(&self, start: u64, end: u64) -> Result<Vec<Entry>, WalError> {
         // Runs of records that are next to each other in one segment, each read at once.
-        let mut runs: Vec<(Arc<File>, PathBuf, Vec<Loc>)> = Vec::new();
+        let mut runs: Vec<(Arc<File>, Vec<Loc>)> = Vec::new();
         {
             let index = self.read_index();
             let Some(first) = index.locs.front().map(|l| l.log_id.index) else {
@@ -338,13 +319,13 @@ impl Wal {
             for loc in index.locs.range(from.min(to)..to) {
                 let adjacent = runs
                     .last()
-                    .and_then(|(_, _, run)| run.last())
+                    .and_then(|(_, run)| run.last())
                     .is_some_and(|p| {
                         p.segment == loc.segment
                             && p.offset + HEADER as u64 + u64::from(p.len) == loc.offset
                     });
                 if adjacent {
-                    if let Some((_, _, run)) = runs.last_mut() {
+                    if let Some((_, run)) = runs.last_mut() {
                         run.push(*loc);
                     }
                     continue;
@@ -356,12 +337,13 @@ impl Wal {
                         what: "segment missing".into(),
                     });
                 };
-                runs.push((s.file.clone(), s.path.clone(), vec![*loc]));
+                runs.push((s.file.clone(), vec![*loc]));
             }
         }
         let mut out = Vec::new();
-        for (file, path, run) in runs {
+        for (file, run) in runs {
             let (first, last) = (run[0], run[run.len() - 1]);
+            let path = segment_path(&self.dir, first.segment);
             let base = first.offset;
             let mut buf =
                 vec![0; (last.offset + HEADER as u64 + u64::from(last.len) - base) as usize];
@@ -433,7 +415,6 @@ fn new_segment(dir: &Path, n: u64, size: u64) -> Result<(Head, Segment), WalErro
         broken: false,
     };
     let segment = Segment {
-        path,
         file,
         last_index: None,
     };
@@ -486,29 +467,23 @@ fn sync_dir(dir: &Path) -> Result<(), WalError> {
         .map_err(io_err(dir))
 }
 
-/// The index the next entry must have: the one after the newest live entry. Any index may
+/// Entry `index` must follow the newest live entry, `last`, without a gap. Any index may
 /// start an empty log (openraft appends after its purge point, or after a snapshot).
-fn next_index(index: &Index) -> Option<u64> {
-    index.locs.back().map(|l| l.log_id.index + 1)
-}
-
-fn describe_last(index: &Index) -> String {
-    match index.locs.back() {
-        Some(l) => format!("entry {}", l.log_id.index),
-        None => "an empty log".into(),
+fn check_follows(last: Option<u64>, index: u64) -> Result<(), WalError> {
+    match last {
+        Some(l) if l + 1 != index => Err(WalError::OutOfOrder {
+            after: l,
+            got: index,
+        }),
+        _ => Ok(()),
     }
 }
 
 /// Appends `record` with its header to `buf`; returns the payload's length.
 fn push_record(buf: &mut Vec<u8>, record: &Record) -> Result<u32, WalError> {
-    let payload = codec::encode(record).map_err(|e| WalError::Io {
-        path: PathBuf::new(),
-        source: io::Error::other(e),
-    })?;
-    let len = u32::try_from(payload.len()).map_err(|_| WalError::Io {
-        path: PathBuf::new(),
-        source: io::Error::other("log entry larger than 4 GiB"),
-    })?;
+    let payload = codec::encode(record).map_err(|e| WalError::Encode(e.to_string()))?;
+    let len = u32::try_from(payload.len())
+        .map_err(|_| WalError::Encode(format!("{} bytes, over 4 GiB", payload.len())))?;
     buf.extend_from_slice(&len.to_le_bytes());
     buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     buf.extend_from_slice(&payload);
@@ -575,12 +550,13 @@ fn replay(
                 last_index = Some(last_index.map_or(log_id.index, |l: u64| l.max(log_id.index)));
                 if purged.is_some_and(|p| log_id.index <= p) {
                     // Purged, in a segment that also holds live entries (or survived a crash).
-                } else if next_index(index).is_some_and(|want| want != log_id.index) {
-                    return Err(WalError::OutOfOrder {
-                        after: describe_last(index),
-                        got: log_id.index,
-                    });
                 } else {
+                    check_follows(index.locs.back().map(|l| l.log_id.index), log_id.index)
+                        .map_err(|e| WalError::Damaged {
+                            path: path.to_owned(),
+                            offset: at as u64,
+                            what: e.to_string(),
+                        })?;
                     index.locs.push_back(Loc {
                         log_id,
                         segment: n,
@@ -640,11 +616,33 @@ mod tests {
         segment_numbers(dir).unwrap()
     }
 
+    /// A log in `dir` holding entries 1..=3: it, its segment's path and where the next
+    /// record goes.
+    fn three_entries(dir: &Path) -> (Wal, PathBuf, u64) {
+        let wal = Wal::open(dir, SEGMENT_BYTES, None).unwrap();
+        wal.append(entries(1, 1..=3)).unwrap();
+        let (segment, end) = {
+            let head = wal.head();
+            (head.segment, head.end)
+        };
+        (wal, segment_path(dir, segment), end)
+    }
+
+    /// A log in `dir` with room for a few records per segment, entries 1..=`n` appended one
+    /// by one: a segment for every few entries.
+    fn small_segments(dir: &Path, n: u64) -> Wal {
+        let wal = Wal::open(dir, 100, None).unwrap();
+        for i in 1..=n {
+            wal.append(vec![entry(1, i)]).unwrap();
+        }
+        wal
+    }
+
     #[test]
     fn appends_are_read_back_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(dir.path(), SEGMENT_BYTES, None).unwrap();
-        assert!(wal.is_empty() && !holds_records(dir.path()).unwrap());
+        assert!(wal.last_log_id().is_none() && !holds_records(dir.path()).unwrap());
         wal.append(entries(1, 1..=4)).unwrap();
         wal.append(entries(2, 5..=9)).unwrap();
         assert!(holds_records(dir.path()).unwrap());
@@ -700,11 +698,7 @@ mod tests {
     #[test]
     fn batches_roll_over_into_new_segments_and_purging_deletes_the_old_ones() {
         let dir = tempfile::tempdir().unwrap();
-        // Room for a few records per segment.
-        let wal = Wal::open(dir.path(), 100, None).unwrap();
-        for i in 1..=40 {
-            wal.append(vec![entry(1, i)]).unwrap();
-        }
+        let wal = small_segments(dir.path(), 40);
         // A batch larger than a segment gets a segment of its own size.
         wal.append(entries(1, 41..=60)).unwrap();
         let before = segments(dir.path());
@@ -720,7 +714,7 @@ mod tests {
         let wal = Wal::open(dir.path(), 100, Some(30)).unwrap();
         assert_eq!(contents(&wal), ids(1, 31..=60));
         wal.purge(70).unwrap();
-        assert!(wal.is_empty());
+        assert!(wal.last_log_id().is_none());
         wal.append(vec![entry(2, 71)]).unwrap();
         drop(wal);
         let wal = Wal::open(dir.path(), 100, Some(70)).unwrap();
@@ -730,17 +724,11 @@ mod tests {
     #[test]
     fn a_write_cut_short_by_a_crash_is_dropped_and_the_log_goes_on() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(dir.path(), SEGMENT_BYTES, None).unwrap();
-        wal.append(entries(1, 1..=3)).unwrap();
-        let (segment, end) = {
-            let head = wal.head();
-            (head.segment, head.end)
-        };
+        let (wal, path, end) = three_entries(dir.path());
         wal.append(entries(1, 4..=6)).unwrap();
         drop(wal);
         // The second batch only half reached the disk: its bytes after the first record's
         // header are lost, so the first record is cut short; the later records arrived.
-        let path = segment_path(dir.path(), segment);
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(&[0; 6], end + HEADER as u64 + 2).unwrap();
         drop(file);
@@ -759,11 +747,7 @@ mod tests {
     #[test]
     fn damage_before_the_newest_segment_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(dir.path(), 100, None).unwrap();
-        for i in 1..=10 {
-            wal.append(vec![entry(1, i)]).unwrap();
-        }
-        drop(wal);
+        drop(small_segments(dir.path(), 10));
         let first = segment_path(dir.path(), segments(dir.path())[0]);
         let file = OpenOptions::new().write(true).open(&first).unwrap();
         file.write_all_at(&[0xff], HEADER as u64).unwrap();
@@ -774,6 +758,30 @@ mod tests {
         assert!(matches!(err, WalError::Damaged { offset: 0, .. }), "{err}");
         assert!(
             err.to_string().contains(&first.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn entries_out_of_order_on_disk_are_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, path, end) = three_entries(dir.path());
+        drop(wal);
+        // A whole, well-formed record of entry 7 right after entry 3.
+        let mut buf = Vec::new();
+        push_record(&mut buf, &Record::Entry(entry(1, 7))).unwrap();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&buf, end).unwrap();
+        drop(file);
+        let err = Wal::open(dir.path(), SEGMENT_BYTES, None)
+            .err()
+            .expect("a gap accepted");
+        assert!(
+            matches!(&err, WalError::Damaged { offset, .. } if *offset == end),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
             "{err}"
         );
     }
