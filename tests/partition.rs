@@ -7,7 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use agentreg::config::HeartbeatConfig;
+use agentreg::config::{HeartbeatConfig, RaftConfig};
+use agentreg::registry::Outcome;
 use common::*;
 use serde_json::{json, Map};
 
@@ -351,4 +352,69 @@ async fn an_unregister_proposed_from_a_lagging_table_after_a_takeover_is_refused
         let s = &cluster.tables(id).sessions["u"];
         assert_eq!(s.session_id, t["session_id"].as_u64().unwrap(), "node {id}");
     }
+}
+
+/// Two nodes whose link was cut for a while must serve as a quorum as soon as the cut heals,
+/// when the third node goes next. While a path drops everything, QUIC backs off its
+/// retransmissions exponentially (each probe timeout doubles), so after a few seconds of loss
+/// the connection's next probe can be seconds away, and a connection kept through the cut
+/// would carry nothing for that long after the heal, with both nodes up and a quorum between
+/// them. (Seen in fault runs: "cut 2-3, heal, isolate 1" left nodes 2 and 3 unable to commit
+/// for up to 5 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_quorum_whose_link_was_cut_commits_promptly_once_it_heals() {
+    let cluster = TestCluster::start(Options {
+        raft: RaftConfig {
+            write_timeout_ms: 1_000,
+            ..Options::default().raft
+        },
+        faults: true,
+        ..Options::default()
+    })
+    .await;
+    let leader = cluster.leader().await;
+    cluster.keyring_ready().await;
+    let follower = cluster.follower().await;
+    let third = (1..=3).find(|id| ![leader, follower].contains(id)).unwrap();
+
+    tracing::info!("--- cutting {leader}-{follower}; {third} keeps the quorum");
+    cluster.net().cut(leader, follower);
+    // The cut lasts long enough for QUIC's probe timeout to back off to seconds; the
+    // cluster keeps committing through it (leader and third).
+    let cut_until = tokio::time::Instant::now() + Duration::from_secs(6);
+    let mut n = 0;
+    while tokio::time::Instant::now() < cut_until {
+        n += 1;
+        let _ = cluster
+            .node(third)
+            .write(claim(&format!("during-cut-{n}")))
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    tracing::info!("--- healing, then cutting {third} off: {leader} and {follower} are the quorum");
+    cluster.net().heal();
+    cluster.net().isolate(third);
+    let started = tokio::time::Instant::now();
+    // A takeover may be needed (the follower campaigned during the cut, with a higher term):
+    // lease (800 ms) + election timeout (<= 800 ms) + a vote and a commit, with room.
+    let bound = Duration::from_millis(800 + 800) + Duration::from_millis(1_400);
+    let mut attempt = 0;
+    let by = wait_for("a write committed by the two-node quorum", TIMEOUT, || {
+        attempt += 1;
+        let id = if attempt % 2 == 0 { leader } else { follower };
+        let cmd = claim(&format!("after-heal-{attempt}"));
+        let cluster = &cluster;
+        async move {
+            let w = cluster.node(id).write(cmd).await.ok()?;
+            matches!(w.response, Ok(Outcome::Claimed { .. })).then_some(id)
+        }
+    })
+    .await;
+    let took = started.elapsed();
+    tracing::info!("--- node {by} committed a write {took:?} after the heal");
+    assert!(
+        took < bound,
+        "the two-node quorum committed nothing for {took:?} after the heal (bound {bound:?})"
+    );
 }

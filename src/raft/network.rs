@@ -18,7 +18,10 @@
 //! Snapshots travel as openraft's chunked `InstallSnapshot` calls (`snapshot_max_chunk_size`
 //! bytes each), so a large snapshot never has to fit one frame. A peer that cannot be reached
 //! is reported as `Unreachable`; openraft then waits out [`RaftNetwork::backoff`] (exponential,
-//! capped) before the next attempt, which reconnects.
+//! capped) before the next attempt, which reconnects. A connection that carries nothing back
+//! for [`SILENCE_LIMIT`] while calls on it time out is closed with [`SILENT`] and dialled
+//! afresh: QUIC's retransmission backoff would keep it mute for seconds after a partition
+//! heals.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -46,6 +49,21 @@ pub const MAX_PEER_FRAME: usize = 16 * 1024 * 1024;
 /// read (a bad frame, or a message it does not know, as an older build receiving a newer
 /// request): it did nothing with it.
 pub const BAD_FRAME: quinn::VarInt = quinn::VarInt::from_u32(0x10);
+
+/// Application error code with which a node closes its connection to a peer that has sent
+/// nothing back for [`SILENCE_LIMIT`] while calls on it timed out.
+pub const SILENT: quinn::VarInt = quinn::VarInt::from_u32(0x11);
+
+/// How long a connection may carry nothing back, while calls on it time out, before it is
+/// given up and the next call dials afresh.
+///
+/// While a path drops everything, QUIC backs off its retransmissions exponentially (each
+/// probe timeout doubles: after four seconds of loss the next probe is about three seconds
+/// away), so a connection kept through a partition stays mute for seconds after it heals,
+/// with both nodes up: a two-node quorum could not commit. A new connection has no backoff.
+/// A healthy peer acknowledges a request within its ack delay (25 ms), so a second of
+/// silence under timed-out calls is no slow peer.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(1);
 
 /// A request from one node to another.
 #[derive(Debug, Serialize, Deserialize)]
@@ -158,6 +176,17 @@ pub struct PeerClient {
     /// The peer refused a `ForwardBatch` on the current connection (an older build); cleared
     /// when a new connection is dialled, as the peer may have been upgraded meanwhile.
     refuses_batches: std::sync::atomic::AtomicBool,
+    /// What a timed-out call last saw of the connection: see [`PeerClient::silent_for`].
+    heard: Mutex<Option<Heard>>,
+}
+
+/// The datagrams a connection had received when a timed-out call looked, and since when that
+/// count had not changed.
+#[derive(Clone, Copy)]
+struct Heard {
+    conn: usize,
+    datagrams: u64,
+    since: tokio::time::Instant,
 }
 
 impl PeerClient {
@@ -169,6 +198,7 @@ impl PeerClient {
             conn: tokio::sync::Mutex::new(None),
             last_ok: Mutex::new(None),
             refuses_batches: std::sync::atomic::AtomicBool::new(false),
+            heard: Mutex::new(None),
         }
     }
 
@@ -245,7 +275,30 @@ impl PeerClient {
         }
     }
 
+    /// How long `conn` has received nothing, as far as timed-out calls have looked (they are
+    /// the only ones that look, so a healthy connection costs nothing): zero when its count of
+    /// received datagrams moved since the last look, or on the first look.
+    fn silent_for(&self, conn: &quinn::Connection) -> Duration {
+        let now = tokio::time::Instant::now();
+        let datagrams = conn.stats().udp_rx.datagrams;
+        let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        match *heard {
+            Some(h) if h.conn == conn.stable_id() && h.datagrams == datagrams => now - h.since,
+            _ => {
+                *heard = Some(Heard {
+                    conn: conn.stable_id(),
+                    datagrams,
+                    since: now,
+                });
+                Duration::ZERO
+            }
+        }
+    }
+
     /// Sends one request and waits for its answer, for at most `timeout`.
+    ///
+    /// A call that times out on a connection that has carried nothing back for
+    /// [`SILENCE_LIMIT`] closes it, so the next call dials afresh.
     ///
     /// # Errors
     /// [`PeerError::Unreachable`] when the request was certainly not delivered; the other
@@ -255,7 +308,8 @@ impl PeerClient {
         req: &PeerRequest,
         timeout: Duration,
     ) -> Result<PeerResponse, PeerError> {
-        match tokio::time::timeout(timeout, self.call_inner(req)).await {
+        let mut used = None;
+        match tokio::time::timeout(timeout, self.call_inner(req, &mut used)).await {
             Ok(r) => {
                 if r.is_ok() {
                     *self.last_ok.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -263,19 +317,41 @@ impl PeerClient {
                 }
                 r
             }
-            Err(_) => Err(PeerError::Timeout {
-                target: self.target,
-                after: timeout,
-            }),
+            Err(_) => {
+                if let Some(conn) = used {
+                    let silent = self.silent_for(&conn);
+                    if silent >= SILENCE_LIMIT {
+                        tracing::warn!(
+                            target_node = self.target,
+                            addr = %self.addr,
+                            silent_ms = silent.as_millis() as u64,
+                            "peer connection carries nothing back; dialling anew"
+                        );
+                        conn.close(SILENT, b"silent");
+                        self.discard(&conn).await;
+                    }
+                }
+                Err(PeerError::Timeout {
+                    target: self.target,
+                    after: timeout,
+                })
+            }
         }
     }
 
-    async fn call_inner(&self, req: &PeerRequest) -> Result<PeerResponse, PeerError> {
+    /// One call; `used` is set to the connection it went out on, for [`PeerClient::call`] to
+    /// judge when the call times out.
+    async fn call_inner(
+        &self,
+        req: &PeerRequest,
+        used: &mut Option<quinn::Connection>,
+    ) -> Result<PeerResponse, PeerError> {
         let bytes = codec::encode(req).map_err(|e| PeerError::Failed {
             target: self.target,
             reason: format!("cannot encode request: {e}"),
         })?;
         let conn = self.connection().await?;
+        *used = Some(conn.clone());
         let (mut send, mut recv) = match conn.open_bi().await {
             Ok(s) => s,
             Err(e) => {
