@@ -6,7 +6,9 @@
 #
 # Prints the seed first; a failure prints the seed, the fault schedule, the violating slice of
 # history and where the node logs were kept. The summary (operations by kind and outcome,
-# faults, violations) is also written to fault-run-<seed>.txt.
+# faults, violations) is also written to fault-run-<seed>.txt. AGENTREG_FAULT_LOG=<filter>
+# sets the nodes' log filter (RUST_LOG syntax, e.g. info to see openraft's elections) and
+# keeps the node logs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -79,7 +79,7 @@ impl Cluster {
         let child = Command::new(env!("CARGO_BIN_EXE_agentreg"))
             .args(["node", "--config"])
             .arg(self.path.join(format!("node{id}.toml")))
-            .env("RUST_LOG", "info,openraft=warn")
+            .env("RUST_LOG", node_log_filter())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -202,6 +202,12 @@ impl Drop for Cluster {
             let _ = child.wait();
         }
     }
+}
+
+/// The nodes' log filter: AGENTREG_FAULT_LOG (e.g. `info`, to see openraft's elections),
+/// else `info,openraft=warn`.
+pub fn node_log_filter() -> String {
+    std::env::var("AGENTREG_FAULT_LOG").unwrap_or_else(|_| "info,openraft=warn".into())
 }
 
 /// A debug build (the short run in the test suite) gets slower Raft timings: it is many times

@@ -5,7 +5,8 @@
 //! `short_run` runs in the suite. `long_run` is ignored by default and takes its seed and
 //! duration from AGENTREG_FAULT_SEED and AGENTREG_FAULT_SECS: scripts/fault-run.sh.
 //! Every run prints its seed; the seed fixes the fault schedule and every agent's choices
-//! (the interleaving still depends on timing).
+//! (the interleaving still depends on timing). AGENTREG_FAULT_LOG sets the nodes' log
+//! filter (RUST_LOG syntax) and keeps their logs.
 
 mod checker;
 #[path = "../common/faultnet.rs"]
@@ -81,6 +82,9 @@ impl Report {
                 .or_default() += 1;
         }
         out.push_str(&format!("faults injected: {by_fault:?}\n"));
+        if let Some(dir) = &self.kept {
+            out.push_str(&format!("node logs kept in {}\n", dir.display()));
+        }
         let (faults, requests) = checker::availability_judged(&self.history);
         let stuck = checker::check_availability(&self.history);
         out.push_str(&format!(
@@ -241,7 +245,9 @@ async fn run(seed: u64, duration: Duration) -> Report {
         }),
     }
     violations.extend(checker::check(&history));
-    let kept = (!violations.is_empty()).then(|| cluster.keep());
+    // Asking for other node logs (AGENTREG_FAULT_LOG) means wanting to read them: kept too.
+    let wanted = std::env::var_os("AGENTREG_FAULT_LOG").is_some();
+    let kept = (!violations.is_empty() || wanted).then(|| cluster.keep());
     Report {
         seed,
         history,
