@@ -418,3 +418,96 @@ async fn a_quorum_whose_link_was_cut_commits_promptly_once_it_heals() {
         "the two-node quorum committed nothing for {took:?} after the heal (bound {bound:?})"
     );
 }
+
+/// A leader cut off with writes in flight, whose entries are then dropped not by a
+/// conflicting entry but by a snapshot from the leader that moved on (its log was behind the
+/// snapshot), must propose again when it leads next. openraft answers a pending write when
+/// its index is applied or truncated; a snapshot that covers the index does neither, so
+/// without help the write would wait forever and hold one of the proposer's slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_whose_stranded_writes_a_snapshot_dropped_proposes_again() {
+    let cluster = TestCluster::start(Options {
+        raft: RaftConfig {
+            write_timeout_ms: 1_000,
+            snapshot_logs_since_last: 20,
+            max_in_snapshot_log_to_keep: 0,
+            ..Options::default().raft
+        },
+        faults: true,
+        ..Options::default()
+    })
+    .await;
+    let old = cluster.leader().await;
+    cluster.keyring_ready().await;
+    let others: Vec<u64> = (1..=3).filter(|id| *id != old).collect();
+
+    tracing::info!("--- isolating leader {old} with writes in flight");
+    cluster.net().isolate(old);
+    // One after the other, so that each is an entry of its own and the proposer's every slot
+    // holds one (each call gives up after the write timeout; its entry stays in the log).
+    for i in 0..2 {
+        let r = cluster
+            .node(old)
+            .write(claim(&format!("stranded-{i}")))
+            .await;
+        assert!(r.is_err(), "an isolated leader acknowledged a write: {r:?}");
+    }
+
+    tracing::info!("--- the majority moves on past a snapshot");
+    let new = wait_for("a leader on the majority side", TIMEOUT, || async {
+        let l = cluster
+            .node(others[0])
+            .raft()
+            .metrics()
+            .borrow()
+            .current_leader?;
+        others.contains(&l).then_some(l)
+    })
+    .await;
+    let mut last = 0;
+    for i in 0..60 {
+        last = claim_ok(cluster.node(new), &format!("moved-on-{i}"))
+            .await
+            .index;
+    }
+    let old_last = cluster
+        .node(old)
+        .raft()
+        .metrics()
+        .borrow()
+        .last_log_index
+        .unwrap_or(0);
+    wait_for("a snapshot past the old leader's log", TIMEOUT, || async {
+        let m = cluster.node(new).raft().metrics().borrow().clone();
+        (m.purged.map_or(0, |p| p.index) > old_last).then_some(())
+    })
+    .await;
+
+    tracing::info!("--- healing: {old} catches up by snapshot");
+    cluster.net().heal();
+    cluster.applied_everywhere(last).await;
+
+    tracing::info!("--- {old} leads again and must propose");
+    cluster.net().isolate(new);
+    let third = *others.iter().find(|id| **id != new).unwrap();
+    wait_for(
+        &format!("node {old} elected with {third}"),
+        TIMEOUT,
+        || async {
+            let m = cluster.node(old).raft().metrics().borrow().clone();
+            if m.current_leader == Some(old) {
+                return Some(());
+            }
+            let _ = cluster.node(old).raft().trigger().elect().await;
+            None
+        },
+    )
+    .await;
+    let started = tokio::time::Instant::now();
+    let w = cluster.node(old).write(claim("after-return")).await;
+    assert!(
+        matches!(&w, Ok(w) if matches!(w.response, Ok(Outcome::Claimed { .. }))),
+        "node {old}, leading again, could not commit: {w:?} after {:?}",
+        started.elapsed()
+    );
+}

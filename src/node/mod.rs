@@ -203,8 +203,12 @@ impl Node {
         let metrics = metrics::Metrics::new();
         let inner = Arc::new(Inner {
             id: config.node_id,
+            proposer: propose::Proposer::start(
+                raft.clone(),
+                config.write_timeout(),
+                shutdown.clone(),
+            ),
             config,
-            proposer: propose::Proposer::start(raft.clone(), shutdown.clone()),
             forwarder: forward::Forwarder::start(shutdown.clone(), metrics.forwarding()),
             raft,
             state,

@@ -7,8 +7,17 @@
 //! keeps at most [`IN_FLIGHT`] writes outstanding; whatever arrives meanwhile waits in the
 //! queue and goes out together in the next one. With nothing else in flight a command goes
 //! out alone, as a plain entry, without waiting for company.
+//!
+//! A write holds its slot until openraft answers it or the write timeout has passed (when
+//! every command in it has been answered "unknown" anyway). openraft answers a write when its
+//! entry is applied or truncated on this node; an entry written by this node as a leader cut
+//! off from its quorum, whose place in the log a snapshot from the next leader then covers
+//! (this node's log being behind the snapshot), is neither, and its write is never answered.
+//! Without the bound two such writes held both slots for good, and the node, leading again,
+//! proposed nothing (seen in fault runs; `tests/partition.rs` makes it happen).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -44,10 +53,11 @@ pub(crate) struct Proposer {
 }
 
 impl Proposer {
-    /// Starts the proposer task; it stops when `stop` is cancelled.
-    pub(crate) fn start(raft: Raft, stop: CancellationToken) -> Proposer {
+    /// Starts the proposer task; it stops when `stop` is cancelled. A write not answered
+    /// within `write_timeout` gives up its slot (and its commands' answers).
+    pub(crate) fn start(raft: Raft, write_timeout: Duration, stop: CancellationToken) -> Proposer {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(raft, rx, stop));
+        tokio::spawn(run(raft, write_timeout, rx, stop));
         Proposer { tx }
     }
 
@@ -60,7 +70,12 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>, stop: CancellationToken) {
+async fn run(
+    raft: Raft,
+    write_timeout: Duration,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    stop: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
         // Wait for a free slot first: while all are taken, commands pile up in the queue.
@@ -84,7 +99,18 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>, stop: Cancell
         };
         let raft = raft.clone();
         tokio::spawn(async move {
-            commit(&raft, batch).await;
+            // Every caller in the batch waits at most the write timeout from before it was
+            // sent: past it nobody is left to answer, and a write openraft will never answer
+            // (see the module docs) must not keep the slot.
+            if tokio::time::timeout(write_timeout, commit(&raft, batch))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    after = ?write_timeout,
+                    "a proposed write got no answer from Raft; its slot is freed"
+                );
+            }
             drop(slot);
         });
     }
