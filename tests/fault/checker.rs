@@ -15,10 +15,10 @@
 //!   acknowledged registrations share a session id.
 //! - **Replicas converge**: after healing, every node holds the same tables; samples taken
 //!   during the run never show two different digests at one applied index.
-//!
-//! Also measured, and reported rather than failed (see [`check_availability`]): whether a
-//! quorum left connected by a fault answers every request once a new leader has had time to
-//! take over.
+//! - **A quorum answers** (see [`check_availability`]): the two nodes a fault left connected
+//!   give every request a definite answer once a new leader has had time to take over.
+//!   Failed in release runs (`scripts/fault-run.sh`), reported in debug ones (the short run
+//!   of the suite).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
@@ -71,6 +71,12 @@ pub fn check(history: &History) -> Vec<Violation> {
     out.extend(check_lost_writes(history));
     out.extend(check_convergence(history));
     out.extend(check_linearizable_claims(history));
+    // Availability is judged against takeover times of the shipped Raft timings; a debug
+    // build on two shared cores misses them on its own (a takeover measured 5.6 s against the
+    // 3 s allowed), so there it is only reported.
+    if !cfg!(debug_assertions) {
+        out.extend(check_availability(history));
+    }
     out
 }
 
@@ -104,13 +110,11 @@ pub fn availability_judged(history: &History) -> (usize, usize) {
 /// behind calls to a dead leader shows here; the safety checks allow it, as an unknown
 /// outcome may or may not have happened.
 ///
-/// It found peer connections kept through a partition that stayed mute for seconds after the
-/// heal (QUIC's retransmission backoff), so the two nodes left by the next fault committed
-/// nothing (about 1% of the requests judged in ten-minute release runs; fixed, see
-/// `raft::network::SILENCE_LIMIT`). Reported in the run's summary, not failed: a rarer stall
-/// remains (one fault in sixty of a ten-minute release run: a new leader whose one follower
-/// hears its heartbeats commits nothing for about four seconds; not explained yet), and a
-/// run that failed on it would fail at random.
+/// It found two causes of such stalls, both fixed: peer connections kept through a partition
+/// that stayed mute for seconds after the heal (QUIC's retransmission backoff; see
+/// `raft::network::SILENCE_LIMIT`), and the proposer's slots held for good by writes openraft
+/// never answers (see `node::propose`). Ten-minute release runs found 10-28 unanswered
+/// requests (about 1% of those judged) before, none after.
 pub fn check_availability(history: &History) -> Vec<Violation> {
     let mut out = Vec::new();
     for f in &history.faults {
