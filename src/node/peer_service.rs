@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::{read, write, Inner};
 use crate::raft::network::{PeerRequest, PeerResponse, BAD_FRAME, MAX_PEER_FRAME};
 use crate::raft::types::codec;
-use crate::transport::frame::{read_frame, write_frame};
+use crate::transport::frame::{read_frame, write_frame, FrameError};
 
 /// Application error code for a stream whose request was served but whose answer could not
 /// be encoded (not [`BAD_FRAME`]: the caller must not think the request was not read).
@@ -48,6 +48,12 @@ async fn serve_stream(
                 return;
             }
         },
+        Err(e) if connection_gone(&e) => {
+            // The caller closed the connection (a peer giving up on it, see
+            // raft::network::SILENCE_LIMIT) or it timed out: nobody to answer.
+            tracing::debug!(%remote, error = %e, "peer connection gone before its request arrived");
+            return;
+        }
         Err(e) => {
             tracing::warn!(%remote, error = %e, "bad peer frame; closing the stream");
             let _ = recv.stop(BAD_FRAME);
@@ -87,4 +93,17 @@ async fn serve_stream(
         return;
     }
     let _ = send.finish();
+}
+
+/// Whether reading a request failed because the whole connection went away, rather than
+/// because of what the peer sent.
+fn connection_gone(e: &FrameError) -> bool {
+    let FrameError::Io(e) = e else {
+        return false;
+    };
+    matches!(
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<quinn::ReadError>()),
+        Some(quinn::ReadError::ConnectionLost(_))
+    )
 }
