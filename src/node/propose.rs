@@ -14,7 +14,9 @@
 //! off from its quorum, whose place in the log a snapshot from the next leader then covers
 //! (this node's log being behind the snapshot), is neither, and its write is never answered.
 //! Without the bound two such writes held both slots for good, and the node, leading again,
-//! proposed nothing (seen in fault runs; `tests/partition.rs` makes it happen).
+//! proposed nothing (seen in fault runs; `tests/partition.rs` makes it happen). This is
+//! openraft's issue #1761 (in 0.10's alphas the next apply panics instead); its fix there
+//! (#1762) answers such writes when their entries are purged. 0.9.25 does not have it.
 
 use std::sync::Arc;
 use std::time::Duration;
