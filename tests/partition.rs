@@ -174,24 +174,7 @@ async fn an_isolated_leader_acknowledges_nothing_and_its_entries_are_discarded()
     );
 
     tracing::info!("--- the majority elects a new leader and serves");
-    let new = wait_for("a new leader on the majority side", TIMEOUT, || async {
-        let l = cluster
-            .node(others[0])
-            .raft()
-            .metrics()
-            .borrow()
-            .current_leader?;
-        (others.contains(&l)
-            && cluster
-                .node(others[1])
-                .raft()
-                .metrics()
-                .borrow()
-                .current_leader
-                == Some(l))
-        .then_some(l)
-    })
-    .await;
+    let new = cluster.leader_among(&others).await;
     let w = claim_ok(cluster.node(new), "majority-claim").await;
 
     tracing::info!("--- healing: the old leader's uncommitted entry is discarded");
@@ -454,16 +437,7 @@ async fn a_leader_whose_stranded_writes_a_snapshot_dropped_proposes_again() {
     }
 
     tracing::info!("--- the majority moves on past a snapshot");
-    let new = wait_for("a leader on the majority side", TIMEOUT, || async {
-        let l = cluster
-            .node(others[0])
-            .raft()
-            .metrics()
-            .borrow()
-            .current_leader?;
-        others.contains(&l).then_some(l)
-    })
-    .await;
+    let new = cluster.leader_among(&others).await;
     let mut last = 0;
     for i in 0..60 {
         last = claim_ok(cluster.node(new), &format!("moved-on-{i}"))

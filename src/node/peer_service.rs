@@ -98,12 +98,8 @@ async fn serve_stream(
 /// Whether reading a request failed because the whole connection went away, rather than
 /// because of what the peer sent.
 fn connection_gone(e: &FrameError) -> bool {
-    let FrameError::Io(e) = e else {
-        return false;
-    };
     matches!(
-        e.get_ref()
-            .and_then(|inner| inner.downcast_ref::<quinn::ReadError>()),
+        e.source_of::<quinn::ReadError>(),
         Some(quinn::ReadError::ConnectionLost(_))
     )
 }

@@ -400,14 +400,8 @@ impl PeerClient {
 /// Whether `e` is the callee closing the stream with [`BAD_FRAME`]: it did not read the
 /// request.
 fn refused(e: &FrameError) -> bool {
-    let FrameError::Io(e) = e else {
-        return false;
-    };
-    let Some(inner) = e.get_ref() else {
-        return false;
-    };
-    matches!(inner.downcast_ref::<quinn::ReadError>(), Some(quinn::ReadError::Reset(c)) if *c == BAD_FRAME)
-        || matches!(inner.downcast_ref::<quinn::WriteError>(), Some(quinn::WriteError::Stopped(c)) if *c == BAD_FRAME)
+    matches!(e.source_of::<quinn::ReadError>(), Some(quinn::ReadError::Reset(c)) if *c == BAD_FRAME)
+        || matches!(e.source_of::<quinn::WriteError>(), Some(quinn::WriteError::Stopped(c)) if *c == BAD_FRAME)
 }
 
 async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {

@@ -17,6 +17,16 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
+impl FrameError {
+    /// The error of type `T` (quinn's `ReadError` or `WriteError`, say) behind an IO failure.
+    pub fn source_of<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        match self {
+            FrameError::Io(e) => e.get_ref()?.downcast_ref::<T>(),
+            _ => None,
+        }
+    }
+}
+
 /// Prefixes `payload` with its length.
 pub fn encode_frame(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + payload.len());

@@ -234,6 +234,25 @@ impl TestCluster {
         .await
     }
 
+    /// Waits until every node of `group` names the same leader, one of `group` (the side of a
+    /// partition that holds a quorum), and returns it.
+    pub async fn leader_among(&self, group: &[u64]) -> u64 {
+        wait_for(
+            &format!("a leader among nodes {group:?}"),
+            TIMEOUT,
+            || async {
+                let leaders: Vec<Option<u64>> = group
+                    .iter()
+                    .map(|id| self.node(*id).raft().metrics().borrow().current_leader)
+                    .collect();
+                let first = leaders.first().copied().flatten()?;
+                (group.contains(&first) && leaders.iter().all(|l| *l == Some(first)))
+                    .then_some(first)
+            },
+        )
+        .await
+    }
+
     /// Waits until the signing keyring is replicated to every running node.
     pub async fn keyring_ready(&self) {
         wait_for("signing keyring on every node", TIMEOUT, || async {

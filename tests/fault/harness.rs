@@ -206,7 +206,7 @@ impl Drop for Cluster {
 
 /// The nodes' log filter: AGENTREG_FAULT_LOG (e.g. `info`, to see openraft's elections),
 /// else `info,openraft=warn`.
-pub fn node_log_filter() -> String {
+fn node_log_filter() -> String {
     std::env::var("AGENTREG_FAULT_LOG").unwrap_or_else(|_| "info,openraft=warn".into())
 }
 
