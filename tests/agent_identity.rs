@@ -434,3 +434,53 @@ async fn an_agent_on_a_killed_node_is_registered_elsewhere_with_its_certificate(
     // It keeps working there.
     assert!(a.ping().await.unwrap() < Duration::from_secs(5));
 }
+
+/// A node reads each request to the end of its stream: it never tells an agent to stop
+/// sending on a stream the agent has finished. (quinn sends STOP_SENDING for a receive stream
+/// dropped before its end was read, even when the end had arrived: that was one more packet
+/// to the agent, on its own, after every answer.) Requests through the leader and through a
+/// follower, reads, refusals and unknown commands alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_sends_no_stop_sending_for_requests_the_agent_finished() {
+    let cluster = ready().await;
+    let leader = cluster.leader().await;
+    let follower = (1..=3).find(|n| *n != leader).unwrap();
+    for node in [leader, follower] {
+        let raw = cluster.raw(node).await;
+        let mut answers = Vec::new();
+        for i in 0..10 {
+            let id = format!("quiet-{node}-{i}");
+            let claimed = raw
+                .request(
+                    json!({"type": "system_request", "command": "claim_agent_id", "agent_id": id}),
+                )
+                .await;
+            assert_eq!(claimed["success"], true, "{claimed}");
+            let certificate = claimed["certificate"].clone();
+            answers.push(
+                raw.request(json!({"type": "system_request", "command": "validate_certificate", "certificate": certificate}))
+                    .await,
+            );
+            answers.push(
+                raw.request(
+                    json!({"type": "system_request", "command": "claim_agent_id", "agent_id": id}),
+                )
+                .await,
+            );
+            answers.push(
+                raw.request(json!({"type": "system_request", "command": "no_such_command"}))
+                    .await,
+            );
+        }
+        for a in answers.chunks(3) {
+            assert_eq!(a[0]["success"], true, "validation: {}", a[0]);
+            assert_eq!(a[1]["success"], false, "second claim: {}", a[1]);
+            assert_eq!(a[2]["success"], false, "unknown command: {}", a[2]);
+        }
+        let frames = raw.conn.stats().frame_rx;
+        assert_eq!(
+            frames.stop_sending, 0,
+            "node {node} asked the agent to stop sending on finished streams: {frames:?}"
+        );
+    }
+}

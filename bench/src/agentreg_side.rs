@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use agentreg::cli::{AdminArgs, AdminClient};
 use agentreg::client::{AgentClient, ClientConfig, ClientEvent};
 use agentreg::node::{AdminRequest, NodeStatus};
-use agentreg::transport::frame::{read_frame, write_frame, MAX_AGENT_FRAME};
+use agentreg::transport::frame::{read_stream_frame, write_frame, MAX_AGENT_FRAME};
 use agentreg::transport::tls;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
@@ -247,7 +247,7 @@ pub async fn request(conn: &quinn::Connection, mut req: Value) -> Result<Value, 
         .await
         .map_err(|e| e.to_string())?;
     let _ = send.finish();
-    let answer = read_frame(&mut recv, MAX_AGENT_FRAME)
+    let answer = read_stream_frame(&mut recv, MAX_AGENT_FRAME)
         .await
         .map_err(|e| e.to_string())?;
     let v: Value = serde_json::from_slice(&answer).map_err(|e| e.to_string())?;

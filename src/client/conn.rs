@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 
 use super::{ClientConfig, ClientError};
 use crate::proto::agent::{self, AgentRequest};
-use crate::transport::frame::{read_frame, write_frame, MAX_AGENT_FRAME};
+use crate::transport::frame::{read_stream_frame, write_frame, MAX_AGENT_FRAME};
 
 /// Longest wait for one node's handshake before trying the next.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -133,7 +133,7 @@ impl Connector {
                 .map_err(|e| ClientError::Failed(e.to_string()))?;
             send.finish()
                 .map_err(|e| ClientError::Failed(e.to_string()))?;
-            read_frame(&mut recv, MAX_AGENT_FRAME)
+            read_stream_frame(&mut recv, MAX_AGENT_FRAME)
                 .await
                 .map_err(|e| ClientError::Failed(e.to_string()))
         };
@@ -173,7 +173,7 @@ pub fn spawn_ping_answerer(conn: quinn::Connection) {
     tokio::spawn(async move {
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
             tokio::spawn(async move {
-                let Ok(bytes) = read_frame(&mut recv, MAX_AGENT_FRAME).await else {
+                let Ok(bytes) = read_stream_frame(&mut recv, MAX_AGENT_FRAME).await else {
                     return;
                 };
                 let env = agent::parse_request(&bytes);

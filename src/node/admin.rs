@@ -16,7 +16,7 @@ use crate::identity::Secret;
 use crate::raft::backup::Backup;
 use crate::registry::TableSizes;
 use crate::registry::{Op, Outcome};
-use crate::transport::frame::{read_frame, write_frame};
+use crate::transport::frame::{read_stream_frame, write_frame};
 
 /// Largest admin request or response, in bytes.
 pub const MAX_ADMIN_FRAME: usize = 4 * 1024 * 1024;
@@ -194,7 +194,7 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
         };
         let inner = inner.clone();
         inner.requests.clone().spawn(async move {
-            let answer = match read_frame(&mut recv, MAX_ADMIN_FRAME).await {
+            let answer = match read_stream_frame(&mut recv, MAX_ADMIN_FRAME).await {
                 Ok(bytes) => match serde_json::from_slice::<AdminRequest>(&bytes) {
                     Ok(AdminRequest::SnapshotSave) => {
                         let (answer, backup) = snapshot_save(&inner).await;

@@ -11,7 +11,9 @@ use super::{read, write, Inner};
 use crate::identity::Certificate;
 use crate::proto::agent::{self, AgentRequest};
 use crate::registry::{ConnRef, EndCause, Op, Outcome, SessionEnd};
-use crate::transport::frame::{read_frame, write_frame, FrameError, MAX_AGENT_FRAME};
+use crate::transport::frame::{
+    read_end_if_there, read_stream_frame, write_frame, FrameError, MAX_AGENT_FRAME,
+};
 
 /// QUIC close codes a node uses on agent connections (documented in docs/protocol.md).
 pub mod close_code {
@@ -71,7 +73,7 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let answer = match read_frame(&mut recv, MAX_AGENT_FRAME).await {
+    let answer = match read_stream_frame(&mut recv, MAX_AGENT_FRAME).await {
         Ok(bytes) => {
             let started = std::time::Instant::now();
             inner.conns.touch(conn_id);
@@ -115,6 +117,9 @@ async fn serve_stream(
     if write_frame(&mut send, &answer).await.is_ok() {
         super::finish_and_wait(send).await;
     }
+    // The agent finished its side right after its request; if that end came after the
+    // request itself, it is here by now (see read_end_if_there).
+    read_end_if_there(&mut recv);
 }
 
 type Fields = Map<String, Value>;

@@ -16,7 +16,7 @@ use super::duties::unix_now;
 use super::{read, write, Inner};
 use crate::proto::agent;
 use crate::registry::{Command, ConnRef, Op, Outcome};
-use crate::transport::frame::{read_frame, write_frame, MAX_AGENT_FRAME};
+use crate::transport::frame::{read_stream_frame, write_frame, MAX_AGENT_FRAME};
 
 /// Pings in flight at once, per node.
 const MAX_CONCURRENT_PINGS: usize = 4096;
@@ -113,7 +113,7 @@ async fn ping(conn: &quinn::Connection) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     send.finish().map_err(|e| e.to_string())?;
-    let answer = read_frame(&mut recv, MAX_AGENT_FRAME)
+    let answer = read_stream_frame(&mut recv, MAX_AGENT_FRAME)
         .await
         .map_err(|e| e.to_string())?;
     agent::parse_response(&answer).map(|_| ())

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::{read, write, Inner};
 use crate::raft::network::{PeerRequest, PeerResponse, BAD_FRAME, MAX_PEER_FRAME};
 use crate::raft::types::codec;
-use crate::transport::frame::{read_frame, write_frame, FrameError};
+use crate::transport::frame::{read_stream_frame, write_frame, FrameError};
 
 /// Application error code for a stream whose request was served but whose answer could not
 /// be encoded (not [`BAD_FRAME`]: the caller must not think the request was not read).
@@ -38,7 +38,7 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     remote: std::net::SocketAddr,
 ) {
-    let req: PeerRequest = match read_frame(&mut recv, MAX_PEER_FRAME).await {
+    let req: PeerRequest = match read_stream_frame(&mut recv, MAX_PEER_FRAME).await {
         Ok(bytes) => match codec::decode(&bytes) {
             Ok(req) => req,
             Err(e) => {

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use super::types::{codec, Node, NodeId, TypeConfig};
 use crate::registry::{Command, Response};
-use crate::transport::frame::{read_frame, write_frame, FrameError};
+use crate::transport::frame::{read_stream_frame, write_frame, FrameError};
 
 /// Largest peer frame accepted: a full AppendEntries batch of the largest commands fits.
 pub const MAX_PEER_FRAME: usize = 16 * 1024 * 1024;
@@ -378,7 +378,7 @@ impl PeerClient {
                 .await
                 .map_err(|e| failed_frame("sending", e))?;
             send.finish().map_err(|e| failed(format!("sending: {e}")))?;
-            read_frame(&mut recv, MAX_PEER_FRAME)
+            read_stream_frame(&mut recv, MAX_PEER_FRAME)
                 .await
                 .map_err(|e| failed_frame("receiving", e))
         };

@@ -57,6 +57,34 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Ok(body)
 }
 
+/// Reads the one frame a QUIC stream carries (a request or its answer), then the end of the
+/// stream if it has arrived with it (see [`read_end_if_there`]). Only for streams that carry
+/// nothing after their frame (a backup, say, follows its answer frame: use [`read_frame`]).
+///
+/// # Errors
+/// As [`read_frame`].
+pub async fn read_stream_frame(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Vec<u8>, FrameError> {
+    let body = read_frame(recv, max).await?;
+    read_end_if_there(recv);
+    Ok(body)
+}
+
+/// Reads the end of a stream whose frame has been read, if the end has arrived; never waits.
+///
+/// Both sides finish their send side right after their frame, so the end is nearly always
+/// there. Reading it matters: quinn answers a receive stream dropped before its end was read
+/// with a STOP_SENDING frame, even when the end had arrived, and that frame went out in a
+/// packet of its own after every answer a node gave (measured at 64 claims in flight: 2.1
+/// datagrams to the client per claim, 1.1 without it). If data follows the frame instead of
+/// the end, some of it is read and dropped: only for streams whose frame is all they carry.
+pub fn read_end_if_there(recv: &mut quinn::RecvStream) {
+    use futures::FutureExt;
+    let _ = recv.read_chunk(1, true).now_or_never();
+}
+
 async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), FrameError> {
     match r.read_exact(buf).await {
         Ok(_) => Ok(()),
