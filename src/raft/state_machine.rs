@@ -69,9 +69,9 @@ fn decode_payload(data: &[u8]) -> Result<Tables, String> {
             let v1: SnapshotPayloadV1 =
                 codec::decode(data).map_err(|e| format!("malformed snapshot payload: {e}"))?;
             Ok(Tables {
-                claims: v1.tables.claims,
-                sessions: v1.tables.sessions,
-                revocations: v1.tables.revocations,
+                claims: v1.tables.claims.into(),
+                sessions: v1.tables.sessions.into(),
+                revocations: v1.tables.revocations.into(),
                 keyring: v1.tables.keyring,
                 next_id: 0,
             })
@@ -290,7 +290,12 @@ pub fn decode_tables(data: &[u8]) -> Result<Tables, String> {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let (meta, data) = capture(&self.applied.copy())?;
+        // Encoding the tables takes tens of milliseconds at a few hundred thousand claims:
+        // on a blocking thread, not on a runtime worker whose other tasks would wait for it.
+        let applied = self.applied.copy();
+        let (meta, data) = tokio::task::spawn_blocking(move || capture(&applied))
+            .await
+            .map_err(snap_write_err)??;
         self.persist_snapshot(&meta, &data).await?;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
         Ok(Snapshot {
@@ -399,18 +404,18 @@ mod tests {
         #[derive(Serialize)]
         struct V1<'a> {
             format: u32,
-            claims: &'a std::collections::BTreeMap<String, crate::registry::Claim>,
-            sessions: &'a std::collections::BTreeMap<String, crate::registry::Session>,
-            revocations: &'a std::collections::BTreeMap<u64, crate::registry::Revocation>,
+            claims: std::collections::BTreeMap<String, crate::registry::Claim>,
+            sessions: std::collections::BTreeMap<String, crate::registry::Session>,
+            revocations: std::collections::BTreeMap<u64, crate::registry::Revocation>,
             keyring: &'a crate::identity::Keyring,
         }
         // Format 1 laid out (format, tables{claims, sessions, revocations, keyring}); a
         // struct inside a struct encodes as its fields in order.
         let v1 = codec::encode(&V1 {
             format: 1,
-            claims: &t.claims,
-            sessions: &t.sessions,
-            revocations: &t.revocations,
+            claims: t.claims.clone().into_iter().collect(),
+            sessions: t.sessions.clone().into_iter().collect(),
+            revocations: t.revocations.clone().into_iter().collect(),
             keyring: &t.keyring,
         })
         .unwrap();

@@ -4,7 +4,7 @@
 //! `at`), no randomness (secrets arrive in the command), no IO. Every node that applies the
 //! same log therefore holds the same tables.
 
-use std::collections::{BTreeMap, BTreeSet};
+use imbl::{OrdMap, OrdSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -60,11 +60,18 @@ pub struct Revocation {
 }
 
 /// The replicated tables, exactly as a snapshot carries them.
+///
+/// The maps are persistent B-trees (`imbl::OrdMap`): a clone shares them and costs next to
+/// nothing, and a write after it copies only the nodes on its path. A snapshot clones the
+/// tables while apply waits; with `std`'s maps that clone copied every claim, and at a few
+/// hundred thousand claims it held up every write for about 100 ms (the tail of the claims
+/// benchmark). They encode exactly as `std`'s `BTreeMap`s did (a length, then the entries in
+/// key order), so snapshots, backups and digests are unchanged.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tables {
-    pub claims: BTreeMap<String, Claim>,
-    pub sessions: BTreeMap<String, Session>,
-    pub revocations: BTreeMap<u64, Revocation>,
+    pub claims: OrdMap<String, Claim>,
+    pub sessions: OrdMap<String, Session>,
+    pub revocations: OrdMap<u64, Revocation>,
     pub keyring: Keyring,
     /// The id the next applied command gets, unless its log index is higher: certificate
     /// serials, session ids and key ids. A command's id is `max(next_id, log index)`, so a
@@ -100,7 +107,7 @@ pub struct TableSizes {
 pub struct RegistryState {
     tables: Tables,
     /// (expires_at, serial) of every revocation, to drop them in order.
-    revocation_expiry: BTreeSet<(u64, u64)>,
+    revocation_expiry: OrdSet<(u64, u64)>,
 }
 
 impl RegistryState {
@@ -535,11 +542,11 @@ impl RegistryState {
     }
 
     fn drop_expired_revocations(&mut self, at: u64) {
-        while let Some(&(expires_at, serial)) = self.revocation_expiry.first() {
+        while let Some(&(expires_at, serial)) = self.revocation_expiry.get_min() {
             if expires_at.saturating_add(EXPIRY_GRACE_SECS) >= at {
                 break;
             }
-            self.revocation_expiry.pop_first();
+            self.revocation_expiry.remove_min();
             self.tables.revocations.remove(&serial);
         }
     }

@@ -804,3 +804,70 @@ fn session_ends_are_reported_for_every_command_of_a_batch() {
     assert_eq!(ends[0].session.session_id, session_id);
     assert!(matches!(ends[0].cause, EndCause::TakenOver { .. }));
 }
+
+// ---- encoding ----
+
+/// The tables encode byte for byte as they did with `std`'s `BTreeMap`s (and decode from
+/// that encoding), so snapshots, backups and the replicas' digests are unchanged by the
+/// persistent maps.
+#[test]
+fn tables_encode_as_std_btreemaps_did() {
+    let mut log = Log::new();
+    let a = log.claim(T0, "a");
+    log.claim(T0, "c");
+    log.claim(T0, "b");
+    let d = log.claim(T0, "d");
+    log.register(T0, "d", conn(1, 1), Some(&d))
+        .expect("registered");
+    log.ok(
+        T0 + 1,
+        Op::RevokeCertificate {
+            certificate: a,
+            by: None,
+        },
+    );
+    let t = log.sm.tables().clone();
+    assert_eq!(
+        (t.claims.len(), t.sessions.len(), t.revocations.len()),
+        (3, 1, 1)
+    );
+    #[derive(Serialize)]
+    struct StdTables<'a> {
+        claims: std::collections::BTreeMap<&'a String, &'a Claim>,
+        sessions: std::collections::BTreeMap<&'a String, &'a Session>,
+        revocations: std::collections::BTreeMap<&'a u64, &'a Revocation>,
+        keyring: &'a crate::identity::Keyring,
+        next_id: u64,
+    }
+    let std_tables = StdTables {
+        claims: t.claims.iter().collect(),
+        sessions: t.sessions.iter().collect(),
+        revocations: t.revocations.iter().collect(),
+        keyring: &t.keyring,
+        next_id: t.next_id,
+    };
+    let config = bincode::config::standard();
+    let old = bincode::serde::encode_to_vec(&std_tables, config).unwrap();
+    assert_eq!(bincode::serde::encode_to_vec(&t, config).unwrap(), old);
+    let (decoded, _): (Tables, usize) = bincode::serde::decode_from_slice(&old, config).unwrap();
+    assert_eq!(decoded, t);
+}
+
+/// A copy of the state (what a snapshot takes while apply waits for the lock) shares the
+/// tables instead of copying every entry, and writes applied after it do not show in it.
+#[test]
+fn a_copy_of_the_tables_shares_them_and_keeps_what_it_saw() {
+    let mut log = Log::new();
+    let certificates: Vec<Certificate> = (0..1000)
+        .map(|i| log.claim(T0, &format!("agent-{i}")))
+        .collect();
+    let copy = log.sm.clone();
+    assert!(copy.tables().claims.ptr_eq(&log.sm.tables().claims));
+    assert!(copy.tables().sessions.ptr_eq(&log.sm.tables().sessions));
+    log.claim(T0, "later");
+    log.register(T0, "agent-1", conn(1, 1), Some(&certificates[1]))
+        .expect("registered");
+    assert_eq!(copy.tables().claims.len(), 1000);
+    assert!(copy.claim("later").is_none() && copy.session("agent-1").is_none());
+    assert!(log.sm.claim("later").is_some() && log.sm.session("agent-1").is_some());
+}
