@@ -304,3 +304,57 @@ async fn all_three_restart_from_disk_to_exactly_the_acknowledged_state() {
         assert_eq!(members.len(), 3);
     }
 }
+
+/// Linearizable reads a follower serves at the same time share their read index: one call
+/// to the leader (and one confirmation of leadership there) serves many of them, and each
+/// still sees every write acknowledged before it began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_linearizable_reads_on_a_follower_share_read_index_rounds() {
+    let cluster = TestCluster::start(Options::default()).await;
+    let leader = cluster.leader().await;
+    cluster.keyring_ready().await;
+    let follower = cluster.follower().await;
+    let node = cluster.node(follower);
+    let counters = || async {
+        let (_, text) = http_get(node, "/metrics").await;
+        let counter = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+        };
+        (
+            counter("agentreg_read_index_reads_total"),
+            counter("agentreg_read_index_rounds_total"),
+        )
+    };
+    let (reads_before, rounds_before) = counters().await;
+    cluster
+        .node(leader)
+        .write(claim("seen-by-every-read"))
+        .await
+        .expect("claim acknowledged by the leader");
+    let n = 200;
+    let reads = futures::future::join_all((0..n).map(|_| async {
+        node.read_barrier().await?;
+        Ok::<bool, agentreg::node::ReadError>(
+            cluster
+                .tables(follower)
+                .claims
+                .contains_key("seen-by-every-read"),
+        )
+    }))
+    .await;
+    for r in reads {
+        assert!(
+            r.expect("read barrier passed"),
+            "a read began after the claim was acknowledged and did not see it"
+        );
+    }
+    let (reads_after, rounds_after) = counters().await;
+    let (reads, rounds) = (reads_after - reads_before, rounds_after - rounds_before);
+    assert_eq!(reads, n, "reads counted");
+    assert!(
+        rounds * 4 < reads,
+        "{reads} concurrent reads took {rounds} read-index rounds: not shared"
+    );
+}

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::propose::next_batch;
+use super::propose::{free_slot, next_batch};
 
 use crate::raft::network::{ForwardError, PeerClient, PeerError, PeerRequest, PeerResponse};
 use crate::raft::types::NodeId;
@@ -131,12 +131,8 @@ async fn run(
 ) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
-        let slot = tokio::select! {
-            _ = stop.cancelled() => return,
-            s = slots.clone().acquire_owned() => match s {
-                Ok(s) => s,
-                Err(_) => return,
-            },
+        let Some(slot) = free_slot(&slots, &stop).await else {
+            return;
         };
         // Asked once a write is there: a refusal may have been learnt while this waited.
         let most = || if leader.takes_batches() { MAX_BATCH } else { 1 };

@@ -50,6 +50,7 @@ pub(crate) struct Metrics {
     evictions_proposed: Counter,
     evictions_committed: Counter,
     forwarding: Forwarding,
+    read_index: ReadIndex,
 }
 
 /// Counters of the writes a follower forwards to the leader: calls below writes means the
@@ -58,6 +59,14 @@ pub(crate) struct Metrics {
 pub(crate) struct Forwarding {
     pub(crate) writes: Counter,
     pub(crate) calls: Counter,
+}
+
+/// Counters of the read index that linearizable validations wait for: rounds below reads
+/// means the rounds are shared.
+#[derive(Clone, Default)]
+pub(crate) struct ReadIndex {
+    pub(crate) reads: Counter,
+    pub(crate) rounds: Counter,
 }
 
 /// Gauges filled at scrape time, by name.
@@ -154,6 +163,16 @@ impl Metrics {
                 "Calls to the leader that carried them (one per batch)",
             ),
         };
+        let read_index = ReadIndex {
+            reads: counter(
+                "agentreg_read_index_reads",
+                "Linearizable reads (validations) that waited for a read index",
+            ),
+            rounds: counter(
+                "agentreg_read_index_rounds",
+                "Rounds that fetched one for them (a leadership confirmation or a call to the leader)",
+            ),
+        };
         Metrics {
             registry,
             requests,
@@ -165,7 +184,13 @@ impl Metrics {
             evictions_proposed,
             evictions_committed,
             forwarding,
+            read_index,
         }
+    }
+
+    /// The read-index counters.
+    pub(crate) fn read_index(&self) -> ReadIndex {
+        self.read_index.clone()
     }
 
     /// The forwarding counters, for the forwarder to count with.

@@ -13,6 +13,7 @@
 mod admin;
 mod agent_service;
 mod audit;
+mod coalesce;
 mod connections;
 mod duties;
 mod forward;
@@ -85,6 +86,8 @@ pub(crate) struct Inner {
     pub(crate) proposer: propose::Proposer,
     /// Batching of the writes this node forwards to the leader (see `forward.rs`).
     pub(crate) forwarder: forward::Forwarder,
+    /// Read indexes for linearizable validations, fetched in shared rounds.
+    pub(crate) reads: read::ReadIndexes,
     pub(crate) state: StateReader,
     pub(crate) peers: Peers,
     pub(crate) conns: connections::Connections,
@@ -201,6 +204,7 @@ impl Node {
 
         let shutdown = CancellationToken::new();
         let metrics = metrics::Metrics::new();
+        let config_id = config.node_id;
         let inner = Arc::new(Inner {
             id: config.node_id,
             proposer: propose::Proposer::start(
@@ -210,6 +214,13 @@ impl Node {
             ),
             config,
             forwarder: forward::Forwarder::start(shutdown.clone(), metrics.forwarding()),
+            reads: read::ReadIndexes::start(
+                raft.clone(),
+                config_id,
+                peers.clone(),
+                metrics.read_index(),
+                shutdown.clone(),
+            ),
             raft,
             state,
             peers,

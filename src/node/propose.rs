@@ -81,12 +81,8 @@ async fn run(
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
         // Wait for a free slot first: while all are taken, commands pile up in the queue.
-        let slot = tokio::select! {
-            _ = stop.cancelled() => return,
-            s = slots.clone().acquire_owned() => match s {
-                Ok(s) => s,
-                Err(_) => return,
-            },
+        let Some(slot) = free_slot(&slots, &stop).await else {
+            return;
         };
         let Some(batch) = next_batch(
             &mut rx,
@@ -115,6 +111,18 @@ async fn run(
             }
             drop(slot);
         });
+    }
+}
+
+/// Waits for one of `slots` to be free; `None` once `stop` is cancelled. Shared by the
+/// proposer, the forwarder and the coalescer, which each keep a few calls in flight.
+pub(super) async fn free_slot(
+    slots: &Arc<Semaphore>,
+    stop: &CancellationToken,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    tokio::select! {
+        _ = stop.cancelled() => None,
+        s = slots.clone().acquire_owned() => s.ok(),
     }
 }
 

@@ -68,7 +68,7 @@ async fn write_unaudited(inner: &Inner, cmd: Command) -> Result<Written, WriteEr
     let deadline = Instant::now() + budget;
     // A follower that knows the leader forwards straight away; proposing here first would
     // only be told the same, one round through Raft later.
-    let mut known_leader = leader_elsewhere(inner);
+    let mut known_leader = super::read::leader_elsewhere(&inner.raft, inner.id);
     loop {
         let leader = match known_leader.take() {
             Some(leader) => Some(leader),
@@ -121,15 +121,6 @@ async fn write_unaudited(inner: &Inner, cmd: Command) -> Result<Written, WriteEr
             _ = tokio::time::sleep(RETRY_PAUSE) => {}
         }
     }
-}
-
-/// The leader, if this node knows it and it is another node.
-fn leader_elsewhere(inner: &Inner) -> Option<(NodeId, String)> {
-    let metrics = inner.raft.metrics();
-    let m = metrics.borrow();
-    let leader = m.current_leader.filter(|l| *l != inner.id)?;
-    let node = m.membership_config.membership().get_node(&leader)?;
-    Some((leader, node.addr.clone()))
 }
 
 enum Attempt {
