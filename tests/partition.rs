@@ -27,7 +27,7 @@ async fn a_cut_off_node_commits_nothing_and_converges_after_healing() {
     let leader = cluster.leader().await;
     cluster.keyring_ready().await;
     let cut = cluster.follower().await;
-    let majority: Vec<u64> = (1..=3).filter(|id| *id != cut).collect();
+    let majority = cluster.others(cut);
 
     // An agent with a certificate and one without, both on the node about to be cut off.
     let roamer = cluster.agent(cut).await;
@@ -152,7 +152,7 @@ async fn an_isolated_leader_acknowledges_nothing_and_its_entries_are_discarded()
     .await;
     let old = cluster.leader().await;
     cluster.keyring_ready().await;
-    let others: Vec<u64> = (1..=3).filter(|id| *id != old).collect();
+    let others = cluster.others(old);
 
     tracing::info!("--- isolating leader {old}");
     cluster.net().isolate(old);
@@ -422,7 +422,7 @@ async fn a_leader_whose_stranded_writes_a_snapshot_dropped_proposes_again() {
     .await;
     let old = cluster.leader().await;
     cluster.keyring_ready().await;
-    let others: Vec<u64> = (1..=3).filter(|id| *id != old).collect();
+    let others = cluster.others(old);
 
     tracing::info!("--- isolating leader {old} with writes in flight");
     cluster.net().isolate(old);

@@ -204,7 +204,6 @@ impl Node {
 
         let shutdown = CancellationToken::new();
         let metrics = metrics::Metrics::new();
-        let config_id = config.node_id;
         let inner = Arc::new(Inner {
             id: config.node_id,
             proposer: propose::Proposer::start(
@@ -212,15 +211,15 @@ impl Node {
                 config.write_timeout(),
                 shutdown.clone(),
             ),
-            config,
-            forwarder: forward::Forwarder::start(shutdown.clone(), metrics.forwarding()),
             reads: read::ReadIndexes::start(
                 raft.clone(),
-                config_id,
+                config.node_id,
                 peers.clone(),
                 metrics.read_index(),
                 shutdown.clone(),
             ),
+            config,
+            forwarder: forward::Forwarder::start(shutdown.clone(), metrics.forwarding()),
             raft,
             state,
             peers,

@@ -280,6 +280,12 @@ impl TestCluster {
         self.node(id).state().read().state.tables().clone()
     }
 
+    /// Every node started (spares included) but `id`: in a three-node cluster, the side that
+    /// keeps the quorum when `id` is cut off.
+    pub fn others(&self, id: u64) -> Vec<u64> {
+        self.addrs.keys().copied().filter(|n| *n != id).collect()
+    }
+
     /// A follower (a running node that is not the leader).
     pub async fn follower(&self) -> u64 {
         let leader = self.leader().await;
