@@ -352,9 +352,10 @@ async fn concurrent_linearizable_reads_on_a_follower_share_read_index_rounds() {
     }
     let (reads_after, rounds_after) = counters().await;
     let (reads, rounds) = (reads_after - reads_before, rounds_after - rounds_before);
-    assert_eq!(reads, n, "reads counted");
+    // The node's own duties (the heartbeat's orphan sweep) pass the barrier too, now and then.
+    assert!(reads >= n, "{reads} reads counted for {n} barriers");
     assert!(
-        rounds * 4 < reads,
-        "{reads} concurrent reads took {rounds} read-index rounds: not shared"
+        rounds * 4 < n,
+        "{n} concurrent reads took {rounds} read-index rounds: not shared"
     );
 }
