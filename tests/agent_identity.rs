@@ -484,3 +484,100 @@ async fn a_node_sends_no_stop_sending_for_requests_the_agent_finished() {
         );
     }
 }
+
+/// A session that ends (here its certificate is revoked from another connection) closes its
+/// connection with 0x101, but only once the requests begun on it have their answers: a write
+/// committed as the session ended is never left answerless. A request arriving meanwhile is
+/// refused and changes nothing. The agent holds one answer back by not reading it: its
+/// receive window is smaller than the answer, so the node cannot finish delivering it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_whose_session_ended_answers_its_requests_before_closing() {
+    let cluster = ready().await;
+    let node = 2;
+    let mut client = agentreg::transport::tls::agent_client_config(&cluster.ca_pem()).unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(quinn::VarInt::from_u32(64));
+    client.transport_config(std::sync::Arc::new(transport));
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client);
+    let conn = endpoint
+        .connect(
+            cluster.addrs[&node],
+            agentreg::transport::tls::DEFAULT_SERVER_NAME,
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let agent = RawAgent::from_parts(endpoint, conn);
+
+    let claimed = agent
+        .request(json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "held"}))
+        .await;
+    assert_eq!(claimed["success"], true, "{claimed}");
+    let certificate = claimed["certificate"].clone();
+    let registered = agent
+        .request(json!({"type": "system_request", "command": "register_agent", "agent_id": "held", "certificate": certificate}))
+        .await;
+    assert_eq!(registered["success"], true, "{registered}");
+
+    // A claim on the agent's connection whose answer the agent does not read yet.
+    let (mut send, mut recv) = agent.conn.open_bi().await.unwrap();
+    let body =
+        json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "answered-late"})
+            .to_string();
+    send.write_all(&(body.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    send.write_all(body.as_bytes()).await.unwrap();
+    send.finish().unwrap();
+    wait_for("the held claim committed", TIMEOUT, || async {
+        cluster
+            .tables(node)
+            .claims
+            .contains_key("answered-late")
+            .then_some(())
+    })
+    .await;
+
+    let revoked = cluster
+        .raw(3)
+        .await
+        .request(json!({"type": "system_request", "command": "revoke_certificate", "certificate": certificate}))
+        .await;
+    assert_eq!(revoked["success"], true, "{revoked}");
+    wait_for(
+        "the session's end applied on the agent's node",
+        TIMEOUT,
+        || async { (cluster.node(node).status().heartbeat.agents_connected == 0).then_some(()) },
+    )
+    .await;
+
+    let late = agent
+        .request(json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "refused-late"}))
+        .await;
+    assert_eq!(late["success"], false, "{late}");
+    assert!(
+        late["error"]
+            .as_str()
+            .unwrap()
+            .contains("connection closing"),
+        "{late}"
+    );
+    assert!(!cluster.tables(node).claims.contains_key("refused-late"));
+
+    let answer = tokio::time::timeout(TIMEOUT, recv.read_to_end(1 << 20))
+        .await
+        .expect("answer in time")
+        .expect("the held claim is answered before the connection closes");
+    let answer: serde_json::Value = serde_json::from_slice(&answer[4..]).unwrap();
+    assert_eq!(answer["success"], true, "{answer}");
+    assert_eq!(answer["agent_id"], "answered-late", "{answer}");
+
+    match tokio::time::timeout(TIMEOUT, agent.conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => assert_eq!(
+            c.error_code,
+            quinn::VarInt::from_u32(agentreg::node::close_code::REVOKED)
+        ),
+        other => panic!("connection ended with {other:?}, not 0x101"),
+    }
+}

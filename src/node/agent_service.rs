@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
+use tokio_util::task::TaskTracker;
 
 use super::duties::unix_now;
 use super::{read, write, Inner};
@@ -27,8 +28,14 @@ pub mod close_code {
 /// The answer to a request that arrives while the node stops; nothing was changed.
 pub const SHUTTING_DOWN_ERROR: &str = "node is shutting down; reconnect to another node";
 
+/// The answer to a request that arrives on a connection whose session has ended (taken
+/// over, revoked, evicted) while the requests begun before are being answered, just before
+/// the connection closes; nothing was changed.
+pub const CONNECTION_CLOSING_ERROR: &str =
+    "connection closing: its session ended; send the request on a new connection";
+
 pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
-    let conn_id = inner.conns.add(conn.clone());
+    let (conn_id, conn_requests) = inner.conns.add(conn.clone());
     let remote = conn.remote_address();
     tracing::debug!(%remote, conn_id, "agent connected");
     loop {
@@ -42,10 +49,16 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
                 }
             },
         };
-        let inner = inner.clone();
-        inner.requests.clone().spawn(async move {
-            serve_stream(&inner, conn_id, send, recv).await;
-        });
+        let closing = conn_requests.clone();
+        let request = {
+            let inner = inner.clone();
+            // Tracked before it runs: a closer that finds no request of this connection in
+            // flight has closed the tracker first, and then this request sees it closed.
+            conn_requests.track_future(async move {
+                serve_stream(&inner, conn_id, &closing, send, recv).await;
+            })
+        };
+        inner.requests.spawn(request);
     }
     if let Some(agent_id) = inner.conns.remove(conn_id) {
         // While the node stops, its sessions are handed back in one EvictNode instead.
@@ -70,6 +83,7 @@ async fn evict_after_disconnect(inner: &Inner, conn_id: u64, agent_id: &str) {
 async fn serve_stream(
     inner: &Inner,
     conn_id: u64,
+    closing: &TaskTracker,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -83,10 +97,11 @@ async fn serve_stream(
             match env.request {
                 Ok(req) => {
                     let command = command.unwrap_or_default();
-                    let result = if inner.draining.is_cancelled()
-                        && !matches!(req, AgentRequest::PingAgent { .. })
-                    {
+                    let ping = matches!(req, AgentRequest::PingAgent { .. });
+                    let result = if inner.draining.is_cancelled() && !ping {
                         Err(SHUTTING_DOWN_ERROR.to_owned())
+                    } else if closing.is_closed() && !ping {
+                        Err(CONNECTION_CLOSING_ERROR.to_owned())
                     } else {
                         handle(inner, conn_id, req).await
                     };
@@ -314,9 +329,6 @@ pub(super) fn spawn_session_closer(
             if end.session.conn.node_id != inner.id {
                 continue;
             }
-            let Some(conn) = inner.conns.detach(end.session.conn.conn_id, &end.agent_id) else {
-                continue;
-            };
             let code = match end.cause {
                 EndCause::TakenOver { .. } => close_code::TAKEN_OVER,
                 EndCause::Revoked => close_code::REVOKED,
@@ -325,9 +337,37 @@ pub(super) fn spawn_session_closer(
                 // this connection): it gets its answer, the connection stays open.
                 EndCause::Unregistered => continue,
             };
+            let Some((conn, requests)) = inner.conns.detach(end.session.conn.conn_id, &end.agent_id) else {
+                continue;
+            };
             let reason = format!("session {} of agent {} ended: {}", end.session.session_id, end.agent_id, end.cause);
             tracing::info!(agent_id = %end.agent_id, session_id = end.session.session_id, cause = %end.cause, "closing agent connection");
-            conn.close(quinn::VarInt::from_u32(code), reason.as_bytes());
+            close_when_answered(&inner, conn, requests, code, reason);
         }
+    });
+}
+
+/// Closes an agent connection once the requests it carried are answered (bounded by the
+/// same budget as the drain on shutdown): a write committed just as its session ended
+/// still gets its answer. `requests` is already closed, so no new request begins meanwhile.
+pub(super) fn close_when_answered(
+    inner: &Arc<Inner>,
+    conn: quinn::Connection,
+    requests: TaskTracker,
+    code: u32,
+    reason: String,
+) {
+    let budget = inner.answer_budget();
+    let shutdown = inner.shutdown.clone();
+    inner.tasks.spawn(async move {
+        if !requests.is_empty() {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                r = tokio::time::timeout(budget, requests.wait()) => if r.is_err() {
+                    tracing::warn!(in_flight = requests.len(), "requests still unanswered after {budget:?}; closing their connection");
+                },
+            }
+        }
+        conn.close(quinn::VarInt::from_u32(code), reason.as_bytes());
     });
 }

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use tokio_util::task::TaskTracker;
+
 /// One agent connection.
 pub(crate) struct AgentConn {
     pub(crate) conn: quinn::Connection,
@@ -17,6 +19,10 @@ pub(crate) struct AgentConn {
     pub(crate) agent_id: Option<String>,
     /// Last request or ping answer from the agent.
     pub(crate) last_seen: Instant,
+    /// The requests being served on it. Closed once the connection is to be closed (its
+    /// session ended): requests that had begun still get their answers, later ones are
+    /// refused (see [`Connections::detach`]).
+    pub(crate) requests: TaskTracker,
 }
 
 pub(crate) struct Connections {
@@ -39,18 +45,20 @@ impl Connections {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a new connection and returns its id.
-    pub(crate) fn add(&self, conn: quinn::Connection) -> u64 {
+    /// Registers a new connection; returns its id and the tracker its requests run under.
+    pub(crate) fn add(&self, conn: quinn::Connection) -> (u64, TaskTracker) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let requests = TaskTracker::new();
         self.map().insert(
             id,
             AgentConn {
                 conn,
                 agent_id: None,
                 last_seen: Instant::now(),
+                requests: requests.clone(),
             },
         );
-        id
+        (id, requests)
     }
 
     /// Forgets a connection; returns the agent that was registered on it.
@@ -74,16 +82,22 @@ impl Connections {
         }
     }
 
-    /// If connection `id` still carries `agent_id`, detaches the agent and returns the
-    /// connection (to be closed).
-    pub(crate) fn detach(&self, id: u64, agent_id: &str) -> Option<quinn::Connection> {
+    /// If connection `id` still carries `agent_id`, detaches the agent and marks the
+    /// connection closing (its request tracker closed: requests beginning from now on are
+    /// refused); returns the connection and its requests, to close it once they are answered.
+    pub(crate) fn detach(
+        &self,
+        id: u64,
+        agent_id: &str,
+    ) -> Option<(quinn::Connection, TaskTracker)> {
         let mut map = self.map();
         let c = map.get_mut(&id)?;
         if c.agent_id.as_deref() != Some(agent_id) {
             return None;
         }
         c.agent_id = None;
-        Some(c.conn.clone())
+        c.requests.close();
+        Some((c.conn.clone(), c.requests.clone()))
     }
 
     /// Every connection with a registered agent: (conn id, agent id, connection, last seen).

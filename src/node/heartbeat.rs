@@ -150,45 +150,43 @@ pub(super) async fn evict(inner: &Inner, agent_id: &str, session_id: u64, why: &
 async fn evict_silent(inner: &Arc<Inner>) {
     let limit = inner.config.heartbeat.agent_timeout();
     let now = std::time::Instant::now();
-    let silent: Vec<(u64, String, quinn::Connection)> = inner
+    let silent: Vec<(u64, String)> = inner
         .conns
         .registered()
         .into_iter()
         .filter(|(_, _, _, seen)| now.saturating_duration_since(*seen) > limit)
-        .map(|(id, agent, conn, _)| (id, agent, conn))
+        .map(|(id, agent, _, _)| (id, agent))
         .collect();
     futures::stream::iter(silent)
-        .for_each_concurrent(
-            MAX_CONCURRENT_PINGS,
-            |(conn_id, agent_id, conn)| async move {
-                let me = ConnRef {
-                    node_id: inner.id,
-                    conn_id,
-                };
-                let session = inner
-                    .state
-                    .read()
-                    .state
-                    .session(&agent_id)
-                    .filter(|s| s.conn == me)
-                    .map(|s| s.session_id);
-                match session {
-                    // The applied eviction closes the connection (see the session closer).
-                    Some(session_id) => {
-                        evict(inner, &agent_id, session_id, "no sign of life").await
-                    }
-                    None => {
-                        // Its session is already gone; just let go of the connection.
-                        if inner.conns.detach(conn_id, &agent_id).is_some() {
-                            conn.close(
-                                quinn::VarInt::from_u32(super::close_code::EVICTED),
-                                b"no sign of life; register again",
-                            );
-                        }
+        .for_each_concurrent(MAX_CONCURRENT_PINGS, |(conn_id, agent_id)| async move {
+            let me = ConnRef {
+                node_id: inner.id,
+                conn_id,
+            };
+            let session = inner
+                .state
+                .read()
+                .state
+                .session(&agent_id)
+                .filter(|s| s.conn == me)
+                .map(|s| s.session_id);
+            match session {
+                // The applied eviction closes the connection (see the session closer).
+                Some(session_id) => evict(inner, &agent_id, session_id, "no sign of life").await,
+                None => {
+                    // Its session is already gone; just let go of the connection.
+                    if let Some((conn, requests)) = inner.conns.detach(conn_id, &agent_id) {
+                        super::agent_service::close_when_answered(
+                            inner,
+                            conn,
+                            requests,
+                            super::close_code::EVICTED,
+                            "no sign of life; register again".to_owned(),
+                        );
                     }
                 }
-            },
-        )
+            }
+        })
         .await;
 }
 

@@ -109,6 +109,12 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// How long requests in flight are waited for before their connections close (on
+    /// shutdown, or when a session ends): a write that outlasts an election, and a second.
+    pub(crate) fn answer_budget(&self) -> Duration {
+        self.config.write_timeout() + Duration::from_secs(1)
+    }
+
     /// The session id of `agent_id` if `conn` holds its session.
     pub(crate) fn session_on(&self, agent_id: &str, conn: crate::registry::ConnRef) -> Option<u64> {
         self.state
@@ -420,7 +426,7 @@ impl Node {
                 "shutting down: draining requests"
             );
             inner.requests.close();
-            let budget = inner.config.write_timeout() + Duration::from_secs(1);
+            let budget = inner.answer_budget();
             if tokio::time::timeout(budget, inner.requests.wait())
                 .await
                 .is_err()
