@@ -308,24 +308,49 @@ async fn claims(
     rows: &mut Vec<(String, Cell)>,
 ) {
     for inflight in [1usize, 64, 256] {
-        let conns = conns.clone();
-        let rate = crate::drive(inflight, args.duration(), move |slot| {
-            let conn = conns[slot % conns.len()].clone();
-            async move {
-                request(
-                    &conn,
-                    json!({"command": "claim_agent_id", "agent_id": fresh("claim")}),
-                )
-                .await
-                .map(|_| ())
+        let before = quic_counts(conns);
+        let rate = crate::drive(inflight, args.duration(), {
+            let conns = conns.clone();
+            move |slot| {
+                let conn = conns[slot % conns.len()].clone();
+                async move {
+                    request(
+                        &conn,
+                        json!({"command": "claim_agent_id", "agent_id": fresh("claim")}),
+                    )
+                    .await
+                    .map(|_| ())
+                }
             }
         })
         .await;
+        if std::env::var_os("AGENTREG_BENCH_QUIC_STATS").is_some() {
+            let after = quic_counts(conns);
+            let per = |i: usize| (after[i] - before[i]) as f64 / rate.ok.max(1) as f64;
+            eprintln!(
+                "claim, {inflight} in flight{via}: per claim, client sent {:.2} datagrams ({:.2} ACK frames, {:.2} stream frames), received {:.2} datagrams ({:.2} ACK frames)",
+                per(0), per(1), per(2), per(3), per(4)
+            );
+        }
         rows.push((
             format!("claim, {inflight} in flight{via}"),
             Cell::Rate(rate),
         ));
     }
+}
+
+/// The bench connections' QUIC counters, summed: datagrams sent, ACK frames sent, stream
+/// frames sent, datagrams received, ACK frames received (AGENTREG_BENCH_QUIC_STATS).
+fn quic_counts(conns: &[quinn::Connection]) -> [u64; 5] {
+    conns.iter().fold([0; 5], |mut t, c| {
+        let s = c.stats();
+        t[0] += s.udp_tx.datagrams;
+        t[1] += s.frame_tx.acks;
+        t[2] += s.frame_tx.stream;
+        t[3] += s.udp_rx.datagrams;
+        t[4] += s.frame_rx.acks;
+        t
+    })
 }
 
 /// Validations of one certificate, linearizable and local.
