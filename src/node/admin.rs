@@ -306,21 +306,31 @@ async fn snapshot_save(inner: &Inner) -> (serde_json::Value, Vec<u8>) {
             Vec::new(),
         );
     }
-    let backup = Backup::capture(&inner.state.copy(), &inner.config.cluster_id, inner.id);
+    // The copy shares the tables; encoding them (tens of milliseconds for a large registry)
+    // runs on a blocking thread, not on a worker serving requests.
+    let (applied, cluster_id, id) = (
+        inner.state.copy(),
+        inner.config.cluster_id.clone(),
+        inner.id,
+    );
+    let backup = tokio::task::spawn_blocking(move || {
+        let b = Backup::capture(&applied, &cluster_id, id)?;
+        Ok::<_, String>((b.meta.last_log_id.map(|l| l.index), b.to_bytes()))
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("encoding task failed: {e}")));
     match backup {
-        Ok(b) => {
-            let bytes = b.to_bytes();
+        Ok((index, bytes)) => {
             tracing::info!(
                 target: "audit",
                 event = "snapshot_save",
                 node = inner.id,
-                index = b.meta.last_log_id.map(|l| l.index),
+                index,
                 bytes = bytes.len(),
                 "backup taken"
             );
             (
-                json!({"success": true, "bytes": bytes.len(),
-                       "applied_index": b.meta.last_log_id.map(|l| l.index)}),
+                json!({"success": true, "bytes": bytes.len(), "applied_index": index}),
                 bytes,
             )
         }
