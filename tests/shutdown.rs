@@ -115,3 +115,78 @@ async fn a_stopping_node_finishes_in_flight_writes_and_hands_sessions_back() {
     })
     .await;
 }
+
+/// The client library sends a request the node refused only because it is stopping ("node
+/// is shutting down": nothing was done) again on its next connection, so the caller sees
+/// the answer rather than the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_client_sends_a_request_refused_by_a_stopping_node_to_the_next_node() {
+    let mut opts = Options {
+        faults: true,
+        ..Options::default()
+    };
+    opts.raft.write_timeout_ms = 20_000;
+    let mut cluster = TestCluster::start(opts).await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
+    let f = cluster.follower().await;
+    let client = cluster.agent(f).await;
+    assert_eq!(client.current_node().unwrap(), cluster.addrs[&f].to_string());
+
+    // A claim held in flight on the cut-off node keeps it draining.
+    cluster.net().isolate(f);
+    let claimer = Arc::new(cluster.raw(f).await);
+    let node = cluster.nodes.remove(&f).unwrap();
+    let pending = tokio::spawn({
+        let c = claimer.clone();
+        async move {
+            c.request(json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "keeps-it-draining"}))
+                .await
+        }
+    });
+    let metrics = node.metrics_addr().unwrap();
+    wait_for("the claim in flight on the cut-off node", TIMEOUT, || async {
+        (node.requests_in_flight() == 1).then_some(())
+    })
+    .await;
+    let stopping = tokio::spawn(node.shutdown());
+    wait_for("the node to report draining", TIMEOUT, || async {
+        let (code, body) = http_get_at(metrics, "/readyz").await;
+        (code == 503 && body.contains("draining")).then_some(())
+    })
+    .await;
+
+    // Refused by the draining node, then carried out by another once the drain ends.
+    let claim = tokio::spawn(async move {
+        let r = client.claim_agent_id("sent-twice", false).await;
+        (r, client)
+    });
+    wait_for("the client's claim refused by the draining node", TIMEOUT, || async {
+        let (_, text) = http_get_at(metrics, "/metrics").await;
+        text.lines()
+            .any(|l| {
+                l.starts_with("agentreg_requests_total{")
+                    && l.contains("claim_agent_id")
+                    && l.contains("error")
+                    && !l.ends_with(" 0")
+            })
+            .then_some(())
+    })
+    .await;
+    cluster.net().heal();
+    let (r, client) = tokio::time::timeout(TIMEOUT, claim).await.unwrap().unwrap();
+    let cert = r.expect("the claim is carried out on the next node");
+    assert_eq!(cert.agent_id, "sent-twice");
+    assert_ne!(
+        client.current_node().unwrap(),
+        cluster.addrs[&f].to_string()
+    );
+    let v = client.validate_certificate(&cert).await.unwrap();
+    assert!(v.valid, "{v:?}");
+    let answer = tokio::time::timeout(TIMEOUT, pending).await.unwrap().unwrap();
+    assert_eq!(answer["success"], true, "{answer}");
+    tokio::time::timeout(Duration::from_secs(30), stopping)
+        .await
+        .expect("shutdown finishes")
+        .unwrap();
+}

@@ -110,12 +110,16 @@ impl Connector {
         }
     }
 
-    /// Sends one request; returns the response object of a successful answer.
+    /// Sends one request; returns the response object of a successful answer. A request the
+    /// node did not carry out because the connection is about to close (the node is
+    /// stopping, or the connection's session ended) goes again, once, on the next connection,
+    /// all within the request timeout.
     pub(crate) async fn call(
         &self,
         command: &str,
         fields: Value,
     ) -> Result<Map<String, Value>, ClientError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let conn = self.ensure().await?;
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let fields = match fields {
@@ -123,12 +127,36 @@ impl Connector {
             _ => Map::new(),
         };
         let bytes = agent::request(command, Some(json!(id)), fields);
+        match self.exchange(&conn, &bytes, id, deadline).await {
+            Err(ClientError::Refused(e)) if agent::refused_for_closing(&e) => {
+                tracing::debug!(error = %e, "request not carried out; sending it on the next connection");
+                if tokio::time::timeout_at(deadline, conn.closed())
+                    .await
+                    .is_err()
+                {
+                    return Err(ClientError::Refused(e));
+                }
+                let conn = self.ensure().await?;
+                self.exchange(&conn, &bytes, id, deadline).await
+            }
+            other => other,
+        }
+    }
+
+    /// One request (already encoded, with request id `id`) on a new stream of `conn`.
+    async fn exchange(
+        &self,
+        conn: &quinn::Connection,
+        bytes: &[u8],
+        id: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<Map<String, Value>, ClientError> {
         let exchange = async {
             let (mut send, mut recv) = conn
                 .open_bi()
                 .await
                 .map_err(|e| ClientError::Failed(e.to_string()))?;
-            write_frame(&mut send, &bytes)
+            write_frame(&mut send, bytes)
                 .await
                 .map_err(|e| ClientError::Failed(e.to_string()))?;
             send.finish()
@@ -137,7 +165,7 @@ impl Connector {
                 .await
                 .map_err(|e| ClientError::Failed(e.to_string()))
         };
-        let answer = tokio::time::timeout(self.timeout, exchange)
+        let answer = tokio::time::timeout_at(deadline, exchange)
             .await
             .map_err(|_| ClientError::Failed(format!("no answer within {:?}", self.timeout)))??;
         let m = agent::parse_response(&answer).map_err(ClientError::Protocol)?;

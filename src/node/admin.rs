@@ -225,7 +225,7 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
 async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
     use serde_json::json;
     if inner.draining.is_cancelled() {
-        return json!({"success": false, "error": super::agent_service::SHUTTING_DOWN_ERROR});
+        return json!({"success": false, "error": crate::proto::agent::SHUTTING_DOWN_ERROR});
     }
     let commit = |op: Op| super::write::commit(inner, op);
     let linearizable = matches!(
@@ -297,7 +297,7 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
 async fn snapshot_save(inner: &Inner) -> (serde_json::Value, Vec<u8>) {
     use serde_json::json;
     if inner.draining.is_cancelled() {
-        let error = super::agent_service::SHUTTING_DOWN_ERROR;
+        let error = crate::proto::agent::SHUTTING_DOWN_ERROR;
         return (json!({"success": false, "error": error}), Vec::new());
     }
     if let Err(e) = super::read::barrier(inner).await {

@@ -10,7 +10,7 @@ use tokio_util::task::TaskTracker;
 use super::duties::unix_now;
 use super::{read, write, Inner};
 use crate::identity::Certificate;
-use crate::proto::agent::{self, AgentRequest};
+use crate::proto::agent::{self, AgentRequest, CONNECTION_CLOSING_ERROR, SHUTTING_DOWN_ERROR};
 use crate::registry::{ConnRef, EndCause, Op, Outcome, SessionEnd};
 use crate::transport::frame::{
     read_end_if_there, read_stream_frame, write_frame, FrameError, MAX_AGENT_FRAME,
@@ -24,15 +24,6 @@ pub mod close_code {
     pub const EVICTED: u32 = 0x102;
     pub const SHUTTING_DOWN: u32 = 0x103;
 }
-
-/// The answer to a request that arrives while the node stops; nothing was changed.
-pub const SHUTTING_DOWN_ERROR: &str = "node is shutting down; reconnect to another node";
-
-/// The answer to a request that arrives on a connection whose session has ended (taken
-/// over, revoked, evicted) while the requests begun before are being answered, just before
-/// the connection closes; nothing was changed.
-pub const CONNECTION_CLOSING_ERROR: &str =
-    "connection closing: its session ended; send the request on a new connection";
 
 pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
     let (conn_id, conn_requests) = inner.conns.add(conn.clone());

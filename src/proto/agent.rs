@@ -20,6 +20,21 @@ pub const UNREGISTER_AGENT: &str = "unregister_agent";
 pub const RELEASE_AGENT_ID: &str = "release_agent_id";
 pub const REVOKE_CERTIFICATE: &str = "revoke_certificate";
 
+/// The answer to a request that arrives while the node stops; nothing was changed.
+pub const SHUTTING_DOWN_ERROR: &str = "node is shutting down; reconnect to another node";
+
+/// The answer to a request that arrives on a connection whose session has ended (taken
+/// over, revoked, evicted) while the requests begun before are being answered, just before
+/// the connection closes; nothing was changed.
+pub const CONNECTION_CLOSING_ERROR: &str =
+    "connection closing: its session ended; send the request on a new connection";
+
+/// Whether a refusal says the request was not carried out only because its connection is
+/// about to close: it can be sent again as it is on another connection.
+pub fn refused_for_closing(error: &str) -> bool {
+    error == SHUTTING_DOWN_ERROR || error == CONNECTION_CLOSING_ERROR
+}
+
 /// Every command a node serves.
 pub const COMMANDS: &[&str] = &[
     CLAIM_AGENT_ID,
