@@ -492,7 +492,14 @@ async fn a_node_sends_no_stop_sending_for_requests_the_agent_finished() {
 /// receive window is smaller than the answer, so the node cannot finish delivering it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_connection_whose_session_ended_answers_its_requests_before_closing() {
-    let cluster = ready().await;
+    let mut opts = Options::default();
+    // The raw agent answers no pings: only the revocation may end its session here.
+    opts.heartbeat.interval_ms = 30_000;
+    opts.heartbeat.ping_timeout_ms = 5_000;
+    opts.heartbeat.agent_timeout_ms = 300_000;
+    let cluster = TestCluster::start(opts).await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
     let node = 2;
     let mut client = agentreg::transport::tls::agent_client_config(&cluster.ca_pem()).unwrap();
     let mut transport = quinn::TransportConfig::default();

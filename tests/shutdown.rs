@@ -131,7 +131,10 @@ async fn the_client_sends_a_request_refused_by_a_stopping_node_to_the_next_node(
     cluster.keyring_ready().await;
     let f = cluster.follower().await;
     let client = cluster.agent(f).await;
-    assert_eq!(client.current_node().unwrap(), cluster.addrs[&f].to_string());
+    assert_eq!(
+        client.current_node().unwrap(),
+        cluster.addrs[&f].to_string()
+    );
 
     // A claim held in flight on the cut-off node keeps it draining.
     cluster.net().isolate(f);
@@ -145,9 +148,11 @@ async fn the_client_sends_a_request_refused_by_a_stopping_node_to_the_next_node(
         }
     });
     let metrics = node.metrics_addr().unwrap();
-    wait_for("the claim in flight on the cut-off node", TIMEOUT, || async {
-        (node.requests_in_flight() == 1).then_some(())
-    })
+    wait_for(
+        "the claim in flight on the cut-off node",
+        TIMEOUT,
+        || async { (node.requests_in_flight() == 1).then_some(()) },
+    )
     .await;
     let stopping = tokio::spawn(node.shutdown());
     wait_for("the node to report draining", TIMEOUT, || async {
@@ -161,17 +166,21 @@ async fn the_client_sends_a_request_refused_by_a_stopping_node_to_the_next_node(
         let r = client.claim_agent_id("sent-twice", false).await;
         (r, client)
     });
-    wait_for("the client's claim refused by the draining node", TIMEOUT, || async {
-        let (_, text) = http_get_at(metrics, "/metrics").await;
-        text.lines()
-            .any(|l| {
-                l.starts_with("agentreg_requests_total{")
-                    && l.contains("claim_agent_id")
-                    && l.contains("error")
-                    && !l.ends_with(" 0")
-            })
-            .then_some(())
-    })
+    wait_for(
+        "the client's claim refused by the draining node",
+        TIMEOUT,
+        || async {
+            let (_, text) = http_get_at(metrics, "/metrics").await;
+            text.lines()
+                .any(|l| {
+                    l.starts_with("agentreg_requests_total{")
+                        && l.contains("claim_agent_id")
+                        && l.contains("error")
+                        && !l.ends_with(" 0")
+                })
+                .then_some(())
+        },
+    )
     .await;
     cluster.net().heal();
     let (r, client) = tokio::time::timeout(TIMEOUT, claim).await.unwrap().unwrap();
@@ -183,7 +192,10 @@ async fn the_client_sends_a_request_refused_by_a_stopping_node_to_the_next_node(
     );
     let v = client.validate_certificate(&cert).await.unwrap();
     assert!(v.valid, "{v:?}");
-    let answer = tokio::time::timeout(TIMEOUT, pending).await.unwrap().unwrap();
+    let answer = tokio::time::timeout(TIMEOUT, pending)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(answer["success"], true, "{answer}");
     tokio::time::timeout(Duration::from_secs(30), stopping)
         .await
