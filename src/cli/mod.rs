@@ -5,6 +5,7 @@ mod admin_client;
 mod agent;
 mod dev;
 mod keys;
+pub mod logging;
 mod members;
 mod snapshot;
 mod status;
@@ -23,7 +24,8 @@ pub use admin_client::AdminClient;
     about = "A clustered registry of agent identities"
 )]
 pub struct Cli {
-    /// Log format: text or json. The level comes from RUST_LOG (default: info,openraft=warn).
+    /// Log format: text or json. The level comes from RUST_LOG (default: info,openraft=warn);
+    /// each openraft message site logs at most once every 10 s.
     #[arg(long, global = true, default_value = "text")]
     pub log_format: LogFormat,
     #[command(subcommand)]

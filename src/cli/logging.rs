@@ -1,0 +1,180 @@
+//! The binary's log output: level from `RUST_LOG` (default `info,openraft=warn`), text or JSON
+//! on stderr, and openraft's repeated messages thinned out.
+//!
+//! While a peer is down, openraft reports every failed AppendEntries (every heartbeat
+//! interval, 50 ms by default) as an ERROR: twenty lines a second for as long as the peer is
+//! gone, burying everything else. Each of openraft's message sites is shown at most once per
+//! [`OPENRAFT_REPEAT_PERIOD`]; agentreg's own messages are never thinned.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tracing::callsite::Identifier;
+use tracing::subscriber::Interest;
+use tracing::{Metadata, Subscriber};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Context, Filter, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use super::LogFormat;
+
+/// The level filter when `RUST_LOG` is not set.
+pub const DEFAULT_FILTER: &str = "info,openraft=warn";
+
+/// How often one openraft message site may log.
+pub const OPENRAFT_REPEAT_PERIOD: Duration = Duration::from_secs(10);
+
+/// Installs the binary's logger.
+pub fn init(format: LogFormat) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let subscriber = subscriber(format, filter, std::io::stderr);
+    // Only fails when a logger is already installed, and then that one stays.
+    let _ = tracing::subscriber::set_global_default(subscriber);
+}
+
+/// The logger [`init`] installs, writing to `writer`.
+pub fn subscriber<W>(
+    format: LogFormat,
+    filter: EnvFilter,
+    writer: W,
+) -> impl Subscriber + Send + Sync
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let throttle = Throttle::new("openraft", OPENRAFT_REPEAT_PERIOD);
+    tracing_subscriber::registry().with(fmt.with_filter(filter).with_filter(throttle))
+}
+
+/// Lets each message site (`K`) whose target starts with `prefix` log at most once per
+/// `period`.
+struct Throttle<K = Identifier> {
+    prefix: &'static str,
+    period: Duration,
+    last: Mutex<HashMap<K, Instant>>,
+}
+
+impl<K: std::hash::Hash + Eq> Throttle<K> {
+    fn new(prefix: &'static str, period: Duration) -> Self {
+        Throttle {
+            prefix,
+            period,
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn applies(&self, meta: &Metadata<'_>) -> bool {
+        meta.is_event() && meta.target().starts_with(self.prefix)
+    }
+
+    /// Whether `site` may log at `now`; if so, its period starts again.
+    fn allow(&self, site: K, now: Instant) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match last.get(&site) {
+            Some(t) if now.saturating_duration_since(*t) < self.period => false,
+            _ => {
+                last.insert(site, now);
+                true
+            }
+        }
+    }
+}
+
+impl<S: Subscriber + for<'a> LookupSpan<'a>> Filter<S> for Throttle {
+    fn enabled(&self, meta: &Metadata<'_>, _: &Context<'_, S>) -> bool {
+        !self.applies(meta) || self.allow(meta.callsite(), Instant::now())
+    }
+
+    fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
+        // Asked again for every event of a thinned site; everything else is always let through.
+        if self.applies(meta) {
+            Interest::sometimes()
+        } else {
+            Interest::always()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lines(out: &Captured) -> Vec<String> {
+        String::from_utf8(out.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn a_repeated_openraft_message_is_shown_once_per_period_and_ours_always() {
+        for format in [LogFormat::Text, LogFormat::Json] {
+            let out = Captured::default();
+            let writer = out.clone();
+            let subscriber = subscriber(format, EnvFilter::new(DEFAULT_FILTER), move || {
+                writer.clone()
+            });
+            tracing::subscriber::with_default(subscriber, || {
+                for i in 0..20 {
+                    tracing::error!(target: "openraft::replication", attempt = i, "RPCError timeout");
+                    tracing::warn!(target: "openraft::core", attempt = i, "vote changed");
+                    tracing::warn!(target: "agentreg::node", attempt = i, "ours");
+                    // Below openraft's level: never shown, and takes no turn from the site.
+                    tracing::info!(target: "openraft::replication", attempt = i, "chatter");
+                }
+            });
+            let lines = lines(&out);
+            let count = |what: &str| lines.iter().filter(|l| l.contains(what)).count();
+            assert_eq!(count("RPCError timeout"), 1, "{format:?}: {lines:#?}");
+            assert_eq!(count("vote changed"), 1, "{format:?}: {lines:#?}");
+            assert_eq!(count("ours"), 20, "{format:?}: {lines:#?}");
+            assert_eq!(count("chatter"), 0, "{format:?}: {lines:#?}");
+            if let LogFormat::Json = format {
+                assert!(
+                    lines
+                        .iter()
+                        .any(|l| l.contains("RPCError timeout") && l.contains(r#""attempt":0"#)),
+                    "the first one is shown: {lines:#?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_site_logs_again_once_its_period_has_passed() {
+        let throttle = Throttle::<u32>::new("openraft", Duration::from_secs(10));
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert!(throttle.allow(1, at(0)));
+        assert!(!throttle.allow(1, at(1)));
+        assert!(throttle.allow(2, at(1)), "another site has its own period");
+        assert!(!throttle.allow(1, at(9_999)));
+        assert!(throttle.allow(1, at(10_000)));
+        assert!(!throttle.allow(1, at(10_001)), "the period starts again");
+        assert!(throttle.allow(1, at(20_000)));
+    }
+}
