@@ -40,16 +40,24 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
                 }
             },
         };
-        let closing = conn_requests.clone();
-        let request = {
-            let inner = inner.clone();
-            // Tracked before it runs: a closer that finds no request of this connection in
-            // flight has closed the tracker first, and then this request sees it closed.
-            conn_requests.track_future(async move {
-                serve_stream(&inner, conn_id, &closing, send, recv).await;
-            })
+        // Admitted or refused as its stream arrives, and counted before that check: a drain
+        // or a session closer that finds no request in flight has begun first, and then this
+        // request is refused (nothing done) rather than cut off; one that was admitted is
+        // waited for.
+        let in_drain = inner.requests.token();
+        let in_conn = conn_requests.token();
+        let refusal = if inner.draining.is_cancelled() {
+            Some(SHUTTING_DOWN_ERROR)
+        } else if conn_requests.is_closed() {
+            Some(CONNECTION_CLOSING_ERROR)
+        } else {
+            None
         };
-        inner.requests.spawn(request);
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            serve_stream(&inner, conn_id, refusal, send, recv).await;
+            drop((in_drain, in_conn));
+        });
     }
     if let Some(agent_id) = inner.conns.remove(conn_id) {
         // While the node stops, its sessions are handed back in one EvictNode instead.
@@ -71,10 +79,12 @@ async fn evict_after_disconnect(inner: &Inner, conn_id: u64, agent_id: &str) {
     }
 }
 
+/// Serves one request; `refusal` is the answer to anything but a ping when the request
+/// arrived after the node began to drain or the connection began to close.
 async fn serve_stream(
     inner: &Inner,
     conn_id: u64,
-    closing: &TaskTracker,
+    refusal: Option<&'static str>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -88,13 +98,11 @@ async fn serve_stream(
             match env.request {
                 Ok(req) => {
                     let command = command.unwrap_or_default();
-                    let ping = matches!(req, AgentRequest::PingAgent { .. });
-                    let result = if inner.draining.is_cancelled() && !ping {
-                        Err(SHUTTING_DOWN_ERROR.to_owned())
-                    } else if closing.is_closed() && !ping {
-                        Err(CONNECTION_CLOSING_ERROR.to_owned())
-                    } else {
-                        handle(inner, conn_id, req).await
+                    let result = match refusal {
+                        Some(e) if !matches!(req, AgentRequest::PingAgent { .. }) => {
+                            Err(e.to_owned())
+                        }
+                        _ => handle(inner, conn_id, req).await,
                     };
                     inner
                         .metrics
