@@ -529,13 +529,9 @@ async fn a_connection_whose_session_ended_answers_its_requests_before_closing() 
 
     // A claim on the agent's connection whose answer the agent does not read yet.
     let (mut send, mut recv) = agent.conn.open_bi().await.unwrap();
-    let body =
-        json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "answered-late"})
-            .to_string();
-    send.write_all(&(body.len() as u32).to_be_bytes())
-        .await
-        .unwrap();
-    send.write_all(body.as_bytes()).await.unwrap();
+    let request =
+        json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "answered-late"});
+    send.write_all(&frame(&request)).await.unwrap();
     send.finish().unwrap();
     wait_for("the held claim committed", TIMEOUT, || async {
         cluster

@@ -11,6 +11,35 @@ use agentreg::node::close_code;
 use common::*;
 use serde_json::json;
 
+/// Sends a claim of `agent_id` through `claimer` and waits until `node` counts it in flight.
+async fn claim_in_flight(
+    claimer: &Arc<RawAgent>,
+    node: &agentreg::node::Node,
+    agent_id: &str,
+) -> tokio::task::JoinHandle<serde_json::Value> {
+    let c = claimer.clone();
+    let request =
+        json!({"type": "system_request", "command": "claim_agent_id", "agent_id": agent_id});
+    let pending = tokio::spawn(async move { c.request(request).await });
+    wait_for("the claim in flight", TIMEOUT, || async {
+        (node.requests_in_flight() == 1).then_some(())
+    })
+    .await;
+    pending
+}
+
+/// Starts `node`'s graceful shutdown and waits until it reports draining.
+async fn start_draining(node: agentreg::node::Node) -> tokio::task::JoinHandle<()> {
+    let metrics = node.metrics_addr().unwrap();
+    let stopping = tokio::spawn(node.shutdown());
+    wait_for("the node to report draining", TIMEOUT, || async {
+        let (code, body) = http_get_at(metrics, "/readyz").await;
+        (code == 503 && body.contains("draining")).then_some(())
+    })
+    .await;
+    stopping
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stopping_node_finishes_in_flight_writes_and_hands_sessions_back() {
     let mut opts = Options {
@@ -42,27 +71,9 @@ async fn a_stopping_node_finishes_in_flight_writes_and_hands_sessions_back() {
         (node.requests_in_flight() == 0).then_some(())
     })
     .await;
-    let pending = tokio::spawn({
-        let c = claimer.clone();
-        async move {
-            c.request(json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "in-flight"}))
-                .await
-        }
-    });
-    let metrics = node.metrics_addr().unwrap();
-    wait_for(
-        "the claim in flight on the cut-off node",
-        TIMEOUT,
-        || async { (node.requests_in_flight() == 1).then_some(()) },
-    )
-    .await;
+    let pending = claim_in_flight(&claimer, &node, "in-flight").await;
 
-    let stopping = tokio::spawn(node.shutdown());
-    wait_for("the node to report draining", TIMEOUT, || async {
-        let (code, body) = http_get_at(metrics, "/readyz").await;
-        (code == 503 && body.contains("draining")).then_some(())
-    })
-    .await;
+    let stopping = start_draining(node).await;
     // New requests are refused and change nothing; the one in flight still waits.
     let late = claimer
         .request(json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "late"}))
@@ -140,26 +151,9 @@ async fn the_client_sends_a_request_refused_by_a_stopping_node_to_the_next_node(
     cluster.net().isolate(f);
     let claimer = Arc::new(cluster.raw(f).await);
     let node = cluster.nodes.remove(&f).unwrap();
-    let pending = tokio::spawn({
-        let c = claimer.clone();
-        async move {
-            c.request(json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "keeps-it-draining"}))
-                .await
-        }
-    });
+    let pending = claim_in_flight(&claimer, &node, "keeps-it-draining").await;
     let metrics = node.metrics_addr().unwrap();
-    wait_for(
-        "the claim in flight on the cut-off node",
-        TIMEOUT,
-        || async { (node.requests_in_flight() == 1).then_some(()) },
-    )
-    .await;
-    let stopping = tokio::spawn(node.shutdown());
-    wait_for("the node to report draining", TIMEOUT, || async {
-        let (code, body) = http_get_at(metrics, "/readyz").await;
-        (code == 503 && body.contains("draining")).then_some(())
-    })
-    .await;
+    let stopping = start_draining(node).await;
 
     // Refused by the draining node, then carried out by another once the drain ends.
     let claim = tokio::spawn(async move {
@@ -218,26 +212,19 @@ async fn a_request_that_began_before_the_drain_is_served_even_if_it_arrives_slow
 
     // The frame's length only; the rest comes once the node drains.
     let (mut send, mut recv) = raw.conn.open_bi().await.unwrap();
-    let body =
-        json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "slow-claim"})
-            .to_string();
-    send.write_all(&(body.len() as u32).to_be_bytes())
-        .await
-        .unwrap();
+    let request = frame(
+        &json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "slow-claim"}),
+    );
+    let (length, body) = request.split_at(4);
+    send.write_all(length).await.unwrap();
     let node = cluster.nodes.remove(&f).unwrap();
     wait_for("the request's stream accepted", TIMEOUT, || async {
         (node.requests_in_flight() == 1).then_some(())
     })
     .await;
-    let metrics = node.metrics_addr().unwrap();
-    let stopping = tokio::spawn(node.shutdown());
-    wait_for("the node to report draining", TIMEOUT, || async {
-        let (code, body) = http_get_at(metrics, "/readyz").await;
-        (code == 503 && body.contains("draining")).then_some(())
-    })
-    .await;
+    let stopping = start_draining(node).await;
 
-    send.write_all(body.as_bytes()).await.unwrap();
+    send.write_all(body).await.unwrap();
     send.finish().unwrap();
     let answer = tokio::time::timeout(TIMEOUT, recv.read_to_end(1 << 20))
         .await

@@ -359,13 +359,11 @@ pub(super) fn close_when_answered(
     let budget = inner.answer_budget();
     let shutdown = inner.shutdown.clone();
     inner.tasks.spawn(async move {
-        if !requests.is_empty() {
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                r = tokio::time::timeout(budget, requests.wait()) => if r.is_err() {
-                    tracing::warn!(in_flight = requests.len(), "requests still unanswered after {budget:?}; closing their connection");
-                },
-            }
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            r = tokio::time::timeout(budget, requests.wait()) => if r.is_err() {
+                tracing::warn!(in_flight = requests.len(), "requests still unanswered after {budget:?}; closing their connection");
+            },
         }
         conn.close(quinn::VarInt::from_u32(code), reason.as_bytes());
     });

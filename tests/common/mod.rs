@@ -428,6 +428,14 @@ impl TestCluster {
     }
 }
 
+/// `v` as an agent-protocol frame: 4-byte big-endian length, then the JSON.
+pub fn frame(v: &serde_json::Value) -> Vec<u8> {
+    let body = v.to_string().into_bytes();
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    frame
+}
+
 /// Speaks the agent protocol byte by byte, for bad-input tests.
 pub struct RawAgent {
     _endpoint: quinn::Endpoint,
@@ -461,9 +469,6 @@ impl RawAgent {
 
     /// Sends one JSON request in a proper frame.
     pub async fn request(&self, v: serde_json::Value) -> serde_json::Value {
-        let body = v.to_string().into_bytes();
-        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(&body);
-        self.send_raw(&frame).await.expect("an answer")
+        self.send_raw(&frame(&v)).await.expect("an answer")
     }
 }
