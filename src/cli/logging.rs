@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tracing::callsite::Identifier;
 use tracing::subscriber::Interest;
 use tracing::{Metadata, Subscriber};
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Context, Filter, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
@@ -50,7 +51,10 @@ where
         LogFormat::Json => fmt.json().boxed(),
     };
     let throttle = Throttle::new("openraft", OPENRAFT_REPEAT_PERIOD);
-    tracing_subscriber::registry().with(fmt.with_filter(filter).with_filter(throttle))
+    // One filter, both conditions: a site the level filter turns off stays off for good
+    // (two stacked per-layer filters would sum "never" and "always" to "sometimes", and the
+    // registry would then build every one of openraft's debug spans on the write path).
+    tracing_subscriber::registry().with(fmt.with_filter(filter.and(throttle)))
 }
 
 /// Lets each message site (`K`) whose target starts with `prefix` log at most once per
@@ -162,6 +166,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn sites_below_the_level_cost_nothing() {
+        // openraft wraps its write path in debug spans; a span the level turns off must not
+        // be built at all (it was, once, for every claim).
+        let subscriber = subscriber(
+            LogFormat::Text,
+            EnvFilter::new(DEFAULT_FILTER),
+            Captured::default,
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..2 {
+                let span = tracing::debug_span!(target: "openraft::core", "append_to_log");
+                assert!(span.is_disabled(), "openraft's debug span is built");
+                let span = tracing::debug_span!(target: "agentreg::node", "ours");
+                assert!(span.is_disabled(), "our debug span is built");
+                assert!(!tracing::enabled!(target: "openraft::core", tracing::Level::INFO));
+                let span = tracing::warn_span!(target: "openraft::core", "shown");
+                assert!(!span.is_disabled(), "a span at the level is built");
+            }
+        });
     }
 
     #[test]
