@@ -238,3 +238,71 @@ async fn a_request_that_began_before_the_drain_is_served_even_if_it_arrives_slow
         .expect("shutdown finishes")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_admin_request_that_began_before_the_drain_is_served_even_if_it_arrives_slowly() {
+    use agentreg::node::AdminRequest;
+    use agentreg::transport::tls::{NodeTls, TlsFiles};
+
+    let mut cluster = TestCluster::start(Options::default()).await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
+    let f = cluster.follower().await;
+    let args = cluster.admin_args();
+    let tls = NodeTls::load(&TlsFiles {
+        ca: args.ca.clone(),
+        cert: args.cert.clone(),
+        key: args.key.clone(),
+    })
+    .unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(tls.admin_client_config().unwrap());
+    let conn = endpoint
+        .connect(cluster.node(f).local_addr(), &args.server_name)
+        .unwrap()
+        .await
+        .unwrap();
+
+    // A key rotation (a write through the leader), its frame's length only; the rest comes
+    // once the node drains.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let request = frame(&serde_json::to_value(AdminRequest::KeysRotate).unwrap());
+    let (length, body) = request.split_at(4);
+    send.write_all(length).await.unwrap();
+    let node = cluster.nodes.remove(&f).unwrap();
+    wait_for("the request's stream accepted", TIMEOUT, || async {
+        (node.requests_in_flight() == 1).then_some(())
+    })
+    .await;
+    let stopping = start_draining(node).await;
+
+    send.write_all(body).await.unwrap();
+    send.finish().unwrap();
+    let answer = tokio::time::timeout(TIMEOUT, recv.read_to_end(1 << 20))
+        .await
+        .expect("answer in time")
+        .expect("an answer before the connection closes");
+    let answer: serde_json::Value = serde_json::from_slice(&answer[4..]).unwrap();
+    assert_eq!(answer["success"], true, "{answer}");
+    let key_id = answer["key_id"].as_str().expect("the new key's id");
+    let other = cluster.others(f)[0];
+    wait_for("the rotation applied on another node", TIMEOUT, || async {
+        let state = cluster.node(other).state().read();
+        state.state.keyring().get(key_id).map(|_| ())
+    })
+    .await;
+
+    // A request that arrives once the drain has begun is refused and changes nothing.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&request).await.unwrap();
+    send.finish().unwrap();
+    if let Ok(Ok(answer)) = tokio::time::timeout(TIMEOUT, recv.read_to_end(1 << 20)).await {
+        let answer: serde_json::Value = serde_json::from_slice(&answer[4..]).unwrap();
+        assert_eq!(answer["success"], false, "{answer}");
+    }
+    tokio::time::timeout(Duration::from_secs(30), stopping)
+        .await
+        .expect("shutdown finishes")
+        .unwrap();
+    endpoint.close(0u32.into(), b"done");
+}

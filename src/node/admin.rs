@@ -192,9 +192,16 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
                 Err(_) => break,
             },
         };
+        // As for agents: counted by the drain, then admitted or refused as the stream
+        // arrives, so a request that began before the drain is served, not refused because
+        // its frame was read after the drain began.
+        let in_drain = inner.requests.token();
+        let admitted = !inner.draining.is_cancelled();
         let inner = inner.clone();
-        inner.requests.clone().spawn(async move {
+        tokio::spawn(async move {
+            let _in_drain = in_drain;
             let answer = match read_stream_frame(&mut recv, MAX_ADMIN_FRAME).await {
+                Ok(_) if !admitted => shutting_down(),
                 Ok(bytes) => match serde_json::from_slice::<AdminRequest>(&bytes) {
                     Ok(AdminRequest::SnapshotSave) => {
                         let (answer, backup) = snapshot_save(&inner).await;
@@ -207,7 +214,9 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
                         return;
                     }
                     Ok(req) => handle(&inner, req).await,
-                    Err(e) => serde_json::json!({"success": false, "error": format!("bad admin request: {e}")}),
+                    Err(e) => {
+                        serde_json::json!({"success": false, "error": format!("bad admin request: {e}")})
+                    }
                 },
                 Err(e) => {
                     tracing::warn!(%remote, error = %e, "bad admin frame");
@@ -222,11 +231,13 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
     }
 }
 
+/// The answer to an admin request that arrived once the node had begun to stop.
+fn shutting_down() -> serde_json::Value {
+    serde_json::json!({"success": false, "error": crate::proto::agent::SHUTTING_DOWN_ERROR})
+}
+
 async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
     use serde_json::json;
-    if inner.draining.is_cancelled() {
-        return json!({"success": false, "error": crate::proto::agent::SHUTTING_DOWN_ERROR});
-    }
     let commit = |op: Op| super::write::commit(inner, op);
     let linearizable = matches!(
         req,
@@ -296,10 +307,6 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
 /// A backup of this node's tables once it has applied everything acknowledged so far.
 async fn snapshot_save(inner: &Inner) -> (serde_json::Value, Vec<u8>) {
     use serde_json::json;
-    if inner.draining.is_cancelled() {
-        let error = crate::proto::agent::SHUTTING_DOWN_ERROR;
-        return (json!({"success": false, "error": error}), Vec::new());
-    }
     if let Err(e) = super::read::barrier(inner).await {
         return (
             json!({"success": false, "error": format!("cluster unavailable: {e}")}),
