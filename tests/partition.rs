@@ -109,12 +109,17 @@ async fn a_cut_off_node_commits_nothing_and_converges_after_healing() {
         .last_log_index
         .unwrap();
     cluster.applied_everywhere(last.max(w.index)).await;
+    // With a 600 ms agent timeout a starved test machine can evict "roamer" for a moment
+    // (its client then registers it again): wait for agreeing tables that hold it.
     wait_for(
-        "all three nodes to hold the same tables",
+        "all three nodes to hold the same tables, with a session for roamer",
         TIMEOUT,
         || async {
             let t1 = cluster.tables(1);
-            (t1 == cluster.tables(2) && t1 == cluster.tables(3)).then_some(())
+            (t1 == cluster.tables(2)
+                && t1 == cluster.tables(3)
+                && t1.sessions.contains_key("roamer"))
+            .then_some(())
         },
     )
     .await;

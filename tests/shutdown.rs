@@ -199,22 +199,16 @@ async fn the_client_sends_a_request_refused_by_a_stopping_node_to_the_next_node(
         .unwrap();
 }
 
-/// A request whose stream reached the node before it began to drain is served, even when
-/// the rest of its frame arrives after: the node admits requests as their streams arrive,
-/// and the drain waits for the ones it admitted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_request_that_began_before_the_drain_is_served_even_if_it_arrives_slowly() {
-    let mut cluster = TestCluster::start(Options::default()).await;
-    cluster.leader().await;
-    cluster.keyring_ready().await;
-    let f = cluster.follower().await;
-    let raw = cluster.raw(f).await;
-
-    // The frame's length only; the rest comes once the node drains.
-    let (mut send, mut recv) = raw.conn.open_bi().await.unwrap();
-    let request = frame(
-        &json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "slow-claim"}),
-    );
+/// Sends `request` (a whole frame) on a new stream of `conn`, a connection to node `f`: its
+/// length before the node begins to drain, the rest once it drains. Returns the answer and
+/// the shutdown under way.
+async fn send_across_the_drain(
+    cluster: &mut TestCluster,
+    f: u64,
+    conn: &quinn::Connection,
+    request: &[u8],
+) -> (serde_json::Value, tokio::task::JoinHandle<()>) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let (length, body) = request.split_at(4);
     send.write_all(length).await.unwrap();
     let node = cluster.nodes.remove(&f).unwrap();
@@ -226,11 +220,27 @@ async fn a_request_that_began_before_the_drain_is_served_even_if_it_arrives_slow
 
     send.write_all(body).await.unwrap();
     send.finish().unwrap();
-    let answer = tokio::time::timeout(TIMEOUT, recv.read_to_end(1 << 20))
+    let answer = read_answer(&mut recv)
         .await
-        .expect("answer in time")
         .expect("an answer before the connection closes");
-    let answer: serde_json::Value = serde_json::from_slice(&answer[4..]).unwrap();
+    (answer, stopping)
+}
+
+/// A request whose stream reached the node before it began to drain is served, even when
+/// the rest of its frame arrives after: the node admits requests as their streams arrive,
+/// and the drain waits for the ones it admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_that_began_before_the_drain_is_served_even_if_it_arrives_slowly() {
+    let mut cluster = TestCluster::start(Options::default()).await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
+    let f = cluster.follower().await;
+    let raw = cluster.raw(f).await;
+
+    let request = frame(
+        &json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "slow-claim"}),
+    );
+    let (answer, stopping) = send_across_the_drain(&mut cluster, f, &raw.conn, &request).await;
     assert_eq!(answer["success"], true, "{answer}");
     assert_eq!(answer["agent_id"], "slow-claim", "{answer}");
     tokio::time::timeout(Duration::from_secs(30), stopping)
@@ -239,6 +249,8 @@ async fn a_request_that_began_before_the_drain_is_served_even_if_it_arrives_slow
         .unwrap();
 }
 
+/// The same for the operator's requests: a key rotation (a write through the leader) that
+/// began before the drain is carried out; one sent after is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_admin_request_that_began_before_the_drain_is_served_even_if_it_arrives_slowly() {
     use agentreg::node::AdminRequest;
@@ -263,26 +275,8 @@ async fn an_admin_request_that_began_before_the_drain_is_served_even_if_it_arriv
         .await
         .unwrap();
 
-    // A key rotation (a write through the leader), its frame's length only; the rest comes
-    // once the node drains.
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let request = frame(&serde_json::to_value(AdminRequest::KeysRotate).unwrap());
-    let (length, body) = request.split_at(4);
-    send.write_all(length).await.unwrap();
-    let node = cluster.nodes.remove(&f).unwrap();
-    wait_for("the request's stream accepted", TIMEOUT, || async {
-        (node.requests_in_flight() == 1).then_some(())
-    })
-    .await;
-    let stopping = start_draining(node).await;
-
-    send.write_all(body).await.unwrap();
-    send.finish().unwrap();
-    let answer = tokio::time::timeout(TIMEOUT, recv.read_to_end(1 << 20))
-        .await
-        .expect("answer in time")
-        .expect("an answer before the connection closes");
-    let answer: serde_json::Value = serde_json::from_slice(&answer[4..]).unwrap();
+    let (answer, stopping) = send_across_the_drain(&mut cluster, f, &conn, &request).await;
     assert_eq!(answer["success"], true, "{answer}");
     let key_id = answer["key_id"].as_str().expect("the new key's id");
     let other = cluster.others(f)[0];
@@ -292,13 +286,19 @@ async fn an_admin_request_that_began_before_the_drain_is_served_even_if_it_arriv
     })
     .await;
 
-    // A request that arrives once the drain has begun is refused and changes nothing.
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&request).await.unwrap();
-    send.finish().unwrap();
-    if let Ok(Ok(answer)) = tokio::time::timeout(TIMEOUT, recv.read_to_end(1 << 20)).await {
-        let answer: serde_json::Value = serde_json::from_slice(&answer[4..]).unwrap();
-        assert_eq!(answer["success"], false, "{answer}");
+    // A request that arrives once the drain has begun is refused (or finds the connection
+    // already closed by the finished shutdown): never carried out.
+    if let Ok((mut send, mut recv)) = conn.open_bi().await {
+        let _ = send.write_all(&request).await;
+        let _ = send.finish();
+        if let Some(late) = read_answer(&mut recv).await {
+            assert_eq!(late["success"], false, "{late}");
+            assert_eq!(
+                late["error"],
+                agentreg::proto::agent::SHUTTING_DOWN_ERROR,
+                "{late}"
+            );
+        }
     }
     tokio::time::timeout(Duration::from_secs(30), stopping)
         .await

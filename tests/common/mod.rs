@@ -436,6 +436,19 @@ pub fn frame(v: &serde_json::Value) -> Vec<u8> {
     frame
 }
 
+/// The one answer frame on `recv` (agent or admin protocol), read to the stream's end; None
+/// when the stream or its connection ended without one. Panics after [`TIMEOUT`].
+pub async fn read_answer(recv: &mut quinn::RecvStream) -> Option<serde_json::Value> {
+    let answer = tokio::time::timeout(TIMEOUT, recv.read_to_end(1 << 20))
+        .await
+        .expect("answer in time")
+        .ok()?;
+    if answer.len() < 4 {
+        return None;
+    }
+    Some(serde_json::from_slice(&answer[4..]).expect("answer is JSON"))
+}
+
 /// Speaks the agent protocol byte by byte, for bad-input tests.
 pub struct RawAgent {
     _endpoint: quinn::Endpoint,
@@ -457,14 +470,7 @@ impl RawAgent {
         let (mut send, mut recv) = self.conn.open_bi().await.expect("open stream");
         let _ = send.write_all(bytes).await;
         let _ = send.finish();
-        let answer = tokio::time::timeout(TIMEOUT, recv.read_to_end(1 << 20))
-            .await
-            .expect("answer in time")
-            .ok()?;
-        if answer.len() < 4 {
-            return None;
-        }
-        Some(serde_json::from_slice(&answer[4..]).expect("answer is JSON"))
+        read_answer(&mut recv).await
     }
 
     /// Sends one JSON request in a proper frame.
