@@ -7,6 +7,7 @@
 //! (serializable or linearizable), an eviction is a lease expiring.
 
 mod agentreg_side;
+mod cpu;
 mod etcd_side;
 mod stats;
 
@@ -104,6 +105,7 @@ where
     Fut: std::future::Future<Output = Result<(), String>> + Send,
 {
     let (more, op) = (std::sync::Arc::new(more), std::sync::Arc::new(op));
+    let cpu_before = cpu::Sample::now();
     let start = std::time::Instant::now();
     let tasks: Vec<_> = (0..inflight)
         .map(|slot| {
@@ -132,6 +134,7 @@ where
         total.merge(t.await.expect("bench task"));
     }
     total.elapsed = start.elapsed();
+    total.cpu = Some(cpu::Sample::now().since(&cpu_before));
     total
 }
 
@@ -219,6 +222,7 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     println!("{}", stats::render(&rows));
+    println!("{}", stats::render_cpu(&rows));
     println!(
         "machine: {} cores; load average before {} after {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::cpu::Cpu;
+
 /// Operations completed in a timed window, with each one's latency.
 #[derive(Debug, Clone, Default)]
 pub struct Rate {
@@ -11,6 +13,8 @@ pub struct Rate {
     pub first_error: Option<String>,
     pub elapsed: Duration,
     pub latencies: Vec<Duration>,
+    /// CPU the servers and the bench spent meanwhile.
+    pub cpu: Option<Cpu>,
 }
 
 impl Rate {
@@ -146,6 +150,69 @@ pub fn render(rows: &[Row]) -> String {
     out
 }
 
+/// CPU per completed operation of `rate`: (servers, client) in µs, and the cores the
+/// row kept busy (all CPU time over the row's wall time).
+fn cpu_per_op(rate: &Rate) -> Option<(f64, f64, f64)> {
+    let cpu = rate.cpu?;
+    let ops = rate.ok.max(1) as f64;
+    Some((
+        cpu.servers.as_secs_f64() * 1e6 / ops,
+        cpu.client.as_secs_f64() * 1e6 / ops,
+        (cpu.servers + cpu.client).as_secs_f64() / rate.elapsed.as_secs_f64().max(1e-9),
+    ))
+}
+
+fn cpu_of(cell: &Cell) -> Option<(f64, f64, f64)> {
+    match cell {
+        Cell::Rate(r) => cpu_per_op(r),
+        _ => None,
+    }
+}
+
+/// The second table: CPU per operation of every throughput row, servers and bench client
+/// apart, and how many of the machine's cores the row kept busy.
+pub fn render_cpu(rows: &[Row]) -> String {
+    let cell = |c: Option<(f64, f64, f64)>| match c {
+        Some((s, b, cores)) => format!("{s:>7.0} + {b:>5.0} µs, {cores:.2} cores"),
+        None => "n/a".into(),
+    };
+    let mut out = format!(
+        "| {:<40} | {:<30} | {:<30} | {:>7} |\n|{}|{}|{}|{}|\n",
+        "CPU per operation: servers + client",
+        "agentreg",
+        "etcd 3.4",
+        "better",
+        "-".repeat(42),
+        "-".repeat(32),
+        "-".repeat(32),
+        "-".repeat(9)
+    );
+    for r in rows {
+        let (a, e) = (cpu_of(&r.agentreg), cpu_of(&r.etcd));
+        if a.is_none() && e.is_none() {
+            continue;
+        }
+        let better = match (a, e) {
+            (Some((sa, ba, _)), Some((se, be, _))) if sa + ba > 0.0 => {
+                format!("{:.2}x", (se + be) / (sa + ba))
+            }
+            _ => "-".into(),
+        };
+        out.push_str(&format!(
+            "| {:<40} | {:<30} | {:<30} | {:>7} |\n",
+            r.name,
+            cell(a),
+            cell(e),
+            better
+        ));
+    }
+    out.push_str(
+        "\nCPU time (user + system, from /proc) of the three servers and of the bench process \
+         while the row ran, per completed operation; 'better' is etcd's total over agentreg's.\n",
+    );
+    out
+}
+
 pub fn to_json(rows: &[Row]) -> serde_json::Value {
     serde_json::Value::Array(
         rows.iter()
@@ -155,6 +222,10 @@ pub fn to_json(rows: &[Row]) -> serde_json::Value {
                     "agentreg": r.agentreg.text(),
                     "etcd": r.etcd.text(),
                     "better": r.ratio(),
+                    "cpu_us_per_op": {
+                        "agentreg": cpu_of(&r.agentreg).map(|(s, c, _)| serde_json::json!({"servers": s, "client": c})),
+                        "etcd": cpu_of(&r.etcd).map(|(s, c, _)| serde_json::json!({"servers": s, "client": c})),
+                    },
                 })
             })
             .collect(),
