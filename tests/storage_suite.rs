@@ -44,6 +44,35 @@ fn data_dir_of_another_cluster_or_node_is_refused_and_left_alone() {
     DataDir::open(dir.path(), "alpha", 1).unwrap();
 }
 
+/// sled releases its lock on a closed database only once its background threads let go of
+/// it, a moment after the last handle is dropped: a data dir closed a moment ago (here, held
+/// 200 ms more) opens once the lock is free instead of failing (it failed once in CI, right
+/// after a refusal closed it, under load). One that stays in use is refused, naming the lock.
+#[test]
+fn a_data_dir_locked_a_moment_longer_opens_and_one_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(DataDir::open(dir.path(), "alpha", 1).unwrap());
+    let lingering = sled::Config::new()
+        .path(dir.path().join("db"))
+        .open()
+        .unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(lingering);
+    });
+    let data = DataDir::open(dir.path(), "alpha", 1).expect("opened once the lock was free");
+    release.join().unwrap();
+
+    let started = std::time::Instant::now();
+    let err = DataDir::open(dir.path(), "alpha", 1)
+        .err()
+        .expect("a data dir in use opened twice");
+    assert!(matches!(err, DataDirError::Open { .. }), "{err}");
+    assert!(err.to_string().contains("lock"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    drop(data);
+}
+
 /// A data directory written before the log's entries moved out of sled: entries 1..=20 in
 /// the `log` tree (1..=5 purged), a vote, the node's identity.
 fn old_layout(path: &std::path::Path) {

@@ -3,6 +3,7 @@
 //! the latest snapshot in a file.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::log_store::{self, LogStore};
 use super::state_machine::StateMachineStore;
@@ -44,6 +45,29 @@ pub enum DataDirError {
     },
 }
 
+/// How long [`open_sled`] waits for sled's lock on the directory.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// Opens the sled database in `path`. sled holds an advisory lock on its directory, and
+/// releases it only once its background threads let go of the database, a moment after
+/// the last handle was dropped: a database this process just closed (a data dir refused
+/// for the wrong node, a node restarted in place) can still be locked. Waits for that up to
+/// [`LOCK_WAIT`]; a lock that another process holds is still held then, and reported.
+fn open_sled(path: &Path) -> sled::Result<sled::Db> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new().path(path).open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 const CLUSTER_ID: &[u8] = b"cluster_id";
 const NODE_ID: &[u8] = b"node_id";
 
@@ -58,10 +82,7 @@ impl DataDir {
             path: path.to_owned(),
             source,
         };
-        let db = sled::Config::new()
-            .path(path.join("db"))
-            .open()
-            .map_err(open_err)?;
+        let db = open_sled(&path.join("db")).map_err(open_err)?;
         let identity = db.open_tree("identity").map_err(open_err)?;
         let stored_cluster = identity.get(CLUSTER_ID).map_err(open_err)?;
         let stored_node = identity.get(NODE_ID).map_err(open_err)?;
