@@ -122,37 +122,48 @@ impl Row {
     }
 }
 
-pub fn render(rows: &[Row]) -> String {
-    let mut out = format!(
-        "| {:<40} | {:<58} | {:<58} | {:>7} |\n|{}|{}|{}|{}|\n",
-        "workload",
-        "agentreg",
-        "etcd 3.4",
-        "better",
+/// A markdown table of `lines` (workload, agentreg, etcd, better) under a header whose
+/// first column is `first`, the two systems' columns `width` wide, then `footer`.
+fn table(first: &str, width: usize, lines: Vec<[String; 4]>, footer: &str) -> String {
+    let line = |[name, a, e, better]: [String; 4]| {
+        format!("| {name:<40} | {a:<width$} | {e:<width$} | {better:>7} |\n")
+    };
+    let mut out = line([first, "agentreg", "etcd 3.4", "better"].map(String::from));
+    out.push_str(&format!(
+        "|{}|{}|{}|{}|\n",
         "-".repeat(42),
-        "-".repeat(60),
-        "-".repeat(60),
+        "-".repeat(width + 2),
+        "-".repeat(width + 2),
         "-".repeat(9)
-    );
-    for r in rows {
-        out.push_str(&format!(
-            "| {:<40} | {:<58} | {:<58} | {:>7} |\n",
-            r.name,
-            r.agentreg.text(),
-            r.etcd.text(),
-            r.ratio()
-        ));
+    ));
+    for l in lines {
+        out.push_str(&line(l));
     }
-    out.push_str(
-        "\n'better' is how many times better agentreg is: throughput agentreg/etcd; \
-         times and memory etcd/agentreg.\n",
-    );
+    out.push('\n');
+    out.push_str(footer);
     out
 }
 
-/// CPU per completed operation of `rate`: (servers, client) in µs, and the cores the
-/// row kept busy (all CPU time over the row's wall time).
-fn cpu_per_op(rate: &Rate) -> Option<(f64, f64, f64)> {
+pub fn render(rows: &[Row]) -> String {
+    let lines = rows
+        .iter()
+        .map(|r| [r.name.clone(), r.agentreg.text(), r.etcd.text(), r.ratio()])
+        .collect();
+    table(
+        "workload",
+        58,
+        lines,
+        "'better' is how many times better agentreg is: throughput agentreg/etcd; \
+         times and memory etcd/agentreg.\n",
+    )
+}
+
+/// CPU per completed operation of `cell` if it is a throughput row: (servers, client) in
+/// µs, and the cores the row kept busy (all CPU time over the row's wall time).
+fn cpu_of(cell: &Cell) -> Option<(f64, f64, f64)> {
+    let Cell::Rate(rate) = cell else {
+        return None;
+    };
     let cpu = rate.cpu?;
     let ops = rate.ok.max(1) as f64;
     Some((
@@ -162,13 +173,6 @@ fn cpu_per_op(rate: &Rate) -> Option<(f64, f64, f64)> {
     ))
 }
 
-fn cpu_of(cell: &Cell) -> Option<(f64, f64, f64)> {
-    match cell {
-        Cell::Rate(r) => cpu_per_op(r),
-        _ => None,
-    }
-}
-
 /// The second table: CPU per operation of every throughput row, servers and bench client
 /// apart, and how many of the machine's cores the row kept busy.
 pub fn render_cpu(rows: &[Row]) -> String {
@@ -176,41 +180,31 @@ pub fn render_cpu(rows: &[Row]) -> String {
         Some((s, b, cores)) => format!("{s:>7.0} + {b:>5.0} µs, {cores:.2} cores"),
         None => "n/a".into(),
     };
-    let mut out = format!(
-        "| {:<40} | {:<30} | {:<30} | {:>7} |\n|{}|{}|{}|{}|\n",
+    let lines = rows
+        .iter()
+        .filter_map(|r| {
+            let (a, e) = (cpu_of(&r.agentreg), cpu_of(&r.etcd));
+            let better = match (a, e) {
+                (Some((sa, ba, _)), Some((se, be, _))) if sa + ba > 0.0 => {
+                    format!("{:.2}x", (se + be) / (sa + ba))
+                }
+                _ => "-".into(),
+            };
+            (a.is_some() || e.is_some()).then(|| [r.name.clone(), cell(a), cell(e), better])
+        })
+        .collect();
+    table(
         "CPU per operation: servers + client",
-        "agentreg",
-        "etcd 3.4",
-        "better",
-        "-".repeat(42),
-        "-".repeat(32),
-        "-".repeat(32),
-        "-".repeat(9)
-    );
-    for r in rows {
-        let (a, e) = (cpu_of(&r.agentreg), cpu_of(&r.etcd));
-        if a.is_none() && e.is_none() {
-            continue;
-        }
-        let better = match (a, e) {
-            (Some((sa, ba, _)), Some((se, be, _))) if sa + ba > 0.0 => {
-                format!("{:.2}x", (se + be) / (sa + ba))
-            }
-            _ => "-".into(),
-        };
-        out.push_str(&format!(
-            "| {:<40} | {:<30} | {:<30} | {:>7} |\n",
-            r.name,
-            cell(a),
-            cell(e),
-            better
-        ));
-    }
-    out.push_str(
-        "\nCPU time (user + system, from /proc) of the three servers and of the bench process \
+        30,
+        lines,
+        "CPU time (user + system, from /proc) of the three servers and of the bench process \
          while the row ran, per completed operation; 'better' is etcd's total over agentreg's.\n",
-    );
-    out
+    )
+}
+
+fn cpu_json(cell: &Cell) -> Option<serde_json::Value> {
+    cpu_of(cell)
+        .map(|(servers, client, _)| serde_json::json!({"servers": servers, "client": client}))
 }
 
 pub fn to_json(rows: &[Row]) -> serde_json::Value {
@@ -223,11 +217,76 @@ pub fn to_json(rows: &[Row]) -> serde_json::Value {
                     "etcd": r.etcd.text(),
                     "better": r.ratio(),
                     "cpu_us_per_op": {
-                        "agentreg": cpu_of(&r.agentreg).map(|(s, c, _)| serde_json::json!({"servers": s, "client": c})),
-                        "etcd": cpu_of(&r.etcd).map(|(s, c, _)| serde_json::json!({"servers": s, "client": c})),
+                        "agentreg": cpu_json(&r.agentreg),
+                        "etcd": cpu_json(&r.etcd),
                     },
                 })
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(ok: usize, servers_ms: u64, client_ms: u64) -> Cell {
+        Cell::Rate(Rate {
+            ok,
+            elapsed: Duration::from_secs(1),
+            latencies: vec![Duration::from_millis(2); ok],
+            cpu: Some(Cpu {
+                servers: Duration::from_millis(servers_ms),
+                client: Duration::from_millis(client_ms),
+            }),
+            ..Rate::default()
+        })
+    }
+
+    fn rows() -> Vec<Row> {
+        vec![
+            Row {
+                name: "claim, 64 in flight".into(),
+                agentreg: rate(1000, 300, 100),
+                etcd: rate(250, 800, 200),
+            },
+            Row {
+                name: "leader killed".into(),
+                agentreg: Cell::Times(vec![Duration::from_millis(400)]),
+                etcd: Cell::NotApplicable,
+            },
+        ]
+    }
+
+    #[test]
+    fn both_tables_have_aligned_columns_and_the_cpu_table_only_throughput_rows() {
+        let main = render(&rows());
+        let lines: Vec<&str> = main.lines().collect();
+        assert_eq!(
+            lines[0],
+            format!(
+                "| {:<40} | {:<58} | {:<58} | {:>7} |",
+                "workload", "agentreg", "etcd 3.4", "better"
+            )
+        );
+        assert_eq!(lines[1].len(), lines[0].len(), "{main}");
+        assert!(lines[2].starts_with("| claim, 64 in flight ") && lines[2].ends_with("   4.00x |"));
+        assert!(lines[3].contains("median 400.00 ms") && lines[3].contains("n/a"));
+
+        let cpu = render_cpu(&rows());
+        let lines: Vec<&str> = cpu.lines().collect();
+        assert_eq!(lines[1].chars().count(), lines[0].chars().count(), "{cpu}");
+        // 300 + 100 ms over 1,000 claims against 800 + 200 ms over 250: 400 against 4,000 µs.
+        assert_eq!(
+            lines[2],
+            format!(
+                "| {:<40} | {:<30} | {:<30} | {:>7} |",
+                "claim, 64 in flight",
+                "    300 +   100 µs, 0.40 cores",
+                "   3200 +   800 µs, 1.00 cores",
+                "10.00x"
+            )
+        );
+        assert!(!cpu.contains("leader killed"), "{cpu}");
+    }
 }
