@@ -44,6 +44,11 @@ pub struct Args {
     /// eviction, failover. All by default.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// Run both sides this many times, alternating (agentreg, etcd, agentreg, ...): the
+    /// tables show each side's middle round, and each throughput row's rounds are listed
+    /// with the ratio of each pair, which a machine whose speed drifts affects less.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
     /// Skip etcd (agentreg rows only).
     #[arg(long)]
     pub no_etcd: bool,
@@ -198,31 +203,39 @@ pub fn rss_of(pid: u32) -> u64 {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    eprintln!("bench: agentreg side");
-    let a = agentreg_side::run(&args).await?;
-    let e = if args.no_etcd {
-        Vec::new()
-    } else {
-        eprintln!("bench: etcd side");
-        etcd_side::run(&args).await?
-    };
+    let (mut a, mut e) = (Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        let of = if args.rounds > 1 {
+            format!(" (round {round} of {})", args.rounds)
+        } else {
+            String::new()
+        };
+        eprintln!("bench: agentreg side{of}");
+        a.push(agentreg_side::run(&args).await?);
+        if !args.no_etcd {
+            eprintln!("bench: etcd side{of}");
+            e.push(etcd_side::run(&args).await?);
+        }
+    }
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
-    let mut rows: Vec<Row> = Vec::new();
-    for (name, cell) in a {
-        let etcd = e
-            .iter()
-            .find(|(n, _)| *n == name)
+    // A row's cells in every round of one side, in the order the rounds ran.
+    let cells = |side: &[Vec<(String, Cell)>], name: &str| -> Vec<Cell> {
+        side.iter()
+            .filter_map(|round| round.iter().find(|(n, _)| n == name))
             .map(|(_, c)| c.clone())
-            .unwrap_or(Cell::NotApplicable);
-        rows.push(Row {
-            name,
-            agentreg: cell,
-            etcd,
-        });
-    }
+            .collect()
+    };
+    let rows: Vec<Row> = a[0]
+        .iter()
+        .map(|(name, _)| Row::from_rounds(name.clone(), cells(&a, name), cells(&e, name)))
+        .collect();
     println!("{}", stats::render(&rows));
     println!("{}", stats::render_cpu(&rows));
+    let rounds = stats::render_rounds(&rows);
+    if !rounds.is_empty() {
+        println!("{rounds}");
+    }
     println!(
         "machine: {} cores; load average before {} after {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),

@@ -101,8 +101,54 @@ impl Cell {
 
 pub struct Row {
     pub name: String,
+    /// The round in the middle (see [`middle`]) of each side.
     pub agentreg: Cell,
     pub etcd: Cell,
+    /// Each round's throughput, agentreg's and etcd's, for throughput rows run in more
+    /// than one round.
+    pub rounds: Vec<(Option<f64>, Option<f64>)>,
+}
+
+impl Row {
+    /// The row `name` from the rounds of both sides (the rounds of one side in the order
+    /// they ran; a side that did not run it, or no round of it, gives n/a).
+    pub fn from_rounds(name: String, agentreg: Vec<Cell>, etcd: Vec<Cell>) -> Row {
+        let throughput = |c: &Cell| match c {
+            Cell::Rate(r) => Some(r.per_sec()),
+            _ => None,
+        };
+        let rounds = if agentreg.len().max(etcd.len()) > 1 {
+            (0..agentreg.len().max(etcd.len()))
+                .map(|i| {
+                    (
+                        agentreg.get(i).and_then(throughput),
+                        etcd.get(i).and_then(throughput),
+                    )
+                })
+                .filter(|(a, e)| a.is_some() || e.is_some())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Row {
+            name,
+            agentreg: middle(agentreg),
+            etcd: middle(etcd),
+            rounds,
+        }
+    }
+}
+
+/// Of one side's rounds of a row, the one in the middle by the number the ratio compares
+/// (the upper of the two middle ones for an even count); n/a if there is none.
+pub fn middle(mut cells: Vec<Cell>) -> Cell {
+    cells.retain(|c| c.key().is_some());
+    cells.sort_by(|a, b| a.key().unwrap_or(0.0).total_cmp(&b.key().unwrap_or(0.0)));
+    let n = cells.len();
+    if n == 0 {
+        return Cell::NotApplicable;
+    }
+    cells.swap_remove(n / 2)
 }
 
 impl Row {
@@ -202,6 +248,47 @@ pub fn render_cpu(rows: &[Row]) -> String {
     )
 }
 
+/// Each throughput row's rounds, when there was more than one: both systems' throughput,
+/// the ratio of each round (its two sides ran one after the other, so the machine's
+/// slower and faster minutes affect both alike) and the median of those ratios. Empty
+/// with one round.
+pub fn render_rounds(rows: &[Row]) -> String {
+    let mut out = String::new();
+    for r in rows.iter().filter(|r| !r.rounds.is_empty()) {
+        let mut ratios: Vec<f64> = r
+            .rounds
+            .iter()
+            .filter_map(|&(a, e)| Some(a? / e.filter(|e| *e > 0.0)?))
+            .collect();
+        let each: Vec<String> = r
+            .rounds
+            .iter()
+            .map(|&(a, e)| {
+                let side = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+                match (a, e) {
+                    (Some(a), Some(e)) if e > 0.0 => {
+                        format!("{}/{} {:.2}x", side(Some(a)), side(Some(e)), a / e)
+                    }
+                    _ => format!("{}/{}", side(a), side(e)),
+                }
+            })
+            .collect();
+        out.push_str(&format!("- {}: {}", r.name, each.join("; ")));
+        if !ratios.is_empty() {
+            ratios.sort_by(f64::total_cmp);
+            out.push_str(&format!("; median ratio {:.2}x", ratios[ratios.len() / 2]));
+        }
+        out.push('\n');
+    }
+    if out.is_empty() {
+        return out;
+    }
+    format!(
+        "Throughput per round (agentreg/etcd per second, and their ratio); the tables show \
+         each side's middle round:\n{out}"
+    )
+}
+
 fn cpu_json(cell: &Cell) -> Option<serde_json::Value> {
     cpu_of(cell)
         .map(|(servers, client, _)| serde_json::json!({"servers": servers, "client": client}))
@@ -220,6 +307,9 @@ pub fn to_json(rows: &[Row]) -> serde_json::Value {
                         "agentreg": cpu_json(&r.agentreg),
                         "etcd": cpu_json(&r.etcd),
                     },
+                    "rounds_per_sec": r.rounds.iter()
+                        .map(|(a, e)| serde_json::json!({"agentreg": a, "etcd": e}))
+                        .collect::<Vec<_>>(),
                 })
             })
             .collect(),
@@ -245,16 +335,16 @@ mod tests {
 
     fn rows() -> Vec<Row> {
         vec![
-            Row {
-                name: "claim, 64 in flight".into(),
-                agentreg: rate(1000, 300, 100),
-                etcd: rate(250, 800, 200),
-            },
-            Row {
-                name: "leader killed".into(),
-                agentreg: Cell::Times(vec![Duration::from_millis(400)]),
-                etcd: Cell::NotApplicable,
-            },
+            Row::from_rounds(
+                "claim, 64 in flight".into(),
+                vec![rate(1000, 300, 100)],
+                vec![rate(250, 800, 200)],
+            ),
+            Row::from_rounds(
+                "leader killed".into(),
+                vec![Cell::Times(vec![Duration::from_millis(400)])],
+                vec![],
+            ),
         ]
     }
 
@@ -288,5 +378,37 @@ mod tests {
             )
         );
         assert!(!cpu.contains("leader killed"), "{cpu}");
+    }
+
+    #[test]
+    fn rounds_show_the_middle_round_of_each_side_and_every_rounds_ratio() {
+        let row = Row::from_rounds(
+            "claim, 64 in flight".into(),
+            vec![rate(1200, 0, 0), rate(900, 0, 0), rate(1000, 0, 0)],
+            vec![rate(400, 0, 0), rate(200, 0, 0), rate(250, 0, 0)],
+        );
+        let key = |c: &Cell| c.key().unwrap();
+        assert_eq!(key(&row.agentreg), 1000.0);
+        assert_eq!(key(&row.etcd), 250.0);
+        let times = Row::from_rounds(
+            "leader killed".into(),
+            vec![
+                Cell::Times(vec![Duration::from_millis(500)]),
+                Cell::Times(vec![Duration::from_millis(300)]),
+            ],
+            vec![],
+        );
+        // Upper middle of two; no throughput, so no rounds line.
+        assert_eq!(key(&times.agentreg), 0.5);
+        assert!(matches!(times.etcd, Cell::NotApplicable));
+        let text = render_rounds(&[row, times]);
+        assert_eq!(
+            text.lines().nth(1),
+            Some("- claim, 64 in flight: 1200/400 3.00x; 900/200 4.50x; 1000/250 4.00x; median ratio 4.00x"),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 2, "{text}");
+        // One round: nothing to add.
+        assert_eq!(render_rounds(&rows()), "");
     }
 }
