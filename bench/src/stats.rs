@@ -109,6 +109,18 @@ pub struct Row {
     pub rounds: Vec<(Option<f64>, Option<f64>)>,
 }
 
+/// Of one side's rounds of a row, the one in the middle by the number the ratio compares
+/// (the upper of the two middle ones for an even count); n/a if there is none.
+fn middle(mut cells: Vec<Cell>) -> Cell {
+    cells.retain(|c| c.key().is_some());
+    cells.sort_by(|a, b| a.key().unwrap_or(0.0).total_cmp(&b.key().unwrap_or(0.0)));
+    let n = cells.len();
+    if n == 0 {
+        return Cell::NotApplicable;
+    }
+    cells.swap_remove(n / 2)
+}
+
 impl Row {
     /// The row `name` from the rounds of both sides (the rounds of one side in the order
     /// they ran; a side that did not run it, or no round of it, gives n/a).
@@ -117,8 +129,9 @@ impl Row {
             Cell::Rate(r) => Some(r.per_sec()),
             _ => None,
         };
-        let rounds = if agentreg.len().max(etcd.len()) > 1 {
-            (0..agentreg.len().max(etcd.len()))
+        let n = agentreg.len().max(etcd.len());
+        let rounds = if n > 1 {
+            (0..n)
                 .map(|i| {
                     (
                         agentreg.get(i).and_then(throughput),
@@ -137,21 +150,7 @@ impl Row {
             rounds,
         }
     }
-}
 
-/// Of one side's rounds of a row, the one in the middle by the number the ratio compares
-/// (the upper of the two middle ones for an even count); n/a if there is none.
-pub fn middle(mut cells: Vec<Cell>) -> Cell {
-    cells.retain(|c| c.key().is_some());
-    cells.sort_by(|a, b| a.key().unwrap_or(0.0).total_cmp(&b.key().unwrap_or(0.0)));
-    let n = cells.len();
-    if n == 0 {
-        return Cell::NotApplicable;
-    }
-    cells.swap_remove(n / 2)
-}
-
-impl Row {
     /// agentreg/etcd for rates (throughput), etcd/agentreg for times and memory, so that
     /// above 1 always means agentreg is better.
     fn ratio(&self) -> String {
@@ -253,27 +252,20 @@ pub fn render_cpu(rows: &[Row]) -> String {
 /// slower and faster minutes affect both alike) and the median of those ratios. Empty
 /// with one round.
 pub fn render_rounds(rows: &[Row]) -> String {
+    let paired = |(a, e): (Option<f64>, Option<f64>)| Some(a? / e.filter(|e| *e > 0.0)?);
+    let per_sec = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
     let mut out = String::new();
     for r in rows.iter().filter(|r| !r.rounds.is_empty()) {
-        let mut ratios: Vec<f64> = r
-            .rounds
-            .iter()
-            .filter_map(|&(a, e)| Some(a? / e.filter(|e| *e > 0.0)?))
-            .collect();
         let each: Vec<String> = r
             .rounds
             .iter()
-            .map(|&(a, e)| {
-                let side = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
-                match (a, e) {
-                    (Some(a), Some(e)) if e > 0.0 => {
-                        format!("{}/{} {:.2}x", side(Some(a)), side(Some(e)), a / e)
-                    }
-                    _ => format!("{}/{}", side(a), side(e)),
-                }
+            .map(|&round| {
+                let ratio = paired(round).map_or(String::new(), |x| format!(" {x:.2}x"));
+                format!("{}/{}{ratio}", per_sec(round.0), per_sec(round.1))
             })
             .collect();
         out.push_str(&format!("- {}: {}", r.name, each.join("; ")));
+        let mut ratios: Vec<f64> = r.rounds.iter().filter_map(|&round| paired(round)).collect();
         if !ratios.is_empty() {
             ratios.sort_by(f64::total_cmp);
             out.push_str(&format!("; median ratio {:.2}x", ratios[ratios.len() / 2]));
