@@ -142,6 +142,11 @@ impl Cluster {
         serde_json::from_value(v["status"].clone()).ok()
     }
 
+    /// The leader's newest log index (entries carry many claims: group commit).
+    async fn last_log_index(&self) -> Option<u64> {
+        self.status(self.leader().await?).await?.last_log_index
+    }
+
     async fn leader(&self) -> Option<u64> {
         for id in self.procs.keys() {
             if let Some(s) = self.status(*id).await {
@@ -270,11 +275,11 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
     let all = [1, 2, 3];
     let conns = Arc::new(c.connections(48, &all).await?);
     if args.runs("claims") {
-        claims(args, &conns, "", &mut rows).await;
+        claims(args, &c, &conns, "", &mut rows).await;
         // The same, with every connection on the leader: what forwarding costs.
         let leader = c.leader().await.context("no leader")?;
         let on_leader = Arc::new(c.connections(48, &[leader]).await?);
-        claims(args, &on_leader, ", all on the leader", &mut rows).await;
+        claims(args, &c, &on_leader, ", all on the leader", &mut rows).await;
         for conn in on_leader.iter() {
             conn.close(quinn::VarInt::from_u32(0), b"done");
         }
@@ -300,15 +305,18 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
     Ok(rows)
 }
 
-/// Claims of fresh ids, connections spread over all three nodes (followers forward).
+/// Claims of fresh ids, connections spread over all three nodes (followers forward). Also
+/// prints how many claims shared a log entry (the leader's group commit).
 async fn claims(
     args: &Args,
+    c: &Cluster,
     conns: &Arc<Vec<quinn::Connection>>,
     via: &str,
     rows: &mut Vec<(String, Cell)>,
 ) {
     for inflight in [1usize, 64, 256] {
         let before = quic_counts(conns);
+        let entries_before = c.last_log_index().await;
         let rate = crate::drive(inflight, args.duration(), {
             let conns = conns.clone();
             move |slot| {
@@ -324,6 +332,13 @@ async fn claims(
             }
         })
         .await;
+        if let (Some(from), Some(to)) = (entries_before, c.last_log_index().await) {
+            let entries = to.saturating_sub(from);
+            eprintln!(
+                "bench: claim, {inflight} in flight{via}: {entries} log entries, {:.1} claims per entry",
+                rate.ok as f64 / entries.max(1) as f64
+            );
+        }
         if std::env::var_os("AGENTREG_BENCH_QUIC_STATS").is_some() {
             let after = quic_counts(conns);
             let per = |i: usize| (after[i] - before[i]) as f64 / rate.ok.max(1) as f64;
