@@ -142,9 +142,15 @@ impl Cluster {
         serde_json::from_value(v["status"].clone()).ok()
     }
 
-    /// The leader's newest log index (entries carry many claims: group commit).
+    /// The newest log index of the node that reports itself leader (its entries carry many
+    /// claims: group commit), from one status call per node.
     async fn last_log_index(&self) -> Option<u64> {
-        self.status(self.leader().await?).await?.last_log_index
+        for id in self.procs.keys() {
+            if let Some(s) = self.status(*id).await.filter(|s| s.role == "leader") {
+                return s.last_log_index;
+            }
+        }
+        None
     }
 
     async fn leader(&self) -> Option<u64> {
