@@ -1,12 +1,16 @@
-//! Group commit on the leader: commands proposed while earlier log writes are in flight are
+//! Group commit on the leader: commands proposed while an earlier log write is in flight are
 //! gathered into one log entry ([`Op::Batch`]), so that one append, one fsync and one
 //! replication round carry many of them.
 //!
 //! openraft 0.9 appends (and flushes) every `client_write` on its own before it looks at the
 //! next one, so without this the leader's throughput is one fsync per command. The proposer
-//! keeps at most [`IN_FLIGHT`] writes outstanding; whatever arrives meanwhile waits in the
-//! queue and goes out together in the next one. With nothing else in flight a command goes
-//! out alone, as a plain entry, without waiting for company.
+//! sends one write at a time: whatever arrives meanwhile waits in the queue and goes out
+//! together in the next one. With nothing else in flight a command goes out alone, as a
+//! plain entry, without waiting for company. Only a write that has been out for longer than
+//! [`OVERLAP_AFTER`] (a slow disk, a lost quorum) lets a second one go out beside it, up to
+//! [`IN_FLIGHT`] at once. Two writes overlapping all the time carried fewer commands each
+//! and cost more per command: at 64 claims in flight spread over the nodes, 15 claims an
+//! entry against 24 with one at a time, and some 10% more CPU per claim (docs/benchmarks.md).
 //!
 //! A write holds its slot until openraft answers it or the write timeout has passed (when
 //! every command in it has been answered "unknown" anyway). openraft answers a write when its
@@ -28,8 +32,11 @@ use tokio_util::sync::CancellationToken;
 use crate::raft::types::{Node, NodeId, Raft};
 use crate::registry::{Command, Op, Outcome, Response};
 
-/// Log writes outstanding at once; more commands than this wait and are batched.
+/// Log writes outstanding at once, counting those past [`OVERLAP_AFTER`].
 const IN_FLIGHT: usize = 2;
+/// How long a write has the proposer to itself; after that the next may go out beside it. A
+/// commit takes a few milliseconds on a healthy cluster under load.
+const OVERLAP_AFTER: Duration = Duration::from_millis(10);
 /// Most commands in one entry.
 const MAX_BATCH: usize = 256;
 /// Commands stop being added to an entry once it holds this many bytes (it then holds this
@@ -79,9 +86,15 @@ async fn run(
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    // The right to send the next write: a write keeps it until it is answered or
+    // OVERLAP_AFTER has passed.
+    let turn = Arc::new(Semaphore::new(1));
     loop {
-        // Wait for a free slot first: while all are taken, commands pile up in the queue.
+        // Wait for a free slot and the turn first: meanwhile commands pile up in the queue.
         let Some(slot) = free_slot(&slots, &stop).await else {
+            return;
+        };
+        let Some(turn) = free_slot(&turn, &stop).await else {
             return;
         };
         let Some(batch) = next_batch(
@@ -100,10 +113,18 @@ async fn run(
             // Every caller in the batch waits at most the write timeout from before it was
             // sent: past it nobody is left to answer, and a write openraft will never answer
             // (see the module docs) must not keep the slot.
-            if tokio::time::timeout(write_timeout, commit(&raft, batch))
-                .await
-                .is_err()
-            {
+            let write = tokio::time::timeout(write_timeout, commit(&raft, batch));
+            tokio::pin!(write);
+            let answered = tokio::select! {
+                done = &mut write => Some(done),
+                () = tokio::time::sleep(OVERLAP_AFTER) => None,
+            };
+            drop(turn);
+            let done = match answered {
+                Some(done) => done,
+                None => write.await,
+            };
+            if done.is_err() {
                 tracing::warn!(
                     after = ?write_timeout,
                     "a proposed write got no answer from Raft; its slot is freed"
