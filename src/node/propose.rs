@@ -94,7 +94,7 @@ async fn run(
         let Some(slot) = free_slot(&slots, &stop).await else {
             return;
         };
-        let Some(turn) = free_slot(&turn, &stop).await else {
+        let Some(my_turn) = free_slot(&turn, &stop).await else {
             return;
         };
         let Some(batch) = next_batch(
@@ -119,7 +119,7 @@ async fn run(
                 done = &mut write => Some(done),
                 () = tokio::time::sleep(OVERLAP_AFTER) => None,
             };
-            drop(turn);
+            drop(my_turn);
             let done = match answered {
                 Some(done) => done,
                 None => write.await,

@@ -79,8 +79,8 @@ impl Command {
     /// An upper bound on the command's encoded size in the log (bincode's standard
     /// configuration), to keep batches bounded without encoding them. Every integer, tag,
     /// flag and length prefix takes at most [`VARINT_MAX`] bytes; strings and secrets add
-    /// their length. (It was a flat 512 bytes a command, ten times a claim's real size, which
-    /// cut batches of claims at 64 where the byte limits meant some 600.)
+    /// their length. (It was a flat 512 bytes a command, over ten times a claim's real size,
+    /// which cut entries at 64 claims where the byte limit allows several hundred.)
     pub fn size_hint(&self) -> usize {
         const N: usize = VARINT_MAX;
         let text = |s: &str| N + s.len();
