@@ -430,8 +430,8 @@ mod tests {
         assert!(codec::encode(&batch).unwrap().len() <= batch.size_hint());
     }
 
-    /// The hint of a plain claim is near its size: a flat 512 bytes a command cut batches
-    /// of claims at 64 a log entry (32 KiB), a tenth of what the byte limit means.
+    /// The hint of a plain claim is near its size (a flat 512 bytes a command was over ten
+    /// times it, and cut the leader's entries at 64 claims: see `node::propose`'s tests).
     #[test]
     fn size_hint_of_a_claim_is_close() {
         let claim = Command {
@@ -453,6 +453,5 @@ mod tests {
             "hint {} for {len} bytes",
             claim.size_hint()
         );
-        assert!(32 * 1024 / claim.size_hint() >= 256);
     }
 }
