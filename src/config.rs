@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// Most runtime worker threads a node may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -206,6 +209,10 @@ pub struct NodeConfig {
     pub heartbeat: HeartbeatConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Threads of the node's async runtime; one per core when absent. Nodes that share a
+    /// machine's cores (a test or dev cluster, a benchmark) waste fewer wake-ups with one.
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
 }
 
 impl NodeConfig {
@@ -304,6 +311,13 @@ impl NodeConfig {
             ));
         }
         self.heartbeat.validate()?;
+        if let Some(n) = self.worker_threads {
+            if n == 0 || n > MAX_WORKER_THREADS {
+                return Err(format!(
+                    "worker_threads ({n}) must be between 1 and {MAX_WORKER_THREADS} (leave it out for one per core)"
+                ));
+            }
+        }
         let ttl = self.identity.certificate_ttl_hours;
         if ttl == 0 || ttl > 10 * 365 * 24 {
             return Err(format!(
@@ -385,6 +399,9 @@ key = "tls/node1.key"
         assert!(c.data_dir.is_absolute() && c.data_dir.ends_with("data/node1"));
         assert!(c.tls.ca.ends_with("tls/ca.pem"));
         assert_eq!(c.tls.server_name, "agentreg");
+        assert_eq!(c.worker_threads, None);
+        let c = load(&GOOD.replace("node_id = 1", "node_id = 1\nworker_threads = 1")).unwrap();
+        assert_eq!(c.worker_threads, Some(1));
     }
 
     fn err(text: &str) -> String {
@@ -431,5 +448,15 @@ key = "tls/node1.key"
             "{GOOD}\n[heartbeat]\ninterval_ms = 1000\nping_timeout_ms = 2000\n"
         ));
         assert!(e.contains("heartbeat.ping_timeout_ms"), "{e}");
+        for n in [0, MAX_WORKER_THREADS + 1] {
+            let e =
+                err(&GOOD.replace("node_id = 1", &format!("node_id = 1\nworker_threads = {n}")));
+            assert!(
+                e.contains(&format!("worker_threads ({n}) must be between 1 and")),
+                "{e}"
+            );
+        }
+        let e = err(&GOOD.replace("node_id = 1", "node_id = 1\nworker_threads = -1"));
+        assert!(e.contains("expected usize"), "{e}");
     }
 }

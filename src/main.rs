@@ -3,11 +3,10 @@
 use agentreg::cli::Cli;
 use clap::Parser;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let cli = Cli::parse();
     agentreg::cli::logging::init(cli.log_format);
-    if let Err(e) = agentreg::cli::run(cli).await {
+    if let Err(e) = agentreg::cli::main(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -13,6 +13,7 @@ mod tables;
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 pub use admin_client::AdminClient;
@@ -187,13 +188,47 @@ impl AdminArgs {
     }
 }
 
+/// Runs a parsed command on a runtime built for it: `node` on one with the worker threads
+/// its config asks for (one per core by default), anything else on tokio's default.
+///
+/// # Errors
+/// Whatever the command fails with, with context for the operator.
+pub fn main(cli: Cli) -> anyhow::Result<()> {
+    // A node's config is read before its runtime exists: the runtime's size is in it.
+    let node = match &cli.command {
+        Command::Node { config } => Some(crate::config::NodeConfig::load(config)?),
+        _ => None,
+    };
+    let runtime = runtime(node.as_ref().and_then(|c| c.worker_threads))
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match node {
+            Some(config) => run_node(config).await,
+            None => run(cli).await,
+        }
+    })
+}
+
+/// A multi-threaded runtime with `worker_threads` workers, or tokio's default (one per
+/// core, or `TOKIO_WORKER_THREADS`) when `None`.
+///
+/// # Errors
+/// The OS refused the threads.
+pub fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n);
+    }
+    builder.enable_all().build()
+}
+
 /// Runs a parsed command.
 ///
 /// # Errors
 /// Whatever the command fails with, with context for the operator.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Node { config } => run_node(&config).await,
+        Command::Node { config } => run_node(crate::config::NodeConfig::load(&config)?).await,
         Command::DevCerts {
             out,
             nodes,
@@ -236,8 +271,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn run_node(path: &std::path::Path) -> anyhow::Result<()> {
-    let config = crate::config::NodeConfig::load(path)?;
+async fn run_node(config: crate::config::NodeConfig) -> anyhow::Result<()> {
     let node = crate::node::Node::start(config, None).await?;
     shutdown_signal().await;
     node.shutdown().await;
@@ -264,5 +298,23 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A node's `worker_threads` sizes its runtime; without it tokio's default applies.
+    #[test]
+    fn the_runtime_has_the_worker_threads_asked_for() {
+        for n in [1, 3] {
+            let rt = super::runtime(Some(n)).unwrap();
+            assert_eq!(rt.metrics().num_workers(), n);
+        }
+        let default = super::runtime(None).unwrap();
+        let expected = std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        assert_eq!(default.metrics().num_workers(), expected);
     }
 }
