@@ -136,6 +136,7 @@ impl TestCluster {
                 metrics: agentreg::config::MetricsConfig {
                     listen: Some("127.0.0.1:0".parse().unwrap()),
                 },
+                worker_threads: None,
             };
             c.validate().expect("valid test config");
             configs.insert(*id, c);
