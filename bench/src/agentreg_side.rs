@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -48,7 +48,8 @@ fn free_udp() -> SocketAddr {
 }
 
 impl Cluster {
-    async fn start(bin: &Path, heartbeat_ms: u64) -> anyhow::Result<Cluster> {
+    async fn start(args: &Args) -> anyhow::Result<Cluster> {
+        let (bin, heartbeat_ms) = (args.agentreg.as_path(), args.heartbeat_ms);
         let mut dir = tempfile::tempdir()?;
         if std::env::var_os("AGENTREG_BENCH_KEEP").is_some() {
             dir.disable_cleanup(true);
@@ -61,9 +62,13 @@ impl Cluster {
             .iter()
             .map(|(id, a)| format!("  {{ id = {id}, addr = \"{a}\" }},\n"))
             .collect();
+        let threads = args
+            .threads_per_server
+            .map(|n| format!("worker_threads = {n}\n"))
+            .unwrap_or_default();
         for (id, addr) in &addrs {
             let text = format!(
-                "cluster_id = \"bench\"\nnode_id = {id}\nlisten = \"{addr}\"\ndata_dir = \"node{id}\"\n\
+                "cluster_id = \"bench\"\nnode_id = {id}\nlisten = \"{addr}\"\ndata_dir = \"node{id}\"\n{threads}\
                  peers = [\n{peers}]\n\n[tls]\nca = \"tls/ca.pem\"\ncert = \"tls/node{id}.pem\"\nkey = \"tls/node{id}.key\"\n\n\
                  [heartbeat]\ninterval_ms = {heartbeat_ms}\nagent_timeout_ms = {}\nping_timeout_ms = {}\n",
                 3 * heartbeat_ms,
@@ -276,7 +281,7 @@ fn fresh(prefix: &str) -> String {
 }
 
 pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
-    let mut c = Cluster::start(&args.agentreg, args.heartbeat_ms).await?;
+    let mut c = Cluster::start(args).await?;
     let mut rows = Vec::new();
     let all = [1, 2, 3];
     let conns = Arc::new(c.connections(48, &all).await?);
@@ -298,7 +303,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
     }
     if args.runs("agents") {
         // On a cluster of its own, so the memory it reports is the agents' alone.
-        let fresh = Cluster::start(&args.agentreg, args.heartbeat_ms).await?;
+        let fresh = Cluster::start(args).await?;
         held_agents(args, &fresh, &mut rows).await?;
     }
     if args.runs("eviction") {

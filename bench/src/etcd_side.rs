@@ -1,18 +1,22 @@
-//! The etcd side: three etcd 3.4 members on loopback (own data dirs, fsync on, as shipped),
-//! driven through the etcd-client crate (gRPC). A claim is a txn put-if-absent with a lease;
+//! The etcd side: three etcd 3.4 members on loopback (own data dirs, fsync on, as shipped;
+//! plaintext, or with `--etcd-tls` mutual TLS between members and TLS to clients), driven
+//! through the etcd-client crate (gRPC). A claim is a txn put-if-absent with a lease;
 //! a registration grants a lease and puts the session key if absent; a takeover swaps the
 //! session key's value if it still names the old owner; a validation is a get; a heartbeat is
 //! a lease keepalive; an eviction is a lease expiring.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, TlsOptions,
+    Txn, TxnOp,
+};
 
 use crate::stats::Cell;
 use crate::Args;
@@ -30,6 +34,10 @@ pub struct Cluster {
     members: Vec<Member>,
     initial: String,
     peer_urls: Vec<String>,
+    /// With `--etcd-tls`: what clients trust (the dev CA), checking the name `localhost`.
+    tls: Option<TlsOptions>,
+    /// `GOMAXPROCS` of every member (`--threads-per-server`).
+    threads: Option<u16>,
 }
 
 impl Drop for Cluster {
@@ -52,18 +60,37 @@ fn free_tcp() -> u16 {
 }
 
 impl Cluster {
-    async fn start(bin: &Path) -> anyhow::Result<Cluster> {
+    async fn start(args: &Args) -> anyhow::Result<Cluster> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().to_owned();
+        let tls = if args.etcd_tls {
+            // The nodes' kind of dev material: member i has node i's certificate (names
+            // localhost and 127.0.0.1, for serving and for dialing its peers).
+            agentreg::transport::tls::write_dev_material(
+                &path.join("tls"),
+                &[1, 2, 3],
+                &[],
+                false,
+            )?;
+            let ca = std::fs::read(path.join("tls/ca.pem"))?;
+            Some(
+                TlsOptions::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name("localhost"),
+            )
+        } else {
+            None
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut members = Vec::new();
         let mut peer_urls = Vec::new();
         for i in 1..=3 {
             members.push(Member {
                 name: format!("e{i}"),
-                client_url: format!("http://127.0.0.1:{}", free_tcp()),
+                client_url: format!("{scheme}://127.0.0.1:{}", free_tcp()),
                 child: None,
             });
-            peer_urls.push(format!("http://127.0.0.1:{}", free_tcp()));
+            peer_urls.push(format!("{scheme}://127.0.0.1:{}", free_tcp()));
         }
         let initial = members
             .iter()
@@ -74,10 +101,12 @@ impl Cluster {
         let mut c = Cluster {
             _dir: dir,
             path,
-            bin: bin.to_owned(),
+            bin: args.etcd.clone(),
             members,
             initial,
             peer_urls,
+            tls,
+            threads: args.threads_per_server,
         };
         for i in 0..3 {
             c.spawn(i)?;
@@ -89,7 +118,27 @@ impl Cluster {
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
         let m = &self.members[i];
         let log = std::fs::File::create(self.path.join(format!("{}.log", m.name)))?;
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if self.tls.is_some() {
+            let tls = self.path.join("tls");
+            let cert = tls.join(format!("node{}.pem", i + 1));
+            let key = tls.join(format!("node{}.key", i + 1));
+            let ca = tls.join("ca.pem");
+            for (flag, file) in [
+                ("--cert-file", &cert),
+                ("--key-file", &key),
+                ("--peer-cert-file", &cert),
+                ("--peer-key-file", &key),
+                ("--peer-trusted-ca-file", &ca),
+            ] {
+                cmd.arg(flag).arg(file);
+            }
+            cmd.arg("--peer-client-cert-auth");
+        }
+        if let Some(n) = self.threads {
+            cmd.env("GOMAXPROCS", n.to_string());
+        }
+        let child = cmd
             .args([
                 "--name",
                 &m.name,
@@ -135,7 +184,11 @@ impl Cluster {
     }
 
     async fn client(&self, urls: &[String]) -> anyhow::Result<Client> {
-        Ok(Client::connect(urls, None).await?)
+        Ok(Client::connect(urls, self.options()).await?)
+    }
+
+    fn options(&self) -> Option<ConnectOptions> {
+        self.tls.clone().map(|t| ConnectOptions::new().with_tls(t))
     }
 
     /// Index of the leader among the members, from a running member's status.
@@ -143,7 +196,7 @@ impl Cluster {
         for m in self.members.iter().filter(|m| m.child.is_some()) {
             let Ok(Ok(mut c)) = tokio::time::timeout(
                 Duration::from_secs(1),
-                Client::connect([m.client_url.clone()], None),
+                self.client(std::slice::from_ref(&m.client_url)),
             )
             .await
             else {
@@ -172,7 +225,7 @@ impl Cluster {
                 if self.members[l].child.is_some() {
                     let mut ok = true;
                     for m in self.members.iter().filter(|m| m.child.is_some()) {
-                        ok &= match Client::connect([m.client_url.clone()], None).await {
+                        ok &= match self.client(std::slice::from_ref(&m.client_url)).await {
                             Ok(mut c) => c.get("ready", None).await.is_ok(),
                             Err(_) => false,
                         };
@@ -222,7 +275,7 @@ async fn claim(c: &mut Client, key: &str, lease: i64) -> Result<(), String> {
 }
 
 pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
-    let mut e = Cluster::start(&args.etcd).await?;
+    let mut e = Cluster::start(args).await?;
     let mut rows = Vec::new();
     let urls = e.urls();
     // Clients: 48 connections spread over the members, a long lease per in-flight slot.
@@ -281,7 +334,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
     }
     if args.runs("agents") {
         // On a cluster of its own, so the memory it reports is the leases' alone.
-        let fresh = Cluster::start(&args.etcd).await?;
+        let fresh = Cluster::start(args).await?;
         let urls = fresh.urls();
         let mut own = Vec::new();
         for i in 0..48 {
@@ -473,5 +526,50 @@ impl Cluster {
     /// Restarts a killed member on its data dir.
     fn spawn_existing(&mut self, i: usize) -> anyhow::Result<()> {
         self.spawn(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// `--etcd-tls` really puts etcd behind TLS (a plaintext client gets nothing), and
+    /// `--threads-per-server` reaches the members' environment.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcd_tls_members_answer_tls_clients_only() {
+        let args = Args::parse_from(["bench", "--etcd-tls", "--threads-per-server", "1"]);
+        if !args.etcd.exists() {
+            eprintln!("SKIPPED: no etcd at {}", args.etcd.display());
+            return;
+        }
+        let c = Cluster::start(&args)
+            .await
+            .expect("an etcd cluster with TLS");
+        let url = c.urls()[0].clone();
+        assert!(url.starts_with("https://"), "{url}");
+        let mut tls = c
+            .client(std::slice::from_ref(&url))
+            .await
+            .expect("TLS client");
+        tls.put("k", "v", None).await.expect("put over TLS");
+
+        let plain = url.replacen("https://", "http://", 1);
+        let attempt = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut p = Client::connect([plain], None).await?;
+            p.get("k", None).await
+        })
+        .await;
+        assert!(
+            !matches!(attempt, Ok(Ok(_))),
+            "a plaintext client was answered"
+        );
+
+        let pid = c.members[0].child.as_ref().expect("running").id();
+        let env = std::fs::read(format!("/proc/{pid}/environ")).expect("member's environment");
+        assert!(
+            env.split(|b| *b == 0).any(|v| v == b"GOMAXPROCS=1"),
+            "GOMAXPROCS not set on the member"
+        );
     }
 }

@@ -49,6 +49,16 @@ pub struct Args {
     /// with the ratio of each pair, which a machine whose speed drifts affects less.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
+    /// Run etcd with the transport security agentreg always has: peers with mutual TLS,
+    /// clients over TLS checking the members' certificates (dev material like the nodes').
+    /// Without it etcd runs plaintext, as in the runs before 2026-12-04.
+    #[arg(long)]
+    pub etcd_tls: bool,
+    /// Threads each server process schedules its work on: `worker_threads` for every
+    /// agentreg node, `GOMAXPROCS` for every etcd member. By default both as shipped (one
+    /// per core). The bench's own client is unchanged.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads_per_server: Option<u16>,
     /// Skip etcd (agentreg rows only).
     #[arg(long)]
     pub no_etcd: bool,
