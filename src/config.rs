@@ -228,7 +228,7 @@ impl NodeConfig {
         })?;
         let mut config: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: one_line(&e),
+            message: one_line(&text, &e),
         })?;
         // Relative paths in the file are relative to the file, not to the working directory.
         if let Some(base) = path.parent() {
@@ -355,13 +355,56 @@ fn check_host_port(addr: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// toml's errors span several lines (with a source excerpt); keep them on one line.
-fn one_line(e: &toml::de::Error) -> String {
-    let mut msg = e.message().to_owned();
-    if let Some(span) = e.span() {
-        msg = format!("{msg} (at byte {})", span.start);
+/// toml's errors span several lines (with a source excerpt); keep them on one line, led by
+/// the key they are about (with its table, as in `heartbeat.interval_ms`) and followed by
+/// where it is.
+fn one_line<'a>(text: &'a str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim_end();
+    let Some((before, spanned)) = e
+        .span()
+        .and_then(|span| Some((text.get(..span.start)?, text.get(span)?)))
+    else {
+        return msg.to_owned();
+    };
+    let is_key = |k: &str| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    // The `[table]` whose header is the last one in `upto`.
+    let table_in = |upto: &'a str| {
+        upto.lines()
+            .rev()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .find(|l| l.starts_with('['))
+            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim())
+            .filter(|t| is_key(t))
+    };
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    // A span over several lines is a whole table (a key missing from it): no key or place
+    // to point at, only the table.
+    if spanned.trim_end().contains('\n') {
+        let first_line = spanned.split('\n').next().unwrap_or("");
+        return match table_in(&text[..before.len() + first_line.len()]) {
+            Some(t) => format!("{msg} in [{t}]"),
+            None => msg.to_owned(),
+        };
     }
-    msg
+    let line_no = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    let at = format!("(line {line_no}, column {column})");
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let Some(key) = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| is_key(k))
+    else {
+        return format!("{msg} {at}");
+    };
+    match table_in(&before[..line_start]) {
+        Some(t) => format!("{t}.{key}: {msg} {at}"),
+        None => format!("{key}: {msg} {at}"),
+    }
 }
 
 #[cfg(test)]
@@ -414,11 +457,18 @@ key = "tls/node1.key"
     #[test]
     fn missing_unknown_and_mistyped_keys_are_named() {
         let e = err(&GOOD.replace("node_id = 1\n", ""));
-        assert!(e.contains("node_id"), "{e}");
+        assert!(e.ends_with(": missing field `node_id`"), "{e}");
+        let e = err(&GOOD.replace("key = \"tls/node1.key\"\n", ""));
+        assert!(e.ends_with(": missing field `key` in [tls]"), "{e}");
         let e = err(&GOOD.replace("node_id = 1", "node_id = 1\nnode_idd = 2"));
         assert!(e.contains("node_idd"), "{e}");
         let e = err(&GOOD.replace("node_id = 1", "node_id = \"one\""));
-        assert!(e.contains("invalid type"), "{e}");
+        assert!(e.contains("node_id: invalid type"), "{e}");
+        assert!(e.contains("(line 3, column 11)"), "{e}");
+        let e = err(&format!(
+            "{GOOD}\n[heartbeat] # pings\ninterval_ms = \"often\"\n"
+        ));
+        assert!(e.contains("heartbeat.interval_ms: invalid type"), "{e}");
         let e = err(&GOOD.replace("listen = \"127.0.0.1:7101\"", "listen = \"nowhere\""));
         assert!(e.contains("invalid socket address"), "{e}");
         let e = err(&format!("{GOOD}\n[raft]\nheartbeat_ms = 5\n"));
@@ -457,6 +507,9 @@ key = "tls/node1.key"
             );
         }
         let e = err(&GOOD.replace("node_id = 1", "node_id = 1\nworker_threads = -1"));
-        assert!(e.contains("expected usize"), "{e}");
+        assert!(
+            e.contains("worker_threads: ") && e.contains("expected usize"),
+            "{e}"
+        );
     }
 }
