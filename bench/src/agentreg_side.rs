@@ -242,7 +242,7 @@ impl Cluster {
 /// with the default 208 KiB, answers arriving while this process waits for a core
 /// overflow the socket and the kernel drops them (visible as RcvbufErrors in
 /// /proc/net/snmp), and agents' connections time out.
-fn client_endpoint() -> std::io::Result<quinn::Endpoint> {
+pub(crate) fn client_endpoint() -> std::io::Result<quinn::Endpoint> {
     let socket = UdpSocket::bind("127.0.0.1:0")?;
     let s = socket2::SockRef::from(&socket);
     s.set_recv_buffer_size(4 << 20)?;
@@ -281,8 +281,12 @@ fn fresh(prefix: &str) -> String {
 }
 
 pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
-    let mut c = Cluster::start(args).await?;
     let mut rows = Vec::new();
+    if args.runs("floor") {
+        // Before the cluster starts: the floor's server must be the only child running.
+        crate::floor::rows(args, &mut rows).await?;
+    }
+    let mut c = Cluster::start(args).await?;
     let all = [1, 2, 3];
     let conns = Arc::new(c.connections(48, &all).await?);
     if args.runs("claims") {

@@ -9,11 +9,13 @@
 mod agentreg_side;
 mod cpu;
 mod etcd_side;
+mod floor;
 mod stats;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
 
 use stats::{Cell, Row};
@@ -40,7 +42,7 @@ pub struct Args {
     /// intervals, and etcd's leases get that TTL (rounded up to whole seconds).
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_ms: u64,
-    /// Run only these groups (comma-separated): claims, validate, register, agents,
+    /// Run only these groups (comma-separated): floor, claims, validate, register, agents,
     /// eviction, failover. All by default.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
@@ -211,6 +213,11 @@ pub fn rss_of(pid: u32) -> u64 {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next().is_some_and(|a| a == floor::SERVE_FLAG) {
+        let dir = argv.next().context("--serve-quic-echo needs the TLS dir")?;
+        return floor::serve(std::path::Path::new(&dir)).await;
+    }
     let args = Args::parse();
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let (mut a, mut e) = (Vec::new(), Vec::new());
