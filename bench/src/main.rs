@@ -44,7 +44,9 @@ pub struct Args {
     pub heartbeat_ms: u64,
     /// Run only these groups (comma-separated): floor, claims, validate, register, agents,
     /// eviction, failover. All by default.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = [
+        "floor", "claims", "validate", "register", "agents", "eviction", "failover",
+    ])]
     pub only: Vec<String>,
     /// Run both sides this many times, alternating (agentreg, etcd, agentreg, ...): the
     /// tables show each side's middle round, and each throughput row's rounds are listed
