@@ -88,16 +88,7 @@ impl Cluster {
             addrs,
             procs: BTreeMap::new(),
             admin,
-            client_config: {
-                // Agents held by the ten thousand send a keep-alive every third of the
-                // node's idle timeout (its agent_timeout, at least 10 s) rather than the
-                // library's every second: all of them share this machine's two cores with
-                // the three nodes.
-                let idle = Duration::from_millis(3 * heartbeat_ms).max(tls::IDLE_TIMEOUT);
-                let mut cc = tls::agent_client_config(&ca_pem)?;
-                cc.transport_config(tls::agent_transport(idle / 3, idle));
-                cc
-            },
+            client_config: agent_client_config(args, &ca_pem)?,
             ca_pem,
         };
         for id in 1..=3 {
@@ -255,17 +246,35 @@ pub(crate) fn client_endpoint() -> std::io::Result<quinn::Endpoint> {
     )
 }
 
-/// One request on a new stream; `Err` for a transport failure or `success: false`.
-pub async fn request(conn: &quinn::Connection, mut req: Value) -> Result<Value, String> {
+/// The bench's agents' client config. Agents held by the ten thousand send a keep-alive
+/// every third of the node's idle timeout (its agent_timeout, at least 10 s) rather than the
+/// library's every second: all of them share this machine's two cores with the three nodes.
+pub(crate) fn agent_client_config(
+    args: &Args,
+    ca_pem: &str,
+) -> anyhow::Result<quinn::ClientConfig> {
+    let idle = args.agent_timeout().max(tls::IDLE_TIMEOUT);
+    let mut cc = tls::agent_client_config(ca_pem)?;
+    cc.transport_config(tls::agent_transport(idle / 3, idle));
+    Ok(cc)
+}
+
+/// One request on a new stream, with its `type` set; the answer's bytes, read to the end.
+pub(crate) async fn exchange(conn: &quinn::Connection, mut req: Value) -> Result<Vec<u8>, String> {
     req["type"] = json!("system_request");
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     write_frame(&mut send, req.to_string().as_bytes())
         .await
         .map_err(|e| e.to_string())?;
     let _ = send.finish();
-    let answer = read_stream_frame(&mut recv, MAX_AGENT_FRAME)
+    read_stream_frame(&mut recv, MAX_AGENT_FRAME)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// One request on a new stream; `Err` for a transport failure or `success: false`.
+pub async fn request(conn: &quinn::Connection, req: Value) -> Result<Value, String> {
+    let answer = exchange(conn, req).await?;
     let v: Value = serde_json::from_slice(&answer).map_err(|e| e.to_string())?;
     if v["success"] == true {
         Ok(v)

@@ -135,10 +135,8 @@ impl Server {
 pub async fn rows(args: &Args, rows: &mut Vec<(String, Cell)>) -> anyhow::Result<()> {
     let server = Server::start().await?;
     let ca = std::fs::read_to_string(server.dir.path().join("tls/ca.pem"))?;
-    // The claim rows' client settings (`agentreg_side::Cluster::start`).
-    let idle = args.agent_timeout().max(tls::IDLE_TIMEOUT);
-    let mut client_config = tls::agent_client_config(&ca)?;
-    client_config.transport_config(tls::agent_transport(idle / 3, idle));
+    // The claim rows' client settings.
+    let client_config = crate::agentreg_side::agent_client_config(args, &ca)?;
     let endpoint = crate::agentreg_side::client_endpoint()?;
     let mut conns = Vec::new();
     for _ in 0..48 {
@@ -173,19 +171,8 @@ pub async fn rows(args: &Args, rows: &mut Vec<(String, Cell)>) -> anyhow::Result
 
 /// One claim request on a new stream, and its answer read to the end.
 async fn exchange(conn: &quinn::Connection) -> Result<(), String> {
-    let req = json!({
-        "type": "system_request",
-        "command": "claim_agent_id",
-        "agent_id": "claim-1234567",
-    });
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    write_frame(&mut send, req.to_string().as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = send.finish();
-    let answer = read_stream_frame(&mut recv, MAX_AGENT_FRAME)
-        .await
-        .map_err(|e| e.to_string())?;
+    let req = json!({"command": "claim_agent_id", "agent_id": "claim-1234567"});
+    let answer = crate::agentreg_side::exchange(conn, req).await?;
     if answer.len() == ANSWER_BYTES {
         Ok(())
     } else {
