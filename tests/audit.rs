@@ -1,4 +1,5 @@
-//! Every identity event leaves one audit line with its ids and outcome, and never a secret.
+//! Every identity event leaves one audit line with its ids and outcome, and never a secret;
+//! at the binary's default level, that line is the only one it leaves.
 
 mod common;
 
@@ -36,7 +37,7 @@ async fn identity_events_are_audited_without_secrets() {
     let buffer = Buffer::default();
     let writer = buffer.clone();
     tracing_subscriber::fmt()
-        .with_env_filter("audit=info")
+        .with_env_filter(agentreg::cli::logging::DEFAULT_FILTER)
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .init();
@@ -54,6 +55,7 @@ async fn identity_events_are_audited_without_secrets() {
     b.register("audited", Map::new(), Some(cert.clone()), false)
         .await
         .unwrap();
+    b.revoke_certificate(&cert).await.unwrap();
     b.revoke_certificate(&cert).await.unwrap();
     let admin = AdminClient::new(&cluster.admin_args()).unwrap();
     admin
@@ -102,6 +104,23 @@ async fn identity_events_are_audited_without_secrets() {
         &serial,
         "outcome=ok",
     ]);
+    find(&[
+        "event=\"revoke\"",
+        &serial,
+        "outcome=ok",
+        "detail=already revoked",
+    ]);
+    // One line per event: the claim and the two revocations of its certificate, each in the
+    // audit trail and nowhere else.
+    let with_serial: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains(&format!("{serial} ")) || l.ends_with(&serial))
+        .collect();
+    assert_eq!(with_serial.len(), 3, "{with_serial:#?}");
+    assert!(
+        with_serial.iter().all(|l| l.contains(" audit: ")),
+        "{with_serial:#?}"
+    );
     find(&["event=\"keyring_init\"", "outcome=ok"]);
     find(&["event=\"key_rotate\"", "outcome=ok"]);
     let all = lines.join("\n");

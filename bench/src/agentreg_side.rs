@@ -103,13 +103,16 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(self.path.join(format!("node{id}.log")))?;
-        let child = Command::new(&self.bin)
-            .args(["node", "--config"])
-            .arg(self.path.join(format!("node{id}.toml")))
-            .env(
-                "RUST_LOG",
-                std::env::var("AGENTREG_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+        let mut node = Command::new(&self.bin);
+        node.args(["node", "--config"])
+            .arg(self.path.join(format!("node{id}.toml")));
+        // As shipped: the default filter, with its audit line for every identity event,
+        // written to a file (no terminal, so no colours). AGENTREG_BENCH_LOG sets another.
+        match std::env::var_os("AGENTREG_BENCH_LOG") {
+            Some(filter) => node.env("RUST_LOG", filter),
+            None => node.env_remove("RUST_LOG"),
+        };
+        let child = node
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -158,10 +158,9 @@ impl Cluster {
                 "new",
                 "--initial-cluster-token",
                 "bench",
+                // Its default level (info), as shipped, like agentreg's nodes.
                 "--logger",
                 "zap",
-                "--log-level",
-                "error",
             ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

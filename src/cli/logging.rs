@@ -1,5 +1,6 @@
 //! The binary's log output: level from `RUST_LOG` (default `info,openraft=warn`), text or JSON
-//! on stderr, and openraft's repeated messages thinned out.
+//! on stderr, and openraft's repeated messages thinned out. Text is coloured only when stderr
+//! is a terminal: a file, journald or a container's log driver gets plain lines.
 //!
 //! While a peer is down, openraft reports every failed AppendEntries (every heartbeat
 //! interval, 50 ms by default) as an ERROR: twenty lines a second for as long as the peer is
@@ -7,6 +8,8 @@
 //! [`OPENRAFT_REPEAT_PERIOD`]; agentreg's own messages are never thinned.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -31,21 +34,35 @@ pub const OPENRAFT_REPEAT_PERIOD: Duration = Duration::from_secs(10);
 pub fn init(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let subscriber = subscriber(format, filter, std::io::stderr);
+    let colours = wants_colours(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR"),
+    );
+    let subscriber = subscriber(format, filter, std::io::stderr, colours);
     // Only fails when a logger is already installed, and then that one stays.
     let _ = tracing::subscriber::set_global_default(subscriber);
 }
 
-/// The logger [`init`] installs, writing to `writer`.
+/// Whether text lines get terminal colours: only on a terminal, and not when `NO_COLOR` is set
+/// to anything (<https://no-color.org>). Escape codes in a file or a log collector are noise
+/// that every search through the lines has to step around.
+pub fn wants_colours(is_terminal: bool, no_color: Option<OsString>) -> bool {
+    is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// The logger [`init`] installs, writing to `writer`, with terminal colours if `colours`.
 pub fn subscriber<W>(
     format: LogFormat,
     filter: EnvFilter,
     writer: W,
+    colours: bool,
 ) -> impl Subscriber + Send + Sync
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(colours);
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
@@ -139,9 +156,12 @@ mod tests {
         for format in [LogFormat::Text, LogFormat::Json] {
             let out = Captured::default();
             let writer = out.clone();
-            let subscriber = subscriber(format, EnvFilter::new(DEFAULT_FILTER), move || {
-                writer.clone()
-            });
+            let subscriber = subscriber(
+                format,
+                EnvFilter::new(DEFAULT_FILTER),
+                move || writer.clone(),
+                false,
+            );
             tracing::subscriber::with_default(subscriber, || {
                 for i in 0..20 {
                     tracing::error!(target: "openraft::replication", attempt = i, "RPCError timeout");
@@ -176,6 +196,7 @@ mod tests {
             LogFormat::Text,
             EnvFilter::new(DEFAULT_FILTER),
             Captured::default,
+            false,
         );
         tracing::subscriber::with_default(subscriber, || {
             for _ in 0..2 {
@@ -188,6 +209,42 @@ mod tests {
                 assert!(!span.is_disabled(), "a span at the level is built");
             }
         });
+    }
+
+    #[test]
+    fn lines_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(wants_colours(true, None));
+        assert!(
+            wants_colours(true, Some("".into())),
+            "an empty NO_COLOR is unset"
+        );
+        assert!(!wants_colours(true, Some("1".into())));
+        assert!(
+            !wants_colours(false, None),
+            "a file or a pipe gets plain lines"
+        );
+        for colours in [false, true] {
+            let out = Captured::default();
+            let writer = out.clone();
+            let subscriber = subscriber(
+                LogFormat::Text,
+                EnvFilter::new(DEFAULT_FILTER),
+                move || writer.clone(),
+                colours,
+            );
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::info!(target: "audit", event = "claim", agent_id = "a", "identity event");
+            });
+            let lines = lines(&out);
+            assert_eq!(lines.len(), 1, "{lines:?}");
+            assert_eq!(lines[0].contains('\x1b'), colours, "{lines:?}");
+            if !colours {
+                assert!(
+                    lines[0].ends_with(r#"audit: identity event event="claim" agent_id="a""#),
+                    "{lines:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -167,12 +167,10 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
                 conn: Some(conn),
             };
             match commit(inner, op).await? {
-                Outcome::Claimed { certificate } => {
-                    tracing::info!(agent_id, serial = certificate.serial, "claimed");
-                    Ok(fields(
-                        json!({ "agent_id": agent_id, "certificate": certificate }),
-                    ))
-                }
+                // Logged by the audit trail (write::write), like every identity event.
+                Outcome::Claimed { certificate } => Ok(fields(
+                    json!({ "agent_id": agent_id, "certificate": certificate }),
+                )),
                 other => Err(unexpected(&other)),
             }
         }
@@ -212,12 +210,6 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
                     replaced,
                 } => {
                     inner.conns.set_agent(conn_id, Some(agent_id.clone()));
-                    tracing::info!(
-                        agent_id,
-                        session_id,
-                        took_over = replaced.is_some(),
-                        "registered"
-                    );
                     Ok(fields(json!({
                         "agent_id": agent_id,
                         "session_id": session_id,
@@ -264,7 +256,6 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
             .await;
             match result? {
                 Outcome::Released { serial, .. } => {
-                    tracing::info!(agent_id, serial, "released");
                     Ok(fields(json!({ "agent_id": agent_id, "serial": serial })))
                 }
                 other => Err(unexpected(&other)),
@@ -281,12 +272,9 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
             )
             .await;
             match result? {
-                Outcome::Revoked { serial, newly, .. } => {
-                    tracing::info!(agent_id, serial, newly, "revoked");
-                    Ok(fields(
-                        json!({ "agent_id": agent_id, "serial": serial, "revoked": true }),
-                    ))
-                }
+                Outcome::Revoked { serial, .. } => Ok(fields(
+                    json!({ "agent_id": agent_id, "serial": serial, "revoked": true }),
+                )),
                 other => Err(unexpected(&other)),
             }
         }

@@ -35,9 +35,15 @@ pub(super) fn record(node_id: u64, cmd: &Command, result: &Result<Written, Write
                     Outcome::NodeEvicted { removed } => {
                         detail = format!("{} sessions", removed.len())
                     }
-                    Outcome::Revoked { serial: s, .. } | Outcome::Released { serial: s, .. } => {
-                        serial = Some(*s)
+                    Outcome::Revoked {
+                        serial: s, newly, ..
+                    } => {
+                        serial = Some(*s);
+                        if !newly {
+                            detail = "already revoked".into()
+                        }
                     }
+                    Outcome::Released { serial: s, .. } => serial = Some(*s),
                     Outcome::KeyRotated { key_id } | Outcome::KeyRetired { key_id } => {
                         detail = format!("key {key_id}")
                     }
