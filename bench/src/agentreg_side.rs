@@ -315,7 +315,8 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
         validations(args, &conns, &mut rows).await?;
     }
     if args.runs("register") {
-        registrations(&c, &mut rows).await?;
+        let own = Cluster::start(&args.with_shipped_heartbeat()).await?;
+        registrations(&own, &mut rows).await?;
     }
     if args.runs("agents") {
         // On a cluster of its own, so the memory it reports is the agents' alone.

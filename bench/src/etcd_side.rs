@@ -256,6 +256,9 @@ fn fresh(prefix: &str) -> String {
     format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// TTL of the registration rows' session leases: longer than both rows take.
+const SESSION_LEASE_SECS: i64 = 600;
+
 /// A claim: put `key` with `lease` if it does not exist.
 async fn claim(c: &mut Client, key: &str, lease: i64) -> Result<(), String> {
     let txn = Txn::new()
@@ -277,19 +280,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
     let mut e = Cluster::start(args).await?;
     let mut rows = Vec::new();
     let urls = e.urls();
-    // Clients: 48 connections spread over the members, a long lease per in-flight slot.
-    let mut clients = Vec::new();
-    for i in 0..48 {
-        clients.push(e.client(&[urls[i % 3].clone()]).await?);
-    }
-    let mut leases = Vec::new();
-    for i in 0..256 {
-        let len = clients.len();
-        let c = &mut clients[i % len];
-        leases.push(c.lease_grant(600, None).await?.id());
-    }
-    let clients = Arc::new(clients);
-    let leases = Arc::new(leases);
+    let (clients, leases) = e.clients_and_leases().await?;
     let ttl = args.agent_timeout().as_secs().max(1) as i64;
     if args.runs("claims") {
         for inflight in [1usize, 64, 256] {
@@ -329,17 +320,16 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
         }
     }
     if args.runs("register") {
-        registrations(&clients, &leases, ttl, &mut rows).await;
+        // On a cluster of its own, as agentreg's (see `registrations`).
+        let own = Cluster::start(args).await?;
+        let (clients, leases) = own.clients_and_leases().await?;
+        registrations(&clients, &leases, &mut rows).await;
     }
     if args.runs("agents") {
         // On a cluster of its own, so the memory it reports is the leases' alone.
         let fresh = Cluster::start(args).await?;
-        let urls = fresh.urls();
-        let mut own = Vec::new();
-        for i in 0..48 {
-            own.push(fresh.client(&[urls[i % 3].clone()]).await?);
-        }
-        held_leases(args, &fresh, &Arc::new(own), &mut rows).await?;
+        let (own, _) = fresh.clients_and_leases().await?;
+        held_leases(args, &fresh, &own, &mut rows).await?;
     }
     if args.runs("eviction") {
         // A lease with the eviction timeout that is never kept alive; time until its key is gone.
@@ -401,10 +391,17 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
 
 /// Registration of a new agent: its own lease, then its session key if absent. Takeover:
 /// replace the owner if it is still the old one.
+///
+/// Neither side's heartbeats figure in these rows (both run on clusters of their own, and
+/// agentreg's has the shipped 30 s heartbeat interval: `Args::with_shipped_heartbeat`): the
+/// sessions' leases last
+/// [`SESSION_LEASE_SECS`], longer than both rows, and are not kept alive. Until 2026-12-07
+/// they had the eviction timeout (3 s by default): on a slow machine the first sessions
+/// expired while registrations still ran, and 1,384 of 3,000 takeovers then failed the owner
+/// check at once.
 async fn registrations(
     clients: &Arc<Vec<Client>>,
     leases: &Arc<Vec<i64>>,
-    ttl: i64,
     rows: &mut Vec<(String, Cell)>,
 ) {
     let n = 3000;
@@ -418,7 +415,7 @@ async fn registrations(
             let key = ids[i].clone();
             async move {
                 let lease = c
-                    .lease_grant(ttl, None)
+                    .lease_grant(SESSION_LEASE_SECS, None)
                     .await
                     .map_err(|e| e.to_string())?
                     .id();
@@ -522,6 +519,22 @@ async fn held_leases(
 }
 
 impl Cluster {
+    /// The clients of the rows: 48 connections spread over the members, and a long lease
+    /// for each of up to 256 operations in flight.
+    async fn clients_and_leases(&self) -> anyhow::Result<(Arc<Vec<Client>>, Arc<Vec<i64>>)> {
+        let urls = self.urls();
+        let mut clients = Vec::new();
+        for i in 0..48 {
+            clients.push(self.client(&[urls[i % 3].clone()]).await?);
+        }
+        let mut leases = Vec::new();
+        for i in 0..256 {
+            let len = clients.len();
+            leases.push(clients[i % len].lease_grant(600, None).await?.id());
+        }
+        Ok((Arc::new(clients), Arc::new(leases)))
+    }
+
     /// Restarts a killed member on its data dir.
     fn spawn_existing(&mut self, i: usize) -> anyhow::Result<()> {
         self.spawn(i)

@@ -82,6 +82,18 @@ impl Args {
     }
 
     /// The eviction timeout both systems are given.
+    /// These arguments with the node's shipped heartbeat interval (30 s): the registration
+    /// rows run on clusters of their own with it, so that they measure registering and taking
+    /// over, not the heartbeats of the sessions they leave behind (pings at 1 s for 3,000
+    /// sessions are as many messages a second as the rows' own requests; the held-agents row
+    /// measures heartbeats).
+    pub fn with_shipped_heartbeat(&self) -> Args {
+        Args {
+            heartbeat_ms: agentreg::config::HeartbeatConfig::default().interval_ms,
+            ..self.clone()
+        }
+    }
+
     pub fn agent_timeout(&self) -> Duration {
         Duration::from_millis(3 * self.heartbeat_ms)
     }
