@@ -256,8 +256,9 @@ fn fresh(prefix: &str) -> String {
     format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-/// TTL of the registration rows' session leases: longer than both rows take.
-const SESSION_LEASE_SECS: i64 = 600;
+/// TTL of a lease that outlives every row using it: the claims' leases (one per operation
+/// in flight, and the failover row's) and the registration rows' sessions.
+const LONG_LEASE_SECS: i64 = 600;
 
 /// A claim: put `key` with `lease` if it does not exist.
 async fn claim(c: &mut Client, key: &str, lease: i64) -> Result<(), String> {
@@ -366,7 +367,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
             let leader = e.leader().await.context("no etcd leader")?;
             let survivor = (leader + 1) % 3;
             let mut c = e.client(&[urls[survivor].clone()]).await?;
-            let lease = c.lease_grant(600, None).await?.id();
+            let lease = c.lease_grant(LONG_LEASE_SECS, None).await?.id();
             claim(&mut c, &fresh("/claims/pre"), lease)
                 .await
                 .map_err(anyhow::Error::msg)?;
@@ -394,11 +395,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
 ///
 /// Neither side's heartbeats figure in these rows (both run on clusters of their own, and
 /// agentreg's has the shipped 30 s heartbeat interval: `Args::with_shipped_heartbeat`): the
-/// sessions' leases last
-/// [`SESSION_LEASE_SECS`], longer than both rows, and are not kept alive. Until 2026-12-07
-/// they had the eviction timeout (3 s by default): on a slow machine the first sessions
-/// expired while registrations still ran, and 1,384 of 3,000 takeovers then failed the owner
-/// check at once.
+/// sessions' leases last [`LONG_LEASE_SECS`], longer than both rows, and are not kept alive.
+/// Until 2026-12-07 they had the eviction timeout (3 s by default): on a slow machine the
+/// first sessions expired while registrations still ran, and 1,384 of 3,000 takeovers then
+/// failed the owner check at once.
 async fn registrations(
     clients: &Arc<Vec<Client>>,
     leases: &Arc<Vec<i64>>,
@@ -415,7 +415,7 @@ async fn registrations(
             let key = ids[i].clone();
             async move {
                 let lease = c
-                    .lease_grant(SESSION_LEASE_SECS, None)
+                    .lease_grant(LONG_LEASE_SECS, None)
                     .await
                     .map_err(|e| e.to_string())?
                     .id();
@@ -530,7 +530,12 @@ impl Cluster {
         let mut leases = Vec::new();
         for i in 0..256 {
             let len = clients.len();
-            leases.push(clients[i % len].lease_grant(600, None).await?.id());
+            leases.push(
+                clients[i % len]
+                    .lease_grant(LONG_LEASE_SECS, None)
+                    .await?
+                    .id(),
+            );
         }
         Ok((Arc::new(clients), Arc::new(leases)))
     }

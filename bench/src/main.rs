@@ -81,7 +81,6 @@ impl Args {
         self.only.is_empty() || self.only.iter().any(|o| o == name)
     }
 
-    /// The eviction timeout both systems are given.
     /// These arguments with the node's shipped heartbeat interval (30 s): the registration
     /// rows run on clusters of their own with it, so that they measure registering and taking
     /// over, not the heartbeats of the sessions they leave behind (pings at 1 s for 3,000
@@ -94,6 +93,7 @@ impl Args {
         }
     }
 
+    /// The eviction timeout both systems are given.
     pub fn agent_timeout(&self) -> Duration {
         Duration::from_millis(3 * self.heartbeat_ms)
     }
@@ -285,4 +285,24 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&stats::to_json(&rows))?)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The registration rows' clusters get the node's shipped heartbeat interval, and with
+    /// it the eviction timeout; nothing else changes.
+    #[test]
+    fn the_shipped_heartbeat_changes_only_the_heartbeat() {
+        let args = Args::parse_from(["bench", "--heartbeat-ms", "1000", "--secs", "7"]);
+        let shipped = args.with_shipped_heartbeat();
+        assert_eq!(shipped.heartbeat_ms, 30_000);
+        assert_eq!(shipped.agent_timeout(), Duration::from_secs(90));
+        assert_eq!(
+            args.heartbeat_ms, 1000,
+            "the rows' own arguments are unchanged"
+        );
+        assert_eq!(shipped.secs, 7);
+    }
 }
