@@ -404,7 +404,7 @@ async fn registrations(
     leases: &Arc<Vec<i64>>,
     rows: &mut Vec<(String, Cell)>,
 ) {
-    let n = 3000;
+    let n = crate::REGISTRATIONS;
     let ids: Arc<Vec<String>> = Arc::new((0..n).map(|_| fresh("/sessions/reg")).collect());
     let slots = Arc::new(AtomicU64::new(0));
     let rate = {

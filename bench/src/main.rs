@@ -20,6 +20,11 @@ use clap::Parser;
 
 use stats::{Cell, Row};
 
+/// Agents registered, then taken over, in the registration rows (each on a connection of its
+/// own on agentreg's side: twice as many connections). Until 2026-12-07 there were 3,000,
+/// about a second of each row, so that a second of a slow host moved the row.
+pub const REGISTRATIONS: usize = 10_000;
+
 #[derive(Debug, Clone, Parser)]
 #[command(about = "agentreg and etcd 3.4 side by side (see docs/benchmarks.md)")]
 pub struct Args {
@@ -83,9 +88,9 @@ impl Args {
 
     /// These arguments with the node's shipped heartbeat interval (30 s): the registration
     /// rows run on clusters of their own with it, so that they measure registering and taking
-    /// over, not the heartbeats of the sessions they leave behind (pings at 1 s for 3,000
-    /// sessions are as many messages a second as the rows' own requests; the held-agents row
-    /// measures heartbeats).
+    /// over, not the heartbeats of the sessions they leave behind (pings at 1 s for thousands
+    /// of sessions are as many messages a second as the rows' own requests; the held-agents
+    /// row measures heartbeats).
     pub fn with_shipped_heartbeat(&self) -> Args {
         Args {
             heartbeat_ms: agentreg::config::HeartbeatConfig::default().interval_ms,
