@@ -36,11 +36,15 @@ impl Buffer {
 async fn identity_events_are_audited_without_secrets() {
     let buffer = Buffer::default();
     let writer = buffer.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter(agentreg::cli::logging::DEFAULT_FILTER)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .init();
+    // The logger the binary installs, at its default level, writing plain lines here.
+    use agentreg::cli::logging;
+    tracing::subscriber::set_global_default(logging::subscriber(
+        agentreg::cli::LogFormat::Text,
+        tracing_subscriber::EnvFilter::new(logging::DEFAULT_FILTER),
+        move || writer.clone(),
+        false,
+    ))
+    .expect("the only logger of this test binary");
 
     let cluster = TestCluster::start(Options::default()).await;
     cluster.leader().await;

@@ -329,7 +329,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
     if args.runs("agents") {
         // On a cluster of its own, so the memory it reports is the leases' alone.
         let fresh = Cluster::start(args).await?;
-        let (own, _) = fresh.clients_and_leases().await?;
+        let own = fresh.clients().await?;
         held_leases(args, &fresh, &own, &mut rows).await?;
     }
     if args.runs("eviction") {
@@ -519,25 +519,25 @@ async fn held_leases(
 }
 
 impl Cluster {
-    /// The clients of the rows: 48 connections spread over the members, and a long lease
-    /// for each of up to 256 operations in flight.
-    async fn clients_and_leases(&self) -> anyhow::Result<(Arc<Vec<Client>>, Arc<Vec<i64>>)> {
+    /// The clients of the rows: 48 connections spread over the members.
+    async fn clients(&self) -> anyhow::Result<Arc<Vec<Client>>> {
         let urls = self.urls();
         let mut clients = Vec::new();
         for i in 0..48 {
             clients.push(self.client(&[urls[i % 3].clone()]).await?);
         }
+        Ok(Arc::new(clients))
+    }
+
+    /// The clients of the rows and a long lease for each of up to 256 operations in flight.
+    async fn clients_and_leases(&self) -> anyhow::Result<(Arc<Vec<Client>>, Arc<Vec<i64>>)> {
+        let clients = self.clients().await?;
         let mut leases = Vec::new();
         for i in 0..256 {
-            let len = clients.len();
-            leases.push(
-                clients[i % len]
-                    .lease_grant(LONG_LEASE_SECS, None)
-                    .await?
-                    .id(),
-            );
+            let mut c = clients[i % clients.len()].clone();
+            leases.push(c.lease_grant(LONG_LEASE_SECS, None).await?.id());
         }
-        Ok((Arc::new(clients), Arc::new(leases)))
+        Ok((clients, Arc::new(leases)))
     }
 
     /// Restarts a killed member on its data dir.
