@@ -203,26 +203,41 @@ pub fn render(rows: &[Row]) -> String {
     )
 }
 
-/// CPU per completed operation of `cell` if it is a throughput row: (servers, client) in
-/// µs, and the cores the row kept busy (all CPU time over the row's wall time).
-fn cpu_of(cell: &Cell) -> Option<(f64, f64, f64)> {
+/// CPU per completed operation of `cell` if it is a throughput row.
+#[derive(Debug, Clone, Copy)]
+struct PerOp {
+    /// µs of the servers and of the bench client.
+    servers: f64,
+    client: f64,
+    /// Cores the row kept busy: all CPU time over the row's wall time.
+    cores: f64,
+    /// Context switches of the servers' and the client's threads.
+    switches: f64,
+}
+
+fn cpu_of(cell: &Cell) -> Option<PerOp> {
     let Cell::Rate(rate) = cell else {
         return None;
     };
     let cpu = rate.cpu?;
     let ops = rate.ok.max(1) as f64;
-    Some((
-        cpu.servers.as_secs_f64() * 1e6 / ops,
-        cpu.client.as_secs_f64() * 1e6 / ops,
-        (cpu.servers + cpu.client).as_secs_f64() / rate.elapsed.as_secs_f64().max(1e-9),
-    ))
+    Some(PerOp {
+        servers: cpu.servers.as_secs_f64() * 1e6 / ops,
+        client: cpu.client.as_secs_f64() * 1e6 / ops,
+        cores: (cpu.servers + cpu.client).as_secs_f64() / rate.elapsed.as_secs_f64().max(1e-9),
+        switches: cpu.switches as f64 / ops,
+    })
 }
 
 /// The second table: CPU per operation of every throughput row, servers and bench client
-/// apart, and how many of the machine's cores the row kept busy.
+/// apart, how many of the machine's cores the row kept busy, and the context switches per
+/// operation.
 pub fn render_cpu(rows: &[Row]) -> String {
-    let cell = |c: Option<(f64, f64, f64)>| match c {
-        Some((s, b, cores)) => format!("{s:>7.0} + {b:>5.0} µs, {cores:.2} cores"),
+    let cell = |c: Option<PerOp>| match c {
+        Some(c) => format!(
+            "{:>7.0} + {:>5.0} µs, {:.2} cores, {:>5.1} sw",
+            c.servers, c.client, c.cores, c.switches
+        ),
         None => "n/a".into(),
     };
     let lines = rows
@@ -230,8 +245,8 @@ pub fn render_cpu(rows: &[Row]) -> String {
         .filter_map(|r| {
             let (a, e) = (cpu_of(&r.agentreg), cpu_of(&r.etcd));
             let better = match (a, e) {
-                (Some((sa, ba, _)), Some((se, be, _))) if sa + ba > 0.0 => {
-                    format!("{:.2}x", (se + be) / (sa + ba))
+                (Some(a), Some(e)) if a.servers + a.client > 0.0 => {
+                    format!("{:.2}x", (e.servers + e.client) / (a.servers + a.client))
                 }
                 _ => "-".into(),
             };
@@ -240,10 +255,12 @@ pub fn render_cpu(rows: &[Row]) -> String {
         .collect();
     table(
         "CPU per operation: servers + client",
-        30,
+        40,
         lines,
         "CPU time (user + system, from /proc) of the three servers and of the bench process \
-         while the row ran, per completed operation; 'better' is etcd's total over agentreg's.\n",
+         while the row ran, per completed operation; 'sw': their threads' context switches \
+         per operation (a thread going to sleep or pushed off its core); 'better' is etcd's \
+         CPU total over agentreg's.\n",
     )
 }
 
@@ -282,8 +299,9 @@ pub fn render_rounds(rows: &[Row]) -> String {
 }
 
 fn cpu_json(cell: &Cell) -> Option<serde_json::Value> {
-    cpu_of(cell)
-        .map(|(servers, client, _)| serde_json::json!({"servers": servers, "client": client}))
+    cpu_of(cell).map(
+        |c| serde_json::json!({"servers": c.servers, "client": c.client, "switches": c.switches}),
+    )
 }
 
 pub fn to_json(rows: &[Row]) -> serde_json::Value {
@@ -320,6 +338,7 @@ mod tests {
             cpu: Some(Cpu {
                 servers: Duration::from_millis(servers_ms),
                 client: Duration::from_millis(client_ms),
+                switches: 3 * ok as u64 + ok as u64 / 2,
             }),
             ..Rate::default()
         })
@@ -362,13 +381,15 @@ mod tests {
         assert_eq!(
             lines[2],
             format!(
-                "| {:<40} | {:<30} | {:<30} | {:>7} |",
+                "| {:<40} | {:<40} | {:<40} | {:>7} |",
                 "claim, 64 in flight",
-                "    300 +   100 µs, 0.40 cores",
-                "   3200 +   800 µs, 1.00 cores",
+                "    300 +   100 µs, 0.40 cores,   3.5 sw",
+                "   3200 +   800 µs, 1.00 cores,   3.5 sw",
                 "10.00x"
             )
         );
+        let json = to_json(&rows());
+        assert_eq!(json[0]["cpu_us_per_op"]["etcd"]["switches"], 3.5);
         assert!(!cpu.contains("leader killed"), "{cpu}");
     }
 
