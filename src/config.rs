@@ -226,10 +226,13 @@ impl NodeConfig {
             path: path.to_owned(),
             source,
         })?;
-        let mut config: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: one_line(&text, &e),
-        })?;
+        let mut config: NodeConfig =
+            serde_path_to_error::deserialize(toml::Deserializer::new(&text)).map_err(|e| {
+                ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: one_line(&text, &e),
+                }
+            })?;
         // Relative paths in the file are relative to the file, not to the working directory.
         if let Some(base) = path.parent() {
             config.resolve_paths(base);
@@ -356,55 +359,31 @@ fn check_host_port(addr: &str) -> Result<(), String> {
 }
 
 /// toml's errors span several lines (with a source excerpt); keep them on one line, led by
-/// the key they are about (with its table, as in `heartbeat.interval_ms`) and followed by
-/// where it is.
-fn one_line<'a>(text: &'a str, e: &toml::de::Error) -> String {
-    let msg = e.message().trim_end();
-    let Some((before, spanned)) = e
+/// where in the file's structure they are (the path serde was deserializing, as in
+/// `heartbeat.interval_ms` or `peers[1].addr`, inline tables included) and followed by the
+/// line and column, unless the error is about a whole table (a key missing from it).
+fn one_line(text: &str, e: &serde_path_to_error::Error<toml::de::Error>) -> String {
+    let inner = e.inner();
+    let msg = inner.message().trim_end();
+    let path = e.path().to_string();
+    let lead = if path.is_empty() || path == "." {
+        String::new()
+    } else {
+        format!("{path}: ")
+    };
+    let at = inner
         .span()
         .and_then(|span| Some((text.get(..span.start)?, text.get(span)?)))
-    else {
-        return msg.to_owned();
-    };
-    let is_key = |k: &str| {
-        !k.is_empty()
-            && k.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-    };
-    // The `[table]` whose header is the last one in `upto`.
-    let table_in = |upto: &'a str| {
-        upto.lines()
-            .rev()
-            .map(|l| l.split('#').next().unwrap_or("").trim())
-            .find(|l| l.starts_with('['))
-            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim())
-            .filter(|t| is_key(t))
-    };
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    // A span over several lines is a whole table (a key missing from it): no key or place
-    // to point at, only the table.
-    if spanned.trim_end().contains('\n') {
-        let first_line = spanned.split('\n').next().unwrap_or("");
-        return match table_in(&text[..before.len() + first_line.len()]) {
-            Some(t) => format!("{msg} in [{t}]"),
-            None => msg.to_owned(),
-        };
-    }
-    let line_no = before.matches('\n').count() + 1;
-    let column = before[line_start..].chars().count() + 1;
-    let at = format!("(line {line_no}, column {column})");
-    let line = text[line_start..].lines().next().unwrap_or("");
-    let Some(key) = line
-        .split_once('=')
-        .map(|(k, _)| k.trim())
-        .filter(|k| is_key(k))
-    else {
-        return format!("{msg} {at}");
-    };
-    match table_in(&before[..line_start]) {
-        Some(t) => format!("{t}.{key}: {msg} {at}"),
-        None => format!("{key}: {msg} {at}"),
-    }
+        // A span over several lines is a whole table: no one place to point at.
+        .filter(|(_, spanned)| !spanned.trim_end().contains('\n'))
+        .map(|(before, _)| {
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let line = before.matches('\n').count() + 1;
+            let column = before[line_start..].chars().count() + 1;
+            format!(" (line {line}, column {column})")
+        })
+        .unwrap_or_default();
+    format!("{lead}{msg}{at}")
 }
 
 #[cfg(test)]
@@ -459,7 +438,7 @@ key = "tls/node1.key"
         let e = err(&GOOD.replace("node_id = 1\n", ""));
         assert!(e.ends_with(": missing field `node_id`"), "{e}");
         let e = err(&GOOD.replace("key = \"tls/node1.key\"\n", ""));
-        assert!(e.ends_with(": missing field `key` in [tls]"), "{e}");
+        assert!(e.ends_with(": tls: missing field `key`"), "{e}");
         let e = err(&GOOD.replace("node_id = 1", "node_id = 1\nnode_idd = 2"));
         assert!(e.contains("node_idd"), "{e}");
         let e = err(&GOOD.replace("node_id = 1", "node_id = \"one\""));
@@ -473,6 +452,26 @@ key = "tls/node1.key"
         assert!(e.contains("invalid socket address"), "{e}");
         let e = err(&format!("{GOOD}\n[raft]\nheartbeat_ms = 5\n"));
         assert!(e.contains("heartbeat_ms"), "{e}");
+    }
+
+    /// The peers are an array of inline tables: an error in one names which peer and key,
+    /// not only the line.
+    #[test]
+    fn errors_inside_inline_tables_name_the_peer_and_key() {
+        let e = err(&GOOD.replace("{ id = 2, addr", "{ id = \"two\", addr"));
+        assert!(
+            e.contains(
+                "peers[1].id: invalid type: string \"two\", expected u64 (line 8, column 10)"
+            ),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("{ id = 3, addr = \"127.0.0.1:7103\" }", "{ id = 3 }"));
+        assert!(e.contains("peers[2]: missing field `addr`"), "{e}");
+        let e = err(&GOOD.replace("{ id = 2, addr", "{ id = 2, adr"));
+        assert!(
+            e.contains("peers[1]") && e.contains("unknown field `adr`"),
+            "{e}"
+        );
     }
 
     #[test]
