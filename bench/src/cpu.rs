@@ -164,17 +164,29 @@ mod tests {
     #[test]
     fn a_thread_that_sleeps_is_counted_switching() {
         let me = std::process::id();
-        let before_threads = thread_switches(me);
         let before_self = own_switches();
-        let sleeper = std::thread::spawn(|| {
+        let (slept, stay) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        let sleeper = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            let tid = u32::try_from(unsafe { libc::gettid() }).unwrap();
             for _ in 0..20 {
                 std::thread::sleep(Duration::from_millis(1));
             }
+            slept.0.send(tid).unwrap();
+            let _ = stay.1.recv();
         });
+        let tid = slept.1.recv().unwrap();
+        // Seen per thread in /proc, as the servers' threads are: each of its 20 sleeps gave
+        // up the core.
+        let seen = thread_switches(me);
+        let n = seen.iter().find(|(t, _)| *t == tid).map(|(_, n)| *n);
+        assert!(
+            n.is_some_and(|n| n >= 20),
+            "thread {tid}: {n:?} in {seen:?}"
+        );
+        stay.0.send(()).unwrap();
         sleeper.join().unwrap();
-        assert!(!before_threads.is_empty(), "no thread of this process seen");
-        // Each of the 20 sleeps gave up the core; the thread has ended, and getrusage still
-        // counts it.
+        // And by getrusage, as the bench's own are, after the thread has ended.
         let grew = own_switches() - before_self;
         assert!(grew >= 20, "{grew} switches after 20 sleeps");
     }
