@@ -169,16 +169,26 @@ impl Row {
 
 /// A markdown table of `lines` (workload, agentreg, etcd, better) under a header whose
 /// first column is `first`, the two systems' columns `width` wide, then `footer`.
+/// A table of four columns: the row's name, agentreg's cell, etcd's cell and the ratio.
+/// The name column is at least 40 characters wide and the two cells at least `width`, and
+/// each grows to its longest entry, so that every line has the same length.
 fn table(first: &str, width: usize, lines: Vec<[String; 4]>, footer: &str) -> String {
+    let widest = |i: usize, least: usize| {
+        lines
+            .iter()
+            .map(|l| l[i].chars().count())
+            .fold(least, usize::max)
+    };
+    let (name_w, a_w, e_w) = (widest(0, 40), widest(1, width), widest(2, width));
     let line = |[name, a, e, better]: [String; 4]| {
-        format!("| {name:<40} | {a:<width$} | {e:<width$} | {better:>7} |\n")
+        format!("| {name:<name_w$} | {a:<a_w$} | {e:<e_w$} | {better:>7} |\n")
     };
     let mut out = line([first, "agentreg", "etcd 3.4", "better"].map(String::from));
     out.push_str(&format!(
         "|{}|{}|{}|{}|\n",
-        "-".repeat(42),
-        "-".repeat(width + 2),
-        "-".repeat(width + 2),
+        "-".repeat(name_w + 2),
+        "-".repeat(a_w + 2),
+        "-".repeat(e_w + 2),
         "-".repeat(9)
     ));
     for l in lines {
@@ -391,6 +401,31 @@ mod tests {
         let json = to_json(&rows());
         assert_eq!(json[0]["cpu_us_per_op"]["etcd"]["switches"], 3.5);
         assert!(!cpu.contains("leader killed"), "{cpu}");
+    }
+
+    /// A row name or a cell longer than its column widens the column for every line.
+    #[test]
+    fn long_names_and_cells_widen_their_column() {
+        let mut rows = rows();
+        rows.push(Row::from_rounds(
+            "node killed -> its 100 agents registered elsewhere".into(),
+            vec![Cell::Times(vec![Duration::from_millis(4032)])],
+            vec![],
+        ));
+        rows.push(Row::from_rounds(
+            "validate, local/serializable, 64 in flight".into(),
+            vec![rate(1000, 300, 100)],
+            vec![rate(250, 800, 200)],
+        ));
+        for text in [render(&rows), render_cpu(&rows)] {
+            let lines: Vec<usize> = text
+                .lines()
+                .take_while(|l| l.starts_with('|'))
+                .map(|l| l.chars().count())
+                .collect();
+            assert!(lines.len() >= 4, "{text}");
+            assert!(lines.iter().all(|n| *n == lines[0]), "{lines:?}\n{text}");
+        }
     }
 
     #[test]
