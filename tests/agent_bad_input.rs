@@ -290,3 +290,41 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
             .valid
     );
 }
+
+/// A request still arriving (half its frame sent) holds up nothing else on its connection:
+/// the node serves a connection's requests side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_still_arriving_does_not_hold_up_the_next_on_its_connection() {
+    let cluster = TestCluster::start(Options::default()).await;
+    cluster.leader().await;
+    let raw = cluster.raw(2).await;
+    let slow = frame(
+        req("ping_agent", json!({"timestamp": 1}))
+            .to_string()
+            .as_bytes(),
+    );
+    let (mut send, mut recv) = raw.conn.open_bi().await.expect("open stream");
+    send.write_all(&slow[..10]).await.unwrap();
+    // Streams are accepted in order, so the node has the slow one before this one.
+    let a = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        raw.request(req("ping_agent", json!({"timestamp": 2}))),
+    )
+    .await
+    .expect("a ping answered while another request on the connection is still arriving");
+    assert_eq!(
+        (a["success"].clone(), a["timestamp"].clone()),
+        (json!(true), json!(2)),
+        "{a}"
+    );
+    send.write_all(&slow[10..]).await.unwrap();
+    send.finish().unwrap();
+    let a = read_answer(&mut recv)
+        .await
+        .expect("the slow request answered");
+    assert_eq!(
+        (a["success"].clone(), a["timestamp"].clone()),
+        (json!(true), json!(1)),
+        "{a}"
+    );
+}
