@@ -291,6 +291,15 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
     );
 }
 
+/// `a` is a successful ping answer echoing `timestamp`.
+fn assert_pong(a: &Value, timestamp: u64) {
+    assert_eq!(
+        (&a["success"], &a["timestamp"]),
+        (&json!(true), &json!(timestamp)),
+        "{a}"
+    );
+}
+
 /// A request still arriving (half its frame sent) holds up nothing else on its connection:
 /// the node serves a connection's requests side by side.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -312,19 +321,11 @@ async fn a_request_still_arriving_does_not_hold_up_the_next_on_its_connection() 
     )
     .await
     .expect("a ping answered while another request on the connection is still arriving");
-    assert_eq!(
-        (a["success"].clone(), a["timestamp"].clone()),
-        (json!(true), json!(2)),
-        "{a}"
-    );
+    assert_pong(&a, 2);
     send.write_all(&slow[10..]).await.unwrap();
     send.finish().unwrap();
     let a = read_answer(&mut recv)
         .await
         .expect("the slow request answered");
-    assert_eq!(
-        (a["success"].clone(), a["timestamp"].clone()),
-        (json!(true), json!(1)),
-        "{a}"
-    );
+    assert_pong(&a, 1);
 }

@@ -2,11 +2,10 @@
 //! length-prefixed frames (docs/protocol.md). Writes go through the Raft log; validations
 //! pass the read-index barrier first.
 
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use serde_json::{json, Map, Value};
@@ -40,8 +39,7 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
     // (docs/benchmarks.md). One agent's requests then share one thread; agents are many.
     // Boxed: an empty set keeps a stub of its future type, and this one is kilobytes, kept
     // for every agent connection.
-    let mut running: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send>>> =
-        FuturesUnordered::new();
+    let mut running: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
     loop {
         let (send, recv) = tokio::select! {
             _ = inner.shutdown.cancelled() => break,
@@ -68,15 +66,18 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
             None
         };
         let inner = inner.clone();
-        running.push(Box::pin(async move {
-            // A request that panics must not take its neighbours on the connection (or the
-            // cleanup below) with it, as it could not when it was a task of its own.
-            let served = AssertUnwindSafe(serve_stream(&inner, conn_id, refusal, send, recv));
-            if served.catch_unwind().await.is_err() {
-                tracing::error!(conn_id, "an agent request panicked; its stream was dropped");
+        running.push(
+            async move {
+                // A request that panics must not take its neighbours on the connection (or the
+                // cleanup below) with it, as it could not when it was a task of its own.
+                let served = AssertUnwindSafe(serve_stream(&inner, conn_id, refusal, send, recv));
+                if served.catch_unwind().await.is_err() {
+                    tracing::error!(conn_id, "an agent request panicked; its stream was dropped");
+                }
+                drop((in_drain, in_conn));
             }
-            drop((in_drain, in_conn));
-        }));
+            .boxed(),
+        );
     }
     // Requests already admitted finish (a drain waits for them) while the connection is
     // cleaned up.
