@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use agentreg::client::{load_certificate, ClientError, ClientEvent};
-use agentreg::registry::{Command, Op};
+use agentreg::registry::{ClaimArgs, Command, Op};
 use common::*;
 use serde_json::{json, Map};
 
@@ -155,13 +155,13 @@ async fn an_expired_claim_is_free_to_claim_again() {
         .node(1)
         .write(Command {
             at: now() - 7200,
-            op: Op::Claim {
+            op: Op::Claim(ClaimArgs {
                 agent_id: "stale".into(),
                 ttl_secs: 3600,
                 force: false,
                 proof: None,
                 conn: None,
-            },
+            }),
         })
         .await
         .unwrap();
@@ -581,4 +581,101 @@ async fn a_connection_whose_session_ended_answers_its_requests_before_closing() 
         ),
         other => panic!("connection ended with {other:?}, not 0x101"),
     }
+}
+
+/// A claim sent again with its claim token, through another node, is answered with the
+/// certificate the first one issued; nobody else gets the id, token or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_sent_again_with_its_token_gets_the_same_certificate_through_any_node() {
+    let cluster = ready().await;
+    let claim = |token: &str| json!({"type":"system_request","command":"claim_agent_id","agent_id":"retried","claim_token":token});
+    let token = "7f3a0c9e5b2d4e8f1a6c3b9d0e7f2a5c";
+    let first = cluster.raw(1).await.request(claim(token)).await;
+    assert_eq!(first["success"], true, "{first}");
+    assert_eq!(first["repeated"], false, "{first}");
+    for id in [2, 3, 1] {
+        let again = cluster.raw(id).await.request(claim(token)).await;
+        assert_eq!(again["success"], true, "node {id}: {again}");
+        assert_eq!(again["repeated"], true, "node {id}: {again}");
+        assert_eq!(again["certificate"], first["certificate"], "node {id}");
+    }
+    let other = cluster
+        .raw(2)
+        .await
+        .request(claim("another-claimants-token"))
+        .await;
+    assert_eq!(
+        other["error"], "Agent ID retried is already claimed",
+        "{other}"
+    );
+    let plain = cluster
+        .raw(3)
+        .await
+        .request(json!({"type":"system_request","command":"claim_agent_id","agent_id":"retried"}))
+        .await;
+    assert_eq!(
+        plain["error"], "Agent ID retried is already claimed",
+        "{plain}"
+    );
+    // One claim, one certificate: the repeats issued nothing.
+    let serial = first["certificate"]["serial"].as_u64().unwrap();
+    for id in [1, 2, 3] {
+        let t = cluster.tables(id);
+        assert_eq!(t.claims["retried"].serial, serial, "node {id}");
+    }
+}
+
+/// The node serving a claim dies after the claim is committed but before it answers: the
+/// client sends the claim again, with its claim token, to another node, and gets the
+/// certificate that claim issued (where a claim sent afresh would find the id taken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_whose_node_dies_before_answering_a_claim_gets_the_certificate_it_issued() {
+    let mut cluster = TestCluster::start(Options {
+        faults: true,
+        ..Options::default()
+    })
+    .await;
+    let leader = cluster.leader().await;
+    cluster.keyring_ready().await;
+    let serving = cluster.follower().await;
+    let other = *cluster
+        .others(serving)
+        .iter()
+        .find(|id| **id != leader)
+        .unwrap();
+    let agent = cluster.agent(serving).await;
+    // The serving node still reaches the leader, but hears nothing back: the claim it
+    // forwards is committed (leader and the other follower) and never answered.
+    cluster.net().cut_one_way(leader, serving);
+    let claiming = tokio::spawn({
+        let agent = agent.clone();
+        async move { agent.claim_agent_id("unlucky", false).await }
+    });
+    let serial = wait_for("the claim committed", TIMEOUT, || async {
+        cluster
+            .tables(other)
+            .claims
+            .get("unlucky")
+            .map(|c| c.serial)
+    })
+    .await;
+    assert!(
+        !claiming.is_finished(),
+        "answered without the leader's answer"
+    );
+    cluster.crash(serving).await;
+
+    let cert = tokio::time::timeout(TIMEOUT, claiming)
+        .await
+        .expect("the claim ends in time")
+        .unwrap()
+        .expect("the claim is answered through another node");
+    assert_eq!(cert.serial, serial);
+    assert_ne!(
+        agent.current_node().unwrap(),
+        cluster.addrs[&serving].to_string()
+    );
+    let v = agent.validate_certificate(&cert).await.unwrap();
+    assert!(v.valid, "{v:?}");
+    assert_eq!(agent.certificate(), Some(cert));
 }

@@ -61,6 +61,16 @@ async fn identity_events_are_audited_without_secrets() {
         .unwrap();
     b.revoke_certificate(&cert).await.unwrap();
     b.revoke_certificate(&cert).await.unwrap();
+    // A claim sent twice with its claim token: the second is a repeat.
+    let token = "the-claim-token-of-agent-repeated";
+    for id in [2, 3] {
+        let answer = cluster
+            .raw(id)
+            .await
+            .request(serde_json::json!({"type":"system_request","command":"claim_agent_id","agent_id":"repeated","claim_token":token}))
+            .await;
+        assert_eq!(answer["success"], true, "{answer}");
+    }
     let admin = AdminClient::new(&cluster.admin_args()).unwrap();
     admin
         .call_any(&cluster.admin_args().endpoints, &AdminRequest::KeysRotate)
@@ -125,6 +135,13 @@ async fn identity_events_are_audited_without_secrets() {
         with_serial.iter().all(|l| l.contains(" audit: ")),
         "{with_serial:#?}"
     );
+    find(&[
+        "event=\"claim\"",
+        "agent_id=\"repeated\"",
+        "node_id=3",
+        "outcome=ok",
+        "detail=repeated: the same claim token, the same certificate",
+    ]);
     find(&["event=\"keyring_init\"", "outcome=ok"]);
     find(&["event=\"key_rotate\"", "outcome=ok"]);
     let all = lines.join("\n");
@@ -136,6 +153,7 @@ async fn identity_events_are_audited_without_secrets() {
         !all.contains(&cert.certificate_hash),
         "a certificate hash reached the audit log"
     );
+    assert!(!all.contains(token), "a claim token reached the audit log");
     for id in 1..=3 {
         for (_, key) in cluster.node(id).state().read().state.keyring().iter() {
             if let Some(s) = &key.secret {

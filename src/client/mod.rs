@@ -6,6 +6,9 @@
 //! anything; and it renews its certificate at half its lifetime. A request a node refuses
 //! only because the connection is about to close (the node is stopping, or the connection's
 //! session ended), which the node did not carry out, goes once more on the next connection.
+//! Every claim (and renewal) carries a claim token of its own and goes again with it, on the
+//! next connection if need be, while its outcome is unknown: one that was applied is then
+//! answered with the certificate it issued (docs/protocol.md, "Sending a claim again").
 
 mod conn;
 mod supervisor;
@@ -181,6 +184,30 @@ impl Shared {
         Ok(reg)
     }
 
+    /// Sends a claim with a claim token of its own, and sends it again, token and all, while
+    /// its outcome is unknown (the connection or the node was lost, or a failover took the
+    /// answer): a claim that was applied is then answered with the certificate it issued,
+    /// where sending it afresh would find the id "already claimed", by itself.
+    async fn claim(&self, mut fields: Value) -> Result<Map<String, Value>, ClientError> {
+        fields["claim_token"] = new_claim_token().into();
+        let mut pause = self.config.reconnect_min;
+        let mut attempt = 1;
+        loop {
+            match self.call(agent::CLAIM_AGENT_ID, fields.clone()).await {
+                Err(e) if attempt < CLAIM_ATTEMPTS && worth_repeating(&e, attempt > 1) => {
+                    tracing::debug!(error = %e, attempt, "claim outcome unknown; sending it again with its claim token");
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => return Err(ClientError::Closed),
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(self.config.reconnect_max);
+                    attempt += 1;
+                }
+                answer => return answer,
+            }
+        }
+    }
+
     /// Re-claims with the current certificate as proof: a fresh certificate, same id. An
     /// expired certificate proves nothing and is not renewed (claim the id again instead).
     async fn renew(&self) -> Result<Certificate, ClientError> {
@@ -191,14 +218,32 @@ impl Shared {
             ));
         }
         let r = self
-            .call(
-                agent::CLAIM_AGENT_ID,
-                json!({"agent_id": cert.agent_id, "force": true, "certificate": cert}),
-            )
+            .claim(json!({"agent_id": cert.agent_id, "force": true, "certificate": cert}))
             .await?;
         let new = certificate_of(&r)?;
         self.set_cert(Some(new.clone()));
         Ok(new)
+    }
+}
+
+/// How many times a claim goes out at most while its outcome stays unknown.
+const CLAIM_ATTEMPTS: u32 = 4;
+
+/// A claim token: 128 random bits as 32 hex digits.
+fn new_claim_token() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+/// Whether a claim that failed with `e` may have been applied or may go through if sent
+/// again (see [`agent::worth_repeating`]); a refusal on its merits ("already claimed", a bad
+/// certificate) is final. No node reachable means this attempt never went out: worth
+/// waiting for a node only if an earlier one (`sent_before`) may have been applied.
+fn worth_repeating(e: &ClientError, sent_before: bool) -> bool {
+    match e {
+        ClientError::Failed(_) => true,
+        ClientError::Unreachable(_) => sent_before,
+        ClientError::Refused(reason) => agent::worth_repeating(reason),
+        _ => false,
     }
 }
 
@@ -281,6 +326,11 @@ impl AgentClient {
     /// Claims `agent_id`. With `force`, re-issues the certificate of an id the client holds a
     /// valid certificate for. The new certificate is kept by the client.
     ///
+    /// A claim whose outcome is unknown (its connection or node was lost, or the node
+    /// answered "write outcome unknown" or "cluster unavailable") is sent again with the
+    /// same claim token, up to four times in all, so this can take up to four
+    /// `request_timeout`s; a claim that was applied is answered with its certificate.
+    ///
     /// # Errors
     /// [`ClientError::Refused`] with the node's reason (e.g. "Agent ID X is already claimed").
     pub async fn claim_agent_id(
@@ -298,7 +348,7 @@ impl AgentClient {
             f["certificate"] =
                 serde_json::to_value(c).map_err(|e| ClientError::Protocol(e.to_string()))?;
         }
-        let r = self.shared.call(agent::CLAIM_AGENT_ID, f).await?;
+        let r = self.shared.claim(f).await?;
         let cert = certificate_of(&r)?;
         self.shared.set_cert(Some(cert.clone()));
         Ok(cert)

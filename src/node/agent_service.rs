@@ -15,7 +15,7 @@ use super::duties::unix_now;
 use super::{read, write, Inner};
 use crate::identity::Certificate;
 use crate::proto::agent::{self, AgentRequest, CONNECTION_CLOSING_ERROR, SHUTTING_DOWN_ERROR};
-use crate::registry::{ConnRef, EndCause, Op, Outcome, SessionEnd};
+use crate::registry::{ClaimArgs, ConnRef, EndCause, Op, Outcome, SessionEnd, TokenHash};
 use crate::transport::frame::{
     read_end_if_there, read_stream_frame, write_frame, FrameError, MAX_AGENT_FRAME,
 };
@@ -183,21 +183,34 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
             agent_id,
             force,
             certificate,
+            claim_token,
         } => {
-            let op = Op::Claim {
+            let claim = ClaimArgs {
                 agent_id: agent_id.clone(),
                 ttl_secs: inner.config.certificate_ttl_secs(),
                 force,
                 proof: certificate,
                 conn: Some(conn),
             };
-            match commit(inner, op).await? {
-                // Logged by the audit trail (write::write), like every identity event.
-                Outcome::Claimed { certificate } => Ok(fields(
-                    json!({ "agent_id": agent_id, "certificate": certificate }),
-                )),
-                other => Err(unexpected(&other)),
-            }
+            // Only the token's hash leaves this node.
+            let op = match claim_token {
+                Some(t) => Op::ClaimWithToken {
+                    claim,
+                    token: TokenHash::of(&t),
+                },
+                None => Op::Claim(claim),
+            };
+            // Logged by the audit trail (write::write), like every identity event.
+            let (certificate, repeated) = match commit(inner, op).await? {
+                Outcome::Claimed { certificate } => (certificate, false),
+                Outcome::ClaimRepeated { certificate } => (certificate, true),
+                other => return Err(unexpected(&other)),
+            };
+            Ok(fields(json!({
+                "agent_id": agent_id,
+                "certificate": certificate,
+                "repeated": repeated,
+            })))
         }
         AgentRequest::ValidateCertificate {
             certificate,

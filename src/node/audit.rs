@@ -16,6 +16,10 @@ pub(super) fn record(node_id: u64, cmd: &Command, result: &Result<Written, Write
             Ok(o) => {
                 match o {
                     Outcome::Claimed { certificate } => serial = Some(certificate.serial),
+                    Outcome::ClaimRepeated { certificate } => {
+                        serial = Some(certificate.serial);
+                        detail = "repeated: the same claim token, the same certificate".into()
+                    }
                     Outcome::Registered {
                         session_id: s,
                         replaced,
@@ -78,11 +82,9 @@ pub(super) fn record(node_id: u64, cmd: &Command, result: &Result<Written, Write
 /// Event name and the identifiers a command carries.
 fn describe(op: &Op) -> (&'static str, Option<&str>, Option<u64>, Option<u64>) {
     match op {
-        Op::Claim {
-            agent_id, force, ..
-        } => (
-            if *force { "reissue" } else { "claim" },
-            Some(agent_id),
+        Op::Claim(claim) | Op::ClaimWithToken { claim, .. } => (
+            if claim.force { "reissue" } else { "claim" },
+            Some(&claim.agent_id),
             None,
             None,
         ),

@@ -158,73 +158,114 @@ async fn call(leader: &PeerClient, batch: Vec<Pending>) {
         .map(|p| p.deadline)
         .max()
         .unwrap_or_else(Instant::now);
-    let budget = deadline.saturating_duration_since(Instant::now());
-    let n = batch.len();
-    let (cmds, replies): (Vec<Command>, Vec<_>) =
+    let (mut cmds, replies): (Vec<Command>, Vec<_>) =
         batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
-    if n == 1 {
-        let cmd = cmds.into_iter().next().expect("one command");
-        let answer = single(leader, cmd, budget).await;
-        for reply in replies {
-            let _ = reply.send(answer.clone());
-        }
-        return;
+    if !leader.takes_claim_tokens() {
+        cmds = cmds.into_iter().map(Command::without_claim_token).collect();
     }
-    let req = PeerRequest::ForwardBatch(cmds);
-    let answers = match leader.call(&req, budget).await {
-        Ok(PeerResponse::ForwardBatch(rs)) if rs.len() == n => Ok(rs),
-        Ok(PeerResponse::ForwardBatch(rs)) => Err(PeerError::Failed {
-            target: leader.target(),
-            reason: format!("answered {} results for {n} forwarded writes", rs.len()),
-        }),
-        Ok(other) => Err(mismatch(leader, "forward_batch", other.kind())),
-        Err(PeerError::Refused { reason, .. }) => {
-            // A leader of an older build, during a rolling upgrade: it did not read the batch,
-            // so each write goes again on its own.
-            tracing::info!(
-                leader = leader.target(),
-                reason,
-                "the leader does not take batched forwards; forwarding one by one"
-            );
-            leader.refused_batches();
-            let PeerRequest::ForwardBatch(cmds) = req else {
-                unreachable!("built above")
-            };
-            let budget = deadline.saturating_duration_since(Instant::now());
-            let answers = cmds.into_iter().map(|cmd| single(leader, cmd, budget));
-            let answers = futures::future::join_all(answers).await;
-            for (reply, answer) in replies.into_iter().zip(answers) {
-                let _ = reply.send(answer);
-            }
-            return;
-        }
-        Err(e) => Err(e),
-    };
-    match answers {
-        Ok(rs) => {
-            for (reply, r) in replies.into_iter().zip(rs) {
-                let _ = reply.send(Ok(r));
-            }
-        }
-        Err(e) => {
-            for reply in replies {
-                let _ = reply.send(Err(e.clone()));
-            }
-        }
+    let answers = forward_all(leader, cmds, deadline).await;
+    for (reply, answer) in replies.into_iter().zip(answers) {
+        let _ = reply.send(answer);
     }
 }
 
-/// Forwards one write as a plain `Forward`, which every build reads.
-async fn single(
+/// Forwards `cmds` in one call and gives an answer for each, in order. A leader of an
+/// earlier build (a rolling upgrade: docs/operations.md) refuses unread a call it cannot
+/// decode, which changes nothing; the writes then go again in what it reads: first without
+/// claim tokens, then one by one.
+async fn forward_all(
     leader: &PeerClient,
-    cmd: Command,
-    budget: std::time::Duration,
-) -> Result<Forwarded, PeerError> {
-    match leader.call(&PeerRequest::Forward(cmd), budget).await {
-        Ok(PeerResponse::Forward(r)) => Ok(r),
-        Ok(other) => Err(mismatch(leader, "forward", other.kind())),
-        Err(e) => Err(e),
+    cmds: Vec<Command>,
+    deadline: Instant,
+) -> Vec<Result<Forwarded, PeerError>> {
+    let n = cmds.len();
+    let (mut reason, mut cmds) = match send(leader, cmds, deadline).await {
+        Sent::Answered(answers) => return answers,
+        Sent::Refused { reason, cmds } => (reason, cmds),
+    };
+    if cmds.iter().any(Command::has_claim_token) {
+        tracing::info!(
+            leader = leader.target(),
+            reason,
+            "the leader does not take claim tokens; forwarding claims without them (not repeatable until it is upgraded)"
+        );
+        leader.refused_claim_tokens();
+        let plain = cmds.into_iter().map(Command::without_claim_token).collect();
+        (reason, cmds) = match send(leader, plain, deadline).await {
+            Sent::Answered(answers) => return answers,
+            Sent::Refused { reason, cmds } => (reason, cmds),
+        };
     }
+    if n == 1 {
+        return vec![Err(PeerError::Refused {
+            target: leader.target(),
+            reason,
+        })];
+    }
+    tracing::info!(
+        leader = leader.target(),
+        reason,
+        "the leader does not take batched forwards; forwarding one by one"
+    );
+    leader.refused_batches();
+    let singles = cmds.into_iter().map(|cmd| async move {
+        match send(leader, vec![cmd], deadline).await {
+            Sent::Answered(mut answers) => answers.pop().expect("one answer for one write"),
+            Sent::Refused { reason, .. } => Err(PeerError::Refused {
+                target: leader.target(),
+                reason,
+            }),
+        }
+    });
+    futures::future::join_all(singles).await
+}
+
+/// What one call to the leader came to.
+enum Sent {
+    /// An answer for each write, in order.
+    Answered(Vec<Result<Forwarded, PeerError>>),
+    /// The leader refused the call unread: the writes, back.
+    Refused { reason: String, cmds: Vec<Command> },
+}
+
+/// One call: a single write as a plain `Forward` (which every build reads), several as a
+/// `ForwardBatch`.
+async fn send(leader: &PeerClient, mut cmds: Vec<Command>, deadline: Instant) -> Sent {
+    let n = cmds.len();
+    let budget = deadline.saturating_duration_since(Instant::now());
+    let (req, sent) = match cmds.pop() {
+        Some(cmd) if n == 1 => (PeerRequest::Forward(cmd), "forward"),
+        last => {
+            cmds.extend(last);
+            (PeerRequest::ForwardBatch(cmds), "forward_batch")
+        }
+    };
+    let answers = match (leader.call(&req, budget).await, req) {
+        (Ok(PeerResponse::Forward(r)), PeerRequest::Forward(_)) => Ok(vec![r]),
+        (Ok(PeerResponse::ForwardBatch(rs)), PeerRequest::ForwardBatch(_)) if rs.len() == n => {
+            Ok(rs)
+        }
+        (Ok(PeerResponse::ForwardBatch(rs)), PeerRequest::ForwardBatch(_)) => {
+            Err(PeerError::Failed {
+                target: leader.target(),
+                reason: format!("answered {} results for {n} forwarded writes", rs.len()),
+            })
+        }
+        (Ok(other), _) => Err(mismatch(leader, sent, other.kind())),
+        (Err(PeerError::Refused { reason, .. }), req) => {
+            let cmds = match req {
+                PeerRequest::Forward(cmd) => vec![cmd],
+                PeerRequest::ForwardBatch(cmds) => cmds,
+                _ => unreachable!("built above"),
+            };
+            return Sent::Refused { reason, cmds };
+        }
+        (Err(e), _) => Err(e),
+    };
+    Sent::Answered(match answers {
+        Ok(rs) => rs.into_iter().map(Ok).collect(),
+        Err(e) => vec![Err(e); n],
+    })
 }
 
 fn mismatch(leader: &PeerClient, sent: &'static str, got: &'static str) -> PeerError {
@@ -243,7 +284,7 @@ mod tests {
     use super::*;
     use crate::raft::network::{PeerDialer, BAD_FRAME, MAX_PEER_FRAME};
     use crate::raft::types::codec;
-    use crate::registry::{Op, Outcome};
+    use crate::registry::{ClaimArgs, Op, Outcome, TokenHash};
     use crate::transport::frame::{read_frame, write_frame};
     use crate::transport::tls::{self, NodeTls, TlsFiles};
 
@@ -394,6 +435,115 @@ mod tests {
         for t in stuck {
             t.abort();
         }
+    }
+
+    /// A leader of the build before claim tokens: it reads batched forwards, but refuses
+    /// unread (`BAD_FRAME`) any call holding a claim with a token, as that build cannot
+    /// decode it. Counts what it refused and keeps the claims it answered.
+    #[derive(Default)]
+    struct TokenlessLeader {
+        refused: AtomicUsize,
+        batches: AtomicUsize,
+        claims: std::sync::Mutex<Vec<Command>>,
+    }
+
+    async fn serve_tokenless_leader(endpoint: quinn::Endpoint, seen: Arc<TokenlessLeader>) {
+        serve(endpoint, move |mut send, mut recv, bytes| {
+            let seen = seen.clone();
+            async move {
+                let (cmds, batched) = match codec::decode::<PeerRequest>(&bytes).unwrap() {
+                    PeerRequest::Forward(cmd) => (vec![cmd], false),
+                    PeerRequest::ForwardBatch(cmds) => (cmds, true),
+                    _ => unreachable!("only forwards are sent"),
+                };
+                if cmds.iter().any(Command::has_claim_token) {
+                    seen.refused.fetch_add(1, SeqCst);
+                    let _ = recv.stop(BAD_FRAME);
+                    let _ = send.reset(BAD_FRAME);
+                    return;
+                }
+                let n = cmds.len();
+                seen.claims.lock().unwrap().extend(cmds);
+                let answer = |i| Ok((i as u64, Ok(Outcome::Noop)));
+                let answer = if batched {
+                    seen.batches.fetch_add(1, SeqCst);
+                    PeerResponse::ForwardBatch((0..n).map(answer).collect())
+                } else {
+                    PeerResponse::Forward(answer(0))
+                };
+                write_frame(&mut send, &codec::encode(&answer).unwrap())
+                    .await
+                    .unwrap();
+                let _ = send.finish();
+            }
+        })
+        .await
+    }
+
+    fn claim_with_token(i: u64) -> Command {
+        Command {
+            at: i,
+            op: Op::ClaimWithToken {
+                claim: ClaimArgs {
+                    agent_id: format!("agent-{i}"),
+                    ttl_secs: 3600,
+                    force: false,
+                    proof: None,
+                    conn: None,
+                },
+                token: TokenHash::of(&format!("token-of-claim-{i:08}")),
+            },
+        }
+    }
+
+    /// During a rolling upgrade, a claim with a token that reaches a leader of the build
+    /// before claim tokens goes again without its token (a plain claim), once refused; the
+    /// claims after it go without one from the start, still in batches.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_that_cannot_read_claim_tokens_gets_plain_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::transport::devcerts::write_dev_material(dir.path(), &[1, 2], &[], false).unwrap();
+        let server = server(dir.path());
+        let seen = Arc::new(TokenlessLeader::default());
+        tokio::spawn(serve_tokenless_leader(server.clone(), seen.clone()));
+        let leader = client(dir.path(), 1, &server);
+        let stop = CancellationToken::new();
+        let forwarder = Forwarder::start(stop.clone(), Counters::default());
+        let deadline = Instant::now() + Duration::from_secs(10);
+
+        let answer = forwarder
+            .forward(leader.clone(), claim_with_token(0), deadline)
+            .await;
+        assert!(matches!(answer, Ok(Ok(_))), "{answer:?}");
+        assert_eq!(seen.refused.load(SeqCst), 1);
+        assert!(!leader.takes_claim_tokens());
+        assert!(leader.takes_batches(), "batches were not what it refused");
+
+        let answers = futures::future::join_all(
+            (1..40).map(|i| forwarder.forward(leader.clone(), claim_with_token(i), deadline)),
+        )
+        .await;
+        assert!(
+            answers.iter().all(|a| matches!(a, Ok(Ok(_)))),
+            "{answers:?}"
+        );
+        assert_eq!(seen.refused.load(SeqCst), 1, "refused again");
+        assert!(seen.batches.load(SeqCst) >= 1, "no batch");
+        // Each claim arrived once, as a plain claim of the same agent.
+        let claims = seen.claims.lock().unwrap();
+        let mut agents: Vec<String> = claims
+            .iter()
+            .map(|c| match &c.op {
+                Op::Claim(claim) => claim.agent_id.clone(),
+                other => panic!("not a plain claim: {other:?}"),
+            })
+            .collect();
+        agents.sort();
+        let mut expected: Vec<String> = (0..40).map(|i| format!("agent-{i}")).collect();
+        expected.sort();
+        assert_eq!(agents, expected);
+        stop.cancel();
+        server.close(0u32.into(), b"done");
     }
 
     fn write(i: u64) -> Command {

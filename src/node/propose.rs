@@ -223,7 +223,7 @@ async fn commit(raft: &Raft, mut batch: Vec<Pending>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::ConnRef;
+    use crate::registry::{ClaimArgs, ConnRef};
 
     /// A full entry of claims is cut by the count, not by the bytes: with a claim counted
     /// as 512 bytes the byte limit cut entries at 64 claims.
@@ -231,7 +231,7 @@ mod tests {
     fn a_full_entry_of_claims_fits_the_byte_limit() {
         let claim = |i: u64| Command {
             at: 1_800_000_000,
-            op: Op::Claim {
+            op: Op::Claim(ClaimArgs {
                 agent_id: format!("agent-{i:020}"),
                 ttl_secs: 3600,
                 force: false,
@@ -240,7 +240,7 @@ mod tests {
                     node_id: 3,
                     conn_id: u64::MAX,
                 }),
-            },
+            }),
         };
         let bytes: usize = (0..MAX_BATCH as u64).map(|i| claim(i).size_hint()).sum();
         assert!(

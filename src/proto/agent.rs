@@ -35,6 +35,19 @@ pub fn refused_for_closing(error: &str) -> bool {
     error == SHUTTING_DOWN_ERROR || error == CONNECTION_CLOSING_ERROR
 }
 
+/// How an answer begins when the node lost track of a write: it may or may not have been
+/// applied (a failover took the answer).
+pub const OUTCOME_UNKNOWN_PREFIX: &str = "write outcome unknown";
+/// How an answer begins when the node could not reach a quorum: nothing was applied.
+pub const UNAVAILABLE_PREFIX: &str = "cluster unavailable";
+
+/// Whether a refused claim that carried a claim token is worth sending again as it is
+/// (with the same token): its outcome is unknown, or the cluster had no quorum for it yet.
+/// Sent again, it is answered with the certificate it issued if it was applied.
+pub fn worth_repeating(error: &str) -> bool {
+    error.starts_with(OUTCOME_UNKNOWN_PREFIX) || error.starts_with(UNAVAILABLE_PREFIX)
+}
+
 /// Every command a node serves.
 pub const COMMANDS: &[&str] = &[
     CLAIM_AGENT_ID,
@@ -46,6 +59,17 @@ pub const COMMANDS: &[&str] = &[
     REVOKE_CERTIFICATE,
 ];
 
+/// Shortest and longest claim token: at least 16 characters, so that a random one cannot be
+/// guessed (the client library sends 32 hex digits, 128 random bits).
+pub const CLAIM_TOKEN_MIN: usize = 16;
+pub const CLAIM_TOKEN_MAX: usize = 128;
+
+/// Whether `t` has the shape of a claim token: 16 to 128 visible ASCII characters.
+pub fn is_claim_token(t: &str) -> bool {
+    (CLAIM_TOKEN_MIN..=CLAIM_TOKEN_MAX).contains(&t.len())
+        && t.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// A parsed request of the agent protocol.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentRequest {
@@ -53,6 +77,9 @@ pub enum AgentRequest {
         agent_id: String,
         force: bool,
         certificate: Option<Certificate>,
+        /// The claimant's secret for this claim: the same claim sent again with it gets the
+        /// same certificate (see `Op::ClaimWithToken`).
+        claim_token: Option<String>,
     },
     ValidateCertificate {
         certificate: Certificate,
@@ -167,6 +194,7 @@ fn parse_fields(obj: &Map<String, Value>) -> Result<AgentRequest, String> {
             agent_id: f.agent_id()?,
             force: f.bool_or("force", false)?,
             certificate: f.certificate_opt()?,
+            claim_token: f.claim_token_opt()?,
         },
         VALIDATE_CERTIFICATE => AgentRequest::ValidateCertificate {
             certificate: f.certificate()?,
@@ -265,6 +293,20 @@ impl Fields<'_> {
             Some(Value::Bool(b)) => Ok(*b),
             Some(other) => Err(format!(
                 "field {name} must be true or false, not {}",
+                kind(other)
+            )),
+        }
+    }
+
+    fn claim_token_opt(&self) -> Result<Option<String>, String> {
+        match self.0.get("claim_token") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(t)) if is_claim_token(t) => Ok(Some(t.clone())),
+            Some(Value::String(_)) => Err(format!(
+                "field claim_token must be {CLAIM_TOKEN_MIN} to {CLAIM_TOKEN_MAX} visible ASCII characters"
+            )),
+            Some(other) => Err(format!(
+                "field claim_token must be a string, not {}",
                 kind(other)
             )),
         }

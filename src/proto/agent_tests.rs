@@ -32,6 +32,7 @@ fn every_command_parses() {
                 agent_id: "my-agent".into(),
                 force: true,
                 certificate: Some(cert()),
+                claim_token: None,
             },
         ),
         (
@@ -40,6 +41,16 @@ fn every_command_parses() {
                 agent_id: "my-agent".into(),
                 force: false,
                 certificate: None,
+                claim_token: None,
+            },
+        ),
+        (
+            json!({"type":"system_request","command":"claim_agent_id","agent_id":"my-agent","claim_token":"0123456789abcdef"}),
+            AgentRequest::ClaimAgentId {
+                agent_id: "my-agent".into(),
+                force: false,
+                certificate: None,
+                claim_token: Some("0123456789abcdef".into()),
             },
         ),
         (
@@ -183,6 +194,21 @@ fn bad_inputs_get_clear_errors() {
         ),
         "field force must be true or false, not a string"
     );
+    let token_err = |t: Value| {
+        err_of(
+            json!({"type":"system_request","command":"claim_agent_id","agent_id":"a","claim_token":t}),
+        )
+    };
+    let shape = "field claim_token must be 16 to 128 visible ASCII characters";
+    assert_eq!(token_err(json!("0123456789abcde")), shape, "15 characters");
+    assert_eq!(token_err(json!("x".repeat(129))), shape);
+    assert_eq!(token_err(json!("0123456789 abcdef")), shape, "a space");
+    assert_eq!(token_err(json!("0123456789abcdéf")), shape, "not ASCII");
+    assert_eq!(
+        token_err(json!(12345678901234567u64)),
+        "field claim_token must be a string, not a number"
+    );
+    assert!(parse(json!({"type":"system_request","command":"claim_agent_id","agent_id":"a","claim_token":"x".repeat(128)})).request.is_ok());
     assert_eq!(
         err_of(
             json!({"type":"system_request","command":"register_agent","agent_id":"a","metadata":[1]})

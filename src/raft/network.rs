@@ -176,6 +176,9 @@ pub struct PeerClient {
     /// The peer refused a `ForwardBatch` on the current connection (an older build); cleared
     /// when a new connection is dialled, as the peer may have been upgraded meanwhile.
     refuses_batches: std::sync::atomic::AtomicBool,
+    /// The peer refused a forwarded claim with a claim token on the current connection (an
+    /// older build); cleared like `refuses_batches`.
+    refuses_claim_tokens: std::sync::atomic::AtomicBool,
     /// What a timed-out call last saw of the connection: see [`PeerClient::silent_for`].
     heard: Mutex<Option<Heard>>,
 }
@@ -198,6 +201,7 @@ impl PeerClient {
             conn: tokio::sync::Mutex::new(None),
             last_ok: Mutex::new(None),
             refuses_batches: std::sync::atomic::AtomicBool::new(false),
+            refuses_claim_tokens: std::sync::atomic::AtomicBool::new(false),
             heard: Mutex::new(None),
         }
     }
@@ -222,6 +226,19 @@ impl PeerClient {
     /// Records that the peer refused a batched forward.
     pub fn refused_batches(&self) {
         self.refuses_batches
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the peer can read claims with a claim token, as far as this client knows.
+    pub fn takes_claim_tokens(&self) -> bool {
+        !self
+            .refuses_claim_tokens
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records that the peer refused a forwarded claim with a claim token.
+    pub fn refused_claim_tokens(&self) {
+        self.refuses_claim_tokens
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -258,6 +275,8 @@ impl PeerClient {
             .map_err(|e| self.unreachable(e))?;
         let conn = connecting.await.map_err(|e| self.unreachable(e))?;
         self.refuses_batches
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.refuses_claim_tokens
             .store(false, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(target_node = self.target, addr = %self.addr, "connected to peer");
         *slot = Some(conn.clone());

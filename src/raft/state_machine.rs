@@ -33,9 +33,11 @@ use crate::registry::{Outcome, RegistryState, Response, SessionEnd, Tables};
 
 const SNAP_META: &[u8] = b"meta";
 const SNAP_DATA: &[u8] = b"data";
-/// Version of the snapshot payload layout: 2 added `Tables::next_id`. Format 1 is still
-/// read (its tables carry no `next_id`, which is then 0: ids were log indexes).
-const SNAPSHOT_FORMAT: u32 = 2;
+/// Version of the snapshot payload layout: 2 added `Tables::next_id`, 3 added
+/// `Tables::claim_tokens`. Formats 1 and 2 are still read (format 1's tables carry no
+/// `next_id`, which is then 0: ids were log indexes; neither carries claim tokens, so
+/// claims made before are not repeatable).
+const SNAPSHOT_FORMAT: u32 = 3;
 
 #[derive(Serialize, Deserialize)]
 struct SnapshotPayload {
@@ -59,6 +61,23 @@ struct SnapshotPayloadV1 {
     tables: TablesV1,
 }
 
+/// The tables as format 2 laid them out.
+#[derive(Deserialize)]
+struct TablesV2 {
+    claims: imbl::OrdMap<String, crate::registry::Claim>,
+    sessions: imbl::OrdMap<String, crate::registry::Session>,
+    revocations: imbl::OrdMap<u64, crate::registry::Revocation>,
+    keyring: crate::identity::Keyring,
+    next_id: u64,
+}
+
+#[derive(Deserialize)]
+struct SnapshotPayloadV2 {
+    #[allow(dead_code)]
+    format: u32,
+    tables: TablesV2,
+}
+
 /// Decodes a snapshot payload of any format this build reads.
 fn decode_payload(data: &[u8]) -> Result<Tables, String> {
     let (format, _): (u32, usize) =
@@ -74,6 +93,20 @@ fn decode_payload(data: &[u8]) -> Result<Tables, String> {
                 revocations: v1.tables.revocations.into(),
                 keyring: v1.tables.keyring,
                 next_id: 0,
+                claim_tokens: Default::default(),
+            })
+        }
+        2 => {
+            let v2: SnapshotPayloadV2 =
+                codec::decode(data).map_err(|e| format!("malformed snapshot payload: {e}"))?;
+            let t = v2.tables;
+            Ok(Tables {
+                claims: t.claims,
+                sessions: t.sessions,
+                revocations: t.revocations,
+                keyring: t.keyring,
+                next_id: t.next_id,
+                claim_tokens: Default::default(),
             })
         }
         SNAPSHOT_FORMAT => {
@@ -437,6 +470,69 @@ mod tests {
             decode_tables(&bad).unwrap_err(),
             "unsupported snapshot format 9"
         );
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+    use crate::registry::{ClaimArgs, Command, Op, TokenHash};
+
+    /// A format-2 snapshot payload (written before claim tokens existed) still loads, with
+    /// no claim token; format 3 keeps them.
+    #[test]
+    fn reads_format_2_snapshots_and_keeps_claim_tokens_in_format_3() {
+        let mut state = RegistryState::default();
+        let at = 1_700_000_000;
+        let ops = [
+            Op::InitKeyring {
+                secret: crate::identity::Secret::new(vec![7; 32]),
+            },
+            Op::ClaimWithToken {
+                claim: ClaimArgs {
+                    agent_id: "a".into(),
+                    ttl_secs: 3600,
+                    force: false,
+                    proof: None,
+                    conn: None,
+                },
+                token: TokenHash::of("token-of-the-claim-of-a"),
+            },
+        ];
+        for (i, op) in ops.into_iter().enumerate() {
+            state.apply(i as u64 + 1, &Command { at, op }).unwrap();
+        }
+        let t = state.tables();
+        assert_eq!(t.claim_tokens.len(), 1);
+        let (_, v3) = capture(&Applied {
+            state: state.clone(),
+            ..Applied::default()
+        })
+        .unwrap();
+        assert_eq!(decode_tables(&v3).unwrap(), *t);
+
+        #[derive(Serialize)]
+        struct V2<'a> {
+            format: u32,
+            claims: &'a imbl::OrdMap<String, crate::registry::Claim>,
+            sessions: &'a imbl::OrdMap<String, crate::registry::Session>,
+            revocations: &'a imbl::OrdMap<u64, crate::registry::Revocation>,
+            keyring: &'a crate::identity::Keyring,
+            next_id: u64,
+        }
+        let v2 = codec::encode(&V2 {
+            format: 2,
+            claims: &t.claims,
+            sessions: &t.sessions,
+            revocations: &t.revocations,
+            keyring: &t.keyring,
+            next_id: t.next_id,
+        })
+        .unwrap();
+        let tables = decode_tables(&v2).unwrap();
+        assert!(tables.claim_tokens.is_empty());
+        assert_eq!(tables.claims, t.claims);
+        assert_eq!(tables.next_id, t.next_id);
     }
 }
 

@@ -21,17 +21,41 @@ pub struct Command {
     pub op: Op,
 }
 
+/// What a claim asks for. (`Op::Claim` held these as its own fields; a newtype variant of
+/// this struct encodes byte for byte as that struct variant did.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimArgs {
+    pub agent_id: String,
+    pub ttl_secs: u64,
+    pub force: bool,
+    pub proof: Option<Certificate>,
+    /// The connection asking, if any: a live session on another connection blocks the claim.
+    pub conn: Option<ConnRef>,
+}
+
+/// SHA-256 of a claim token: the secret a claimant sends with a claim so that the same
+/// claim sent again (its answer was lost) gets the same certificate. Only the hash enters
+/// the log and the tables, so neither can be used to repeat someone else's claim.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenHash(pub [u8; 32]);
+
+impl TokenHash {
+    pub fn of(token: &str) -> TokenHash {
+        use sha2::{Digest, Sha256};
+        TokenHash(Sha256::digest(token.as_bytes()).into())
+    }
+}
+
+impl std::fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenHash(..)")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     /// Claim `agent_id` (or re-issue its certificate with `force` and a valid `proof`).
-    Claim {
-        agent_id: String,
-        ttl_secs: u64,
-        force: bool,
-        proof: Option<Certificate>,
-        /// The connection asking, if any: a live session on another connection blocks the claim.
-        conn: Option<ConnRef>,
-    },
+    Claim(ClaimArgs),
     /// Give up a claim; the certificate is revoked.
     Release {
         certificate: Certificate,
@@ -73,9 +97,32 @@ pub enum Op {
     /// Several commands in one log entry (group commit): applied in order, each answered as
     /// if it had its own entry, with consecutive ids. Never nested.
     Batch(Vec<Command>),
+    /// A claim with the hash of its claim token: if the id's live claim was made with the
+    /// same token, the answer is that claim's certificate again and nothing changes
+    /// ([`Outcome::ClaimRepeated`]); otherwise it is a claim like [`Op::Claim`] whose token
+    /// is kept while its certificate is the id's current one. Last, so that the variants
+    /// before it keep their tags: builds before it cannot read it (see docs/operations.md).
+    ClaimWithToken { claim: ClaimArgs, token: TokenHash },
 }
 
 impl Command {
+    /// Whether this is a claim with a claim token (which builds before it cannot read).
+    pub fn has_claim_token(&self) -> bool {
+        matches!(self.op, Op::ClaimWithToken { .. })
+    }
+
+    /// The same command without its claim token, for a leader of an earlier build: a plain
+    /// claim (not repeatable). Any other command is returned as it is.
+    pub fn without_claim_token(self) -> Command {
+        match self.op {
+            Op::ClaimWithToken { claim, .. } => Command {
+                at: self.at,
+                op: Op::Claim(claim),
+            },
+            _ => self,
+        }
+    }
+
     /// An upper bound on the command's encoded size in the log (bincode's standard
     /// configuration), to keep batches bounded without encoding them. Every integer, tag,
     /// flag and length prefix takes at most [`VARINT_MAX`] bytes; strings and secrets add
@@ -93,10 +140,10 @@ impl Command {
         };
         let opt_cert = |c: &Option<Certificate>| 1 + c.as_ref().map_or(0, cert);
         let opt_conn = 1 + 2 * N;
+        let claim_hint = |c: &ClaimArgs| text(&c.agent_id) + N + 1 + opt_cert(&c.proof) + opt_conn;
         let op = match &self.op {
-            Op::Claim {
-                agent_id, proof, ..
-            } => text(agent_id) + N + 1 + opt_cert(proof) + opt_conn,
+            Op::Claim(claim) => claim_hint(claim),
+            Op::ClaimWithToken { claim, .. } => claim_hint(claim) + 32,
             Op::Release { certificate, .. } | Op::RevokeCertificate { certificate, .. } => {
                 cert(certificate) + opt_conn
             }
@@ -126,7 +173,7 @@ impl Op {
     /// Short name for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {
-            Op::Claim { .. } => "claim",
+            Op::Claim(_) | Op::ClaimWithToken { .. } => "claim",
             Op::Release { .. } => "release",
             Op::Register { .. } => "register",
             Op::Unregister { .. } => "unregister",
@@ -193,6 +240,12 @@ pub enum Outcome {
     },
     /// The answers to the commands of a batch, in order.
     Batch(Vec<Response>),
+    /// A claim sent again with the token of the id's live claim: that claim's certificate,
+    /// issued again byte for byte; nothing changed. Last, so that the variants before it
+    /// keep their tags (only `ClaimWithToken`, which earlier builds never send, yields it).
+    ClaimRepeated {
+        certificate: Certificate,
+    },
 }
 
 /// Why a command was refused. Refusals change nothing. `Display` is the text agents see.
@@ -350,21 +403,29 @@ mod tests {
         }
     }
 
-    /// One command of every kind, with the largest integers and every option set.
-    fn every_kind() -> Vec<Command> {
-        let conn = ConnRef {
+    fn max_conn() -> ConnRef {
+        ConnRef {
             node_id: u64::MAX,
             conn_id: u64::MAX,
-        };
+        }
+    }
+
+    fn claim_args() -> ClaimArgs {
+        ClaimArgs {
+            agent_id: "agent-with-a-rather-long-name-0001".into(),
+            ttl_secs: u64::MAX,
+            force: true,
+            proof: Some(certificate()),
+            conn: Some(max_conn()),
+        }
+    }
+
+    /// One command of every kind, with the largest integers and every option set.
+    fn every_kind() -> Vec<Command> {
+        let conn = max_conn();
         let id = || "agent-with-a-rather-long-name-0001".to_string();
         let ops = vec![
-            Op::Claim {
-                agent_id: id(),
-                ttl_secs: u64::MAX,
-                force: true,
-                proof: Some(certificate()),
-                conn: Some(conn),
-            },
+            Op::Claim(claim_args()),
             Op::Release {
                 certificate: certificate(),
                 by: Some(conn),
@@ -403,6 +464,10 @@ mod tests {
             Op::RetireKey {
                 key_id: "k18446744073709551615".into(),
             },
+            Op::ClaimWithToken {
+                claim: claim_args(),
+                token: TokenHash([0xff; 32]),
+            },
         ];
         ops.into_iter()
             .map(|op| Command { at: u64::MAX, op })
@@ -436,7 +501,7 @@ mod tests {
     fn size_hint_of_a_claim_is_close() {
         let claim = Command {
             at: 1_800_000_000,
-            op: Op::Claim {
+            op: Op::Claim(ClaimArgs {
                 agent_id: "agent-0001".into(),
                 ttl_secs: 3600,
                 force: false,
@@ -445,7 +510,7 @@ mod tests {
                     node_id: 2,
                     conn_id: 123_456,
                 }),
-            },
+            }),
         };
         let len = codec::encode(&claim).unwrap().len();
         assert!(
@@ -453,5 +518,25 @@ mod tests {
             "hint {} for {len} bytes",
             claim.size_hint()
         );
+    }
+
+    /// A claim encodes as builds before claim tokens wrote it (frozen from such a build), so
+    /// every node reads the claims already in the log.
+    #[test]
+    fn a_claim_encodes_as_earlier_builds_wrote_it() {
+        let claim = every_kind().remove(0);
+        const EARLIER: &str = concat!(
+            "fdffffffffffffffff00226167656e742d776974682d612d7261746865722d6c6f6e672d6e616d65",
+            "2d30303031fdffffffffffffffff0101226167656e742d776974682d612d7261746865722d6c6f6e",
+            "672d6e616d652d30303031fdfffffffffffffffffdfffffffffffffffffdffffffffffffffff156b",
+            "31383434363734343037333730393535313631354068686868686868686868686868686868686868",
+            "68686868686868686868686868686868686868686868686868686868686868686868686868686868",
+            "68686868684073737373737373737373737373737373737373737373737373737373737373737373",
+            "73737373737373737373737373737373737373737373737373737373737301fdffffffffffffffff",
+            "fdffffffffffffffff",
+        );
+        let bytes = hex::decode(EARLIER).unwrap();
+        assert_eq!(codec::encode(&claim).unwrap(), bytes);
+        assert_eq!(codec::decode::<Command>(&bytes).unwrap(), claim);
     }
 }

@@ -4,9 +4,10 @@ mod command;
 mod state;
 
 pub use command::{
-    Command, ConnRef, EndCause, Op, Outcome, RegistryError, Response, SessionEnd, SessionRef,
+    ClaimArgs, Command, ConnRef, EndCause, Op, Outcome, RegistryError, Response, SessionEnd,
+    SessionRef, TokenHash,
 };
 pub use state::{
-    Claim, RegistryState, Revocation, Session, TableSizes, Tables, EXPIRY_GRACE_SECS,
+    Claim, ClaimToken, RegistryState, Revocation, Session, TableSizes, Tables, EXPIRY_GRACE_SECS,
     MAX_METADATA_LEN, MAX_TTL_SECS,
 };

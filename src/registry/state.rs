@@ -8,7 +8,9 @@ use imbl::{OrdMap, OrdSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::command::{Command, ConnRef, Op, Outcome, RegistryError, Response, SessionRef};
+use super::command::{
+    ClaimArgs, Command, ConnRef, Op, Outcome, RegistryError, Response, SessionRef, TokenHash,
+};
 use crate::identity::{check_agent_id, Certificate, Invalid, Keyring, Secret};
 
 /// Longest certificate lifetime a claim may ask for: ten years.
@@ -28,6 +30,15 @@ pub struct Claim {
     pub expires_at: u64,
     pub key_id: String,
     pub certificate_hash: String,
+}
+
+/// The claim token a live claim was made with (see [`Op::ClaimWithToken`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimToken {
+    /// Serial of the claim it was sent with: the token counts only while that claim is the
+    /// id's current one.
+    pub serial: u64,
+    pub hash: TokenHash,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +89,9 @@ pub struct Tables {
     /// log entry holding one command gives it its log index, and one holding a batch gives
     /// its commands consecutive ids; ids strictly increase along the log either way.
     pub next_id: u64,
+    /// The claim token of each claim made with one, by agent id; an entry leaves with its
+    /// claim. Last, so that the fields before it encode as they did before it existed.
+    pub claim_tokens: OrdMap<String, ClaimToken>,
 }
 
 impl Tables {
@@ -85,10 +99,27 @@ impl Tables {
     /// same log prefix report the same digest, so `agentreg status` can show that the
     /// replicas agree (like etcd's `hashkv`). Signing keys are 256-bit random values, so the
     /// digest reveals nothing about them.
+    ///
+    /// Tables with no claim token digest as they did before claim tokens existed, so that
+    /// nodes of both builds holding the same tables show the same digest mid-upgrade.
     pub fn digest(&self) -> String {
         use sha2::{Digest, Sha256};
-        let bytes = bincode::serde::encode_to_vec(self, bincode::config::standard())
-            .expect("the tables always encode");
+        let config = bincode::config::standard();
+        let before_tokens = (
+            &self.claims,
+            &self.sessions,
+            &self.revocations,
+            &self.keyring,
+            self.next_id,
+        );
+        let mut bytes =
+            bincode::serde::encode_to_vec(before_tokens, config).expect("the tables always encode");
+        if !self.claim_tokens.is_empty() {
+            bytes.extend(
+                bincode::serde::encode_to_vec(&self.claim_tokens, config)
+                    .expect("the tables always encode"),
+            );
+        }
         hex::encode(Sha256::digest(bytes))
     }
 }
@@ -216,13 +247,8 @@ impl RegistryState {
         let at = cmd.at;
         let id = self.tables.next_id.max(index);
         let result = match &cmd.op {
-            Op::Claim {
-                agent_id,
-                ttl_secs,
-                force,
-                proof,
-                conn,
-            } => self.claim_id(id, at, agent_id, *ttl_secs, *force, proof.as_ref(), *conn),
+            Op::Claim(claim) => self.claim_id(id, at, claim, None),
+            Op::ClaimWithToken { claim, token } => self.claim_id(id, at, claim, Some(token)),
             Op::Release { certificate, .. } => self.release(at, certificate),
             Op::Register {
                 agent_id,
@@ -290,17 +316,21 @@ impl RegistryState {
         result
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn claim_id(
         &mut self,
         id: u64,
         at: u64,
-        agent_id: &str,
-        ttl_secs: u64,
-        force: bool,
-        proof: Option<&Certificate>,
-        conn: Option<ConnRef>,
+        claim: &ClaimArgs,
+        token: Option<&TokenHash>,
     ) -> Response {
+        let ClaimArgs {
+            agent_id,
+            ttl_secs,
+            force,
+            proof,
+            conn,
+        } = claim;
+        let (ttl_secs, force, conn, proof) = (*ttl_secs, *force, *conn, proof.as_ref());
         check_agent_id(agent_id).map_err(RegistryError::InvalidAgentId)?;
         if ttl_secs == 0 || ttl_secs > MAX_TTL_SECS {
             return Err(RegistryError::BadTtl);
@@ -310,6 +340,14 @@ impl RegistryState {
             .claims
             .get(agent_id)
             .filter(|c| c.expires_at > at);
+        // The same claim again (its answer was lost): the certificate it issued, before
+        // anything else is looked at (a re-issue's proof is superseded by then).
+        if let (Some(c), Some(token)) = (live, token) {
+            let made_with = self.tables.claim_tokens.get(agent_id);
+            if made_with.is_some_and(|t| t.serial == c.serial && t.hash == *token) {
+                return self.repeat_claim(agent_id, c);
+            }
+        }
         // A certificate sent along is always checked, even for a free id: a bad one is
         // refused, not silently ignored.
         if let Some(proof) = proof {
@@ -353,7 +391,37 @@ impl RegistryState {
                 certificate_hash: certificate.certificate_hash.clone(),
             },
         );
+        match token {
+            Some(&hash) => {
+                let token = ClaimToken { serial: id, hash };
+                self.tables.claim_tokens.insert(agent_id.to_owned(), token);
+            }
+            None => {
+                self.tables.claim_tokens.remove(agent_id);
+            }
+        }
         Ok(Outcome::Claimed { certificate })
+    }
+
+    /// The certificate `claim` issued, signed again (the same bytes: signing is
+    /// deterministic). Refused if its key has been retired since: it would not validate.
+    fn repeat_claim(&self, agent_id: &str, claim: &Claim) -> Response {
+        let secret = self
+            .tables
+            .keyring
+            .get(&claim.key_id)
+            .and_then(|k| k.secret.as_ref())
+            .ok_or(RegistryError::Certificate(Invalid::RetiredKey))?;
+        let certificate = Certificate::issue(
+            agent_id,
+            claim.serial,
+            claim.issued_at,
+            claim.expires_at,
+            &claim.key_id,
+            secret,
+        );
+        debug_assert_eq!(certificate.certificate_hash, claim.certificate_hash);
+        Ok(Outcome::ClaimRepeated { certificate })
     }
 
     fn release(&mut self, at: u64, cert: &Certificate) -> Response {
@@ -512,6 +580,7 @@ impl RegistryState {
             .is_some_and(|c| c.serial == serial)
         {
             self.tables.claims.remove(agent_id);
+            self.tables.claim_tokens.remove(agent_id);
         }
         let session = self
             .tables

@@ -57,6 +57,16 @@ impl Log {
         }
     }
 
+    fn revoke(&mut self, at: u64, cert: Certificate) -> Outcome {
+        self.ok(
+            at,
+            Op::RevokeCertificate {
+                certificate: cert,
+                by: None,
+            },
+        )
+    }
+
     fn register(
         &mut self,
         at: u64,
@@ -69,13 +79,13 @@ impl Log {
 }
 
 fn claim_op(id: &str, force: bool, proof: Option<&Certificate>, conn: Option<ConnRef>) -> Op {
-    Op::Claim {
+    Op::Claim(ClaimArgs {
         agent_id: id.into(),
         ttl_secs: DAY,
         force,
         proof: proof.cloned(),
         conn,
-    }
+    })
 }
 
 fn register_op(
@@ -210,21 +220,21 @@ fn claims_refuse_bad_ids_and_ttls_and_need_a_key() {
         log.refused(T0, claim_op("", false, None, None)),
         RegistryError::InvalidAgentId(_)
     ));
-    let op = Op::Claim {
+    let op = Op::Claim(ClaimArgs {
         agent_id: "a".into(),
         ttl_secs: 0,
         force: false,
         proof: None,
         conn: None,
-    };
+    });
     assert_eq!(log.refused(T0, op), RegistryError::BadTtl);
-    let op = Op::Claim {
+    let op = Op::Claim(ClaimArgs {
         agent_id: "a".into(),
         ttl_secs: MAX_TTL_SECS + 1,
         force: false,
         proof: None,
         conn: None,
-    };
+    });
     assert_eq!(log.refused(T0, op), RegistryError::BadTtl);
 
     let mut empty = Log {
@@ -625,6 +635,173 @@ fn revocations_are_kept_until_the_certificate_expired_plus_grace() {
     assert_eq!(restored.sizes().revocations, 0);
 }
 
+// ---- claim tokens ----
+
+fn token_claim(id: &str, force: bool, proof: Option<&Certificate>, token: &str) -> Op {
+    let Op::Claim(claim) = claim_op(id, force, proof, None) else {
+        unreachable!()
+    };
+    Op::ClaimWithToken {
+        claim,
+        token: TokenHash::of(token),
+    }
+}
+
+impl Log {
+    fn token_claim(&mut self, at: u64, id: &str, token: &str) -> Certificate {
+        match self.ok(at, token_claim(id, false, None, token)) {
+            Outcome::Claimed { certificate } => certificate,
+            o => panic!("{o:?}"),
+        }
+    }
+
+    /// Sends `op` again: it must be answered with `cert`, changing nothing.
+    fn repeated(&mut self, at: u64, op: Op, cert: &Certificate) {
+        let before = self.sm.tables().clone();
+        match self.ok(at, op) {
+            Outcome::ClaimRepeated { certificate } => assert_eq!(&certificate, cert),
+            o => panic!("not repeated: {o:?}"),
+        }
+        assert_eq!(
+            self.sm.tables(),
+            &before,
+            "a repeated claim changed the tables"
+        );
+    }
+}
+
+#[test]
+fn a_claim_sent_again_with_its_token_gets_the_same_certificate() {
+    let mut log = Log::new();
+    let cert = log.token_claim(T0, "a", "token-of-the-first-claim");
+    // Later, from another connection (the first node died before it answered).
+    let mut again = token_claim("a", false, None, "token-of-the-first-claim");
+    if let Op::ClaimWithToken { claim, .. } = &mut again {
+        claim.conn = Some(conn(2, 7));
+    }
+    log.repeated(T0 + 5, again, &cert);
+    log.sm.validate_for(&cert, "a", T0 + 5).unwrap();
+    // Anyone else is refused, with or without a token of their own.
+    assert!(matches!(
+        log.refused(T0 + 5, claim_op("a", false, None, None)),
+        RegistryError::AlreadyClaimed { .. }
+    ));
+    assert!(matches!(
+        log.refused(
+            T0 + 5,
+            token_claim("a", false, None, "another-claimants-token")
+        ),
+        RegistryError::AlreadyClaimed { .. }
+    ));
+}
+
+#[test]
+fn a_reissue_sent_again_with_its_token_gets_the_reissued_certificate() {
+    let mut log = Log::new();
+    let first = log.claim(T0, "a");
+    let reissue = token_claim("a", true, Some(&first), "token-of-the-reissue");
+    let Outcome::Claimed {
+        certificate: second,
+    } = log.ok(T0 + 1, reissue.clone())
+    else {
+        panic!()
+    };
+    assert_ne!(second.serial, first.serial);
+    // Its proof is superseded now; the repeat is answered all the same.
+    log.repeated(T0 + 2, reissue, &second);
+    assert_eq!(
+        log.sm.validate(&first, T0 + 2),
+        Err(Invalid::Superseded),
+        "the repeat issued nothing"
+    );
+}
+
+#[test]
+fn a_claim_token_counts_only_while_its_certificate_is_current() {
+    let mut log = Log::new();
+    let token = "token-of-the-first-claim";
+    // Superseded by a re-issue made without the token.
+    let a = log.token_claim(T0, "a", token);
+    log.ok(T0 + 1, claim_op("a", true, Some(&a), None));
+    assert!(matches!(
+        log.refused(T0 + 2, token_claim("a", false, None, token)),
+        RegistryError::AlreadyClaimed { .. }
+    ));
+    assert!(log.sm.tables().claim_tokens.is_empty());
+    // Revoked: the id is free, and the same token makes a new claim.
+    let b = log.token_claim(T0, "b", token);
+    log.ok(
+        T0 + 1,
+        Op::RevokeAgent {
+            agent_id: "b".into(),
+        },
+    );
+    assert!(log.sm.tables().claim_tokens.is_empty());
+    let b2 = log.token_claim(T0 + 2, "b", token);
+    assert_ne!(b2.serial, b.serial);
+    // Expired: a new claim too.
+    let later = b2.expires_at;
+    let b3 = log.token_claim(later, "b", token);
+    assert_ne!(b3.serial, b2.serial);
+    assert_eq!(log.sm.tables().claim_tokens.len(), 1);
+}
+
+#[test]
+fn a_repeat_is_refused_once_the_key_that_signed_it_is_retired() {
+    let mut log = Log::new();
+    let a = log.token_claim(T0, "a", "token-of-the-first-claim");
+    log.ok(
+        T0,
+        Op::RotateKey {
+            secret: Secret::new(vec![3; 32]),
+        },
+    );
+    log.repeated(
+        T0,
+        token_claim("a", false, None, "token-of-the-first-claim"),
+        &a,
+    );
+    log.ok(
+        T0,
+        Op::RetireKey {
+            key_id: a.key_id.clone(),
+        },
+    );
+    assert_eq!(
+        log.refused(
+            T0,
+            token_claim("a", false, None, "token-of-the-first-claim")
+        ),
+        RegistryError::Certificate(Invalid::RetiredKey)
+    );
+}
+
+#[test]
+fn claim_tokens_are_in_the_digest_and_survive_a_snapshot() {
+    let mut log = Log::new();
+    log.claim(T0, "a");
+    let plain = log.sm.tables().digest();
+    let mut with_token = Log::new();
+    let cert = with_token.token_claim(T0, "a", "token-of-the-first-claim");
+    assert_ne!(with_token.sm.tables().digest(), plain);
+    // Only the hash is kept.
+    let encoded =
+        bincode::serde::encode_to_vec(with_token.sm.tables(), bincode::config::standard()).unwrap();
+    assert!(!encoded
+        .windows(b"token-of-the-first-claim".len())
+        .any(|w| w == b"token-of-the-first-claim"));
+    // Rebuilt from the tables (a snapshot), the claim still repeats.
+    let mut restored = Log {
+        sm: RegistryState::from_tables(with_token.sm.tables().clone()),
+        next: with_token.next,
+    };
+    restored.repeated(
+        T0 + 1,
+        token_claim("a", false, None, "token-of-the-first-claim"),
+        &cert,
+    );
+}
+
 // ---- keyring ----
 
 #[test]
@@ -815,17 +992,11 @@ fn tables_encode_as_std_btreemaps_did() {
     let mut log = Log::new();
     let a = log.claim(T0, "a");
     log.claim(T0, "c");
-    log.claim(T0, "b");
+    log.token_claim(T0, "b", "token-of-b");
     let d = log.claim(T0, "d");
     log.register(T0, "d", conn(1, 1), Some(&d))
         .expect("registered");
-    log.ok(
-        T0 + 1,
-        Op::RevokeCertificate {
-            certificate: a,
-            by: None,
-        },
-    );
+    log.revoke(T0 + 1, a);
     let t = log.sm.tables().clone();
     assert_eq!(
         (t.claims.len(), t.sessions.len(), t.revocations.len()),
@@ -838,6 +1009,7 @@ fn tables_encode_as_std_btreemaps_did() {
         revocations: std::collections::BTreeMap<&'a u64, &'a Revocation>,
         keyring: &'a crate::identity::Keyring,
         next_id: u64,
+        claim_tokens: std::collections::BTreeMap<&'a String, &'a ClaimToken>,
     }
     let std_tables = StdTables {
         claims: t.claims.iter().collect(),
@@ -845,6 +1017,7 @@ fn tables_encode_as_std_btreemaps_did() {
         revocations: t.revocations.iter().collect(),
         keyring: &t.keyring,
         next_id: t.next_id,
+        claim_tokens: t.claim_tokens.iter().collect(),
     };
     let config = bincode::config::standard();
     let old = bincode::serde::encode_to_vec(&std_tables, config).unwrap();
@@ -870,4 +1043,21 @@ fn a_copy_of_the_tables_shares_them_and_keeps_what_it_saw() {
     assert_eq!(copy.tables().claims.len(), 1000);
     assert!(copy.claim("later").is_none() && copy.session("agent-1").is_none());
     assert!(log.sm.claim("later").is_some() && log.sm.session("agent-1").is_some());
+}
+
+/// The digest of tables holding no claim token is what builds before claim tokens computed
+/// for the same tables (`agentreg status` compares the replicas' digests, also during a
+/// rolling upgrade): frozen from such a build.
+#[test]
+fn digest_without_claim_tokens_is_what_earlier_builds_computed() {
+    let mut log = Log::new();
+    let a = log.claim(T0, "a");
+    let b = log.claim(T0, "b");
+    log.register(T0, "b", conn(1, 1), Some(&b))
+        .expect("registered");
+    log.revoke(T0 + 1, a);
+    assert_eq!(
+        log.sm.tables().digest(),
+        "963b5879958b6a1d2a23a7ccc2186122e34d6dfc511402dbb696831320892039"
+    );
 }

@@ -66,6 +66,13 @@ impl FaultNet {
         cut.insert((b, a));
     }
 
+    /// Drops traffic from `from` to `to` only: `to` hears nothing of `from` (no answers, no
+    /// acknowledgements) while `from` still hears `to`.
+    #[allow(dead_code)] // the fault runs (tests/fault) cut both ways only
+    pub fn cut_one_way(&self, from: u64, to: u64) {
+        self.rules.cut.lock().unwrap().insert((from, to));
+    }
+
     /// Cuts `node` off from every other node.
     pub fn isolate(&self, node: u64) {
         for other in self.proxies.keys().filter(|o| **o != node) {

@@ -12,7 +12,7 @@ use agentreg::config::{
     HeartbeatConfig, IdentityConfig, InitialClusterState, NodeConfig, Peer, RaftConfig, TlsConfig,
 };
 use agentreg::node::{Node, Written};
-use agentreg::registry::{Command, Op, Outcome, Tables};
+use agentreg::registry::{ClaimArgs, Command, Op, Outcome, Tables};
 use agentreg::transport::tls;
 
 pub mod faultnet;
@@ -358,13 +358,13 @@ pub fn now() -> u64 {
 pub fn claim(agent_id: &str) -> Command {
     Command {
         at: now(),
-        op: Op::Claim {
+        op: Op::Claim(ClaimArgs {
             agent_id: agent_id.into(),
             ttl_secs: 3600,
             force: false,
             proof: None,
             conn: None,
-        },
+        }),
     }
 }
 
