@@ -292,6 +292,15 @@ fn fresh(prefix: &str) -> String {
     format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// A claim of `agent_id` as `AgentClient` sends it: with a claim token of its own (128
+/// random bits as 32 hex digits), which makes it safe to send again.
+fn claim_request(agent_id: &str) -> Value {
+    let token: String = (0..2)
+        .map(|_| format!("{:016x}", rand::random::<u64>()))
+        .collect();
+    json!({"command": "claim_agent_id", "agent_id": agent_id, "claim_token": token})
+}
+
 pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
     let mut rows = Vec::new();
     if args.runs("floor") {
@@ -350,12 +359,9 @@ async fn claims(
             move |slot| {
                 let conn = conns[slot % conns.len()].clone();
                 async move {
-                    request(
-                        &conn,
-                        json!({"command": "claim_agent_id", "agent_id": fresh("claim")}),
-                    )
-                    .await
-                    .map(|_| ())
+                    request(&conn, claim_request(&fresh("claim")))
+                        .await
+                        .map(|_| ())
                 }
             }
         })
@@ -402,12 +408,9 @@ async fn validations(
     conns: &Arc<Vec<quinn::Connection>>,
     rows: &mut Vec<(String, Cell)>,
 ) -> anyhow::Result<()> {
-    let cert = request(
-        &conns[0],
-        json!({"command": "claim_agent_id", "agent_id": fresh("v")}),
-    )
-    .await
-    .map_err(anyhow::Error::msg)?["certificate"]
+    let cert = request(&conns[0], claim_request(&fresh("v")))
+        .await
+        .map_err(anyhow::Error::msg)?["certificate"]
         .clone();
     for (name, consistency) in [
         ("linearizable", "linearizable"),
@@ -441,7 +444,7 @@ async fn registrations(c: &Cluster, rows: &mut Vec<(String, Cell)>) -> anyhow::R
     // The ids are claimed beforehand, 64 at a time (not measured).
     let certs: Vec<Value> = futures::stream::iter(ids.iter().zip(&first))
         .map(|(id, conn)| async move {
-            let v = request(conn, json!({"command": "claim_agent_id", "agent_id": id})).await?;
+            let v = request(conn, claim_request(id)).await?;
             Ok::<_, String>(v["certificate"].clone())
         })
         .buffered(64)
@@ -590,25 +593,15 @@ async fn leader_failover(
         let leader = c.leader().await.context("no leader")?;
         let survivor = *all.iter().find(|n| **n != leader).unwrap();
         let conn = c.connect(&endpoint, survivor).await?;
-        request(
-            &conn,
-            json!({"command": "claim_agent_id", "agent_id": fresh("pre")}),
-        )
-        .await
-        .map_err(anyhow::Error::msg)?;
+        request(&conn, claim_request(&fresh("pre")))
+            .await
+            .map_err(anyhow::Error::msg)?;
         let killed = Instant::now();
         c.kill(leader);
         times.push(
             crate::first_success(killed, Duration::from_millis(20), || {
                 let conn = conn.clone();
-                async move {
-                    request(
-                        &conn,
-                        json!({"command": "claim_agent_id", "agent_id": fresh("fo")}),
-                    )
-                    .await
-                    .is_ok()
-                }
+                async move { request(&conn, claim_request(&fresh("fo"))).await.is_ok() }
             })
             .await,
         );
