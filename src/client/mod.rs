@@ -568,3 +568,42 @@ pub fn load_certificate(path: &Path) -> Result<Certificate, ClientError> {
     let v: Value = serde_json::from_str(&text).map_err(|e| err(format!("not JSON: {e}")))?;
     agent::parse_certificate(&v).map_err(err)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A claim goes again while it may have been applied or may yet go through; a refusal
+    /// on its merits is final, and so is finding no node before anything went out.
+    #[test]
+    fn a_claim_goes_again_only_while_its_outcome_is_open() {
+        let refused = |t: &str| ClientError::Refused(t.into());
+        let failed = ClientError::Failed("connection lost".into());
+        let unreachable = ClientError::Unreachable("127.0.0.1:1: timed out".into());
+        assert!(worth_repeating(&failed, false));
+        assert!(worth_repeating(
+            &refused("write outcome unknown: the leader changed"),
+            false
+        ));
+        assert!(worth_repeating(
+            &refused("cluster unavailable: no leader could take the write within 5s"),
+            false
+        ));
+        assert!(!worth_repeating(&unreachable, false), "nothing went out");
+        assert!(
+            worth_repeating(&unreachable, true),
+            "an earlier attempt did"
+        );
+        for final_ in [
+            "Agent ID a is already claimed",
+            "certificate validation failed: revoked",
+            "field claim_token must be 16 to 128 visible ASCII characters",
+        ] {
+            assert!(!worth_repeating(&refused(final_), true), "{final_}");
+        }
+        assert!(!worth_repeating(&ClientError::Closed, true));
+        let token = new_claim_token();
+        assert!(agent::is_claim_token(&token), "{token}");
+        assert_ne!(token, new_claim_token());
+    }
+}

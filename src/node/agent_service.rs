@@ -219,7 +219,7 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
             if consistency == agent::Consistency::Linearizable {
                 read::barrier(inner)
                     .await
-                    .map_err(|e| format!("cluster unavailable: {e}"))?;
+                    .map_err(|e| format!("{}: {e}", agent::UNAVAILABLE_PREFIX))?;
             }
             Ok(validation(inner, &certificate))
         }

@@ -6,6 +6,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::time::Instant;
 
 use super::Inner;
+use crate::proto::agent;
 use crate::raft::network::{ForwardError, PeerError};
 use crate::raft::types::NodeId;
 use crate::registry::{Command, Response};
@@ -50,9 +51,17 @@ pub(super) async fn commit(
     };
     match write(inner, cmd).await {
         Ok(w) => w.response.map_err(|e| e.to_string()),
-        Err(e @ WriteError::NoLeader(_)) => Err(format!("cluster unavailable: {e}")),
-        Err(e @ WriteError::ShuttingDown) => Err(format!("{e}; reconnect to another node")),
-        Err(e @ (WriteError::Unknown(_) | WriteError::Refused(_))) => Err(e.to_string()),
+        Err(e) => Err(answer_text(&e)),
+    }
+}
+
+/// What an agent or operator reads for a write that got no answer. Its first words are the
+/// protocol's (`agent::worth_repeating` reads them).
+fn answer_text(e: &WriteError) -> String {
+    match e {
+        WriteError::NoLeader(_) => format!("{}: {e}", agent::UNAVAILABLE_PREFIX),
+        WriteError::ShuttingDown => format!("{e}; reconnect to another node"),
+        WriteError::Unknown(_) | WriteError::Refused(_) => e.to_string(),
     }
 }
 
@@ -185,5 +194,31 @@ pub(super) async fn serve_forward(
         Ok(w) => Ok((w.index, w.response)),
         Err(Attempt::Elsewhere(leader)) => Err(ForwardError::NotLeader { leader }),
         Err(Attempt::Failed(e)) => Err(ForwardError::Unknown(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A claimant (`AgentClient`) sends a claim again, with its claim token, on the texts
+    /// that say its outcome is unknown or that no quorum took it; never on the others.
+    #[test]
+    fn the_texts_of_unanswered_writes_say_which_are_worth_repeating() {
+        let text = |e: WriteError| answer_text(&e);
+        assert!(agent::worth_repeating(&text(WriteError::Unknown(
+            "x".into()
+        ))));
+        assert!(agent::worth_repeating(&text(WriteError::NoLeader(
+            Duration::from_secs(5)
+        ))));
+        assert!(!agent::worth_repeating(&text(WriteError::Refused(
+            "x".into()
+        ))));
+        assert_eq!(
+            text(WriteError::ShuttingDown),
+            agent::SHUTTING_DOWN_ERROR,
+            "sent again on the next connection by the client's transport"
+        );
     }
 }
