@@ -128,6 +128,12 @@ impl Connector {
         };
         let bytes = agent::request(command, Some(json!(id)), fields);
         match self.exchange(&conn, &bytes, id, deadline).await {
+            // The node was draining when this connection arrived and closed it unread.
+            Err(ClientError::Failed(_)) if closed_unread(&conn) => {
+                tracing::debug!("the node closed the connection unread (stopping); sending the request on the next connection");
+                let conn = self.ensure().await?;
+                self.exchange(&conn, &bytes, id, deadline).await
+            }
             Err(ClientError::Refused(e)) if agent::refused_for_closing(&e) => {
                 tracing::debug!(error = %e, "request not carried out; sending it on the next connection");
                 if tokio::time::timeout_at(deadline, conn.closed())
@@ -193,6 +199,17 @@ impl Connector {
     pub(crate) async fn wait_idle(&self) {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
+}
+
+/// Whether a stopping node closed `conn` before reading anything on it (see
+/// [`agent::NOT_SERVED_REASON`]).
+fn closed_unread(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == quinn::VarInt::from_u32(crate::node::close_code::SHUTTING_DOWN)
+                && c.reason.as_ref() == agent::NOT_SERVED_REASON.as_bytes()
+    )
 }
 
 /// Answers the node's pings (node-opened streams) for as long as the connection lives.

@@ -98,7 +98,7 @@ pub(crate) struct Inner {
     pub(crate) initial_secret: Option<Secret>,
     /// Checks that a peer connection comes from a node, not an operator.
     pub(crate) node_authority: tls::NodeAuthority,
-    /// Cancelled first when the node stops: no new connections or requests, in-flight
+    /// Cancelled first when the node stops: no new agent connections or requests, in-flight
     /// requests finish (see [`Node::shutdown`]).
     pub(crate) draining: CancellationToken,
     /// Agent and admin requests being served, waited for while draining.
@@ -295,8 +295,11 @@ impl Node {
         let endpoint = self.endpoint.clone();
         self.inner.tasks.spawn(async move {
             loop {
+                // Peers still connect while the node drains: the leader must reach it, also
+                // after giving up a silent connection to it, to replicate the writes whose
+                // answers it is waiting for.
                 let incoming = tokio::select! {
-                    _ = inner.draining.cancelled() => break,
+                    _ = inner.shutdown.cancelled() => break,
                     i = endpoint.accept() => match i {
                         Some(i) => i,
                         None => break,
@@ -327,6 +330,10 @@ impl Node {
                             tls::widen_streams(&conn);
                             admin::serve(inner, conn).await
                         }
+                        Ok(ConnectionKind::Agent) if inner.draining.is_cancelled() => conn.close(
+                            quinn::VarInt::from_u32(close_code::SHUTTING_DOWN),
+                            crate::proto::agent::NOT_SERVED_REASON.as_bytes(),
+                        ),
                         Ok(ConnectionKind::Agent) => agent_service::serve(inner, conn).await,
                         Err(e) => {
                             tracing::warn!(%remote, error = %e, "refusing connection");
@@ -396,9 +403,11 @@ impl Node {
 
     /// Stops the node gracefully:
     ///
-    /// 1. drain: refuse new connections; answer new agent and admin requests with "node is
-    ///    shutting down"; let the requests in flight finish (up to `write_timeout`), so an
-    ///    agent never loses the answer to a write that was committed;
+    /// 1. drain: close new agent connections at once (0x103, before reading anything);
+    ///    answer new agent and admin requests with "node is shutting down"; let the requests
+    ///    in flight finish (up to `write_timeout`), so an agent never loses the answer to a
+    ///    write that was committed. Peers still connect: the leader must reach this node to
+    ///    replicate those writes, also after giving up a silent connection to it;
     /// 2. close every agent connection with code 0x103 (move to another node), and hand this
     ///    node's sessions back through the log (one EvictNode), so the agents find their ids
     ///    free wherever they reconnect;
@@ -418,7 +427,6 @@ impl Node {
     async fn stop(self, graceful: bool) {
         let inner = &self.inner;
         inner.draining.cancel();
-        self.endpoint.set_server_config(None);
         if graceful {
             tracing::info!(
                 node_id = inner.id,

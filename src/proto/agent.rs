@@ -35,6 +35,13 @@ pub fn refused_for_closing(error: &str) -> bool {
     error == SHUTTING_DOWN_ERROR || error == CONNECTION_CLOSING_ERROR
 }
 
+/// The close reason of an agent connection a stopping node closed (code 0x103) before
+/// reading anything on it: it arrived while the node drained. A request sent on it was not
+/// carried out and can go as it is to another node. (Connections the node served close with
+/// 0x103 too, but with another reason.)
+pub const NOT_SERVED_REASON: &str =
+    "node shutting down; nothing on this connection was read; reconnect to another node";
+
 /// How an answer begins when the node lost track of a write: it may or may not have been
 /// applied (a failover took the answer).
 pub const OUTCOME_UNKNOWN_PREFIX: &str = "write outcome unknown";
