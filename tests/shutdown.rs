@@ -226,7 +226,28 @@ async fn send_across_the_drain(
     conn: &quinn::Connection,
     request: &[u8],
 ) -> (serde_json::Value, tokio::task::JoinHandle<()>) {
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    begin_across_the_drain(cluster, f, conn, request)
+        .await
+        .finish()
+        .await
+}
+
+/// A request whose length went out before its node began to drain, the node now draining.
+struct Begun {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    body: Vec<u8>,
+    stopping: tokio::task::JoinHandle<()>,
+}
+
+/// The first half of [`send_across_the_drain`]: the request's length, then the drain.
+async fn begin_across_the_drain(
+    cluster: &mut TestCluster,
+    f: u64,
+    conn: &quinn::Connection,
+    request: &[u8],
+) -> Begun {
+    let (mut send, recv) = conn.open_bi().await.unwrap();
     let (length, body) = request.split_at(4);
     send.write_all(length).await.unwrap();
     let node = cluster.nodes.remove(&f).unwrap();
@@ -234,14 +255,24 @@ async fn send_across_the_drain(
         (node.requests_in_flight() == 1).then_some(())
     })
     .await;
-    let stopping = start_draining(node).await;
+    Begun {
+        send,
+        recv,
+        body: body.to_vec(),
+        stopping: start_draining(node).await,
+    }
+}
 
-    send.write_all(body).await.unwrap();
-    send.finish().unwrap();
-    let answer = read_answer(&mut recv)
-        .await
-        .expect("an answer before the connection closes");
-    (answer, stopping)
+impl Begun {
+    /// Sends the rest of the request; its answer and the shutdown under way.
+    async fn finish(mut self) -> (serde_json::Value, tokio::task::JoinHandle<()>) {
+        self.send.write_all(&self.body).await.unwrap();
+        self.send.finish().unwrap();
+        let answer = read_answer(&mut self.recv)
+            .await
+            .expect("an answer before the connection closes");
+        (answer, self.stopping)
+    }
 }
 
 /// A request whose stream reached the node before it began to drain is served, even when
@@ -346,15 +377,7 @@ async fn a_draining_node_closes_new_agent_connections_unread_and_still_takes_pee
     // A request begun before the drain (half its frame sent) holds the drain open.
     let raw = cluster.raw(f).await;
     let ping = frame(&json!({"type": "system_request", "command": "ping_agent", "timestamp": 7}));
-    let (mut send, mut recv) = raw.conn.open_bi().await.unwrap();
-    let (length, body) = ping.split_at(4);
-    send.write_all(length).await.unwrap();
-    let node = cluster.nodes.remove(&f).unwrap();
-    wait_for("the request's stream accepted", TIMEOUT, || async {
-        (node.requests_in_flight() == 1).then_some(())
-    })
-    .await;
-    let stopping = start_draining(node).await;
+    let begun = begin_across_the_drain(&mut cluster, f, &raw.conn, &ping).await;
 
     let newcomer = cluster.raw(f).await;
     match tokio::time::timeout(TIMEOUT, newcomer.conn.closed())
@@ -398,9 +421,7 @@ async fn a_draining_node_closes_new_agent_connections_unread_and_still_takes_pee
         other => panic!("a peer could not reach the draining node: {other:?}"),
     }
 
-    send.write_all(body).await.unwrap();
-    send.finish().unwrap();
-    let answer = read_answer(&mut recv).await.expect("the ping's answer");
+    let (answer, stopping) = begun.finish().await;
     assert_eq!(answer["success"], true, "{answer}");
     tokio::time::timeout(Duration::from_secs(30), stopping)
         .await
