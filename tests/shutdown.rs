@@ -360,6 +360,7 @@ async fn an_admin_request_that_began_before_the_drain_is_served_even_if_it_arriv
 
 /// While a node drains, an agent connection that arrives is closed at once, unread (0x103,
 /// with the reason that says so), and `AgentClient` sends its request on to the next node;
+/// an operator's command is refused there and the CLI tries its next endpoint;
 /// peers still connect, so the leader can reach it to replicate the writes it waits for
 /// (before, a draining node took no new connection at all: a leader that had given up a
 /// silent connection to it could not replicate to it again).
@@ -396,6 +397,18 @@ async fn a_draining_node_closes_new_agent_connections_unread_and_still_takes_pee
         }
         other => panic!("closed with {other:?}"),
     }
+    // An operator's command tries the next endpoint, as when a node is down.
+    let admin = agentreg::cli::AdminClient::new(&cluster.admin_args()).unwrap();
+    let endpoints = [
+        cluster.addrs[&f].to_string(),
+        cluster.addrs[&other].to_string(),
+    ];
+    let (answered_by, status) = admin
+        .call_any(&endpoints, &agentreg::node::AdminRequest::Status)
+        .await
+        .expect("status from the next endpoint");
+    assert_eq!(answered_by, endpoints[1], "{status}");
+    admin.close().await;
     let agent = cluster.agent(f).await;
     agent.ping().await.expect("answered by the next node");
     assert_ne!(agent.current_node().unwrap(), cluster.addrs[&f].to_string());
