@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::propose::{free_slot, next_batch};
 
-use crate::raft::network::{ForwardError, PeerClient, PeerError, PeerRequest, PeerResponse};
+use crate::raft::network::{ForwardError, Newer, PeerClient, PeerError, PeerRequest, PeerResponse};
 use crate::raft::types::NodeId;
 use crate::registry::{Command, Response};
 
@@ -135,7 +135,13 @@ async fn run(
             return;
         };
         // Asked once a write is there: a refusal may have been learnt while this waited.
-        let most = || if leader.takes_batches() { MAX_BATCH } else { 1 };
+        let most = || {
+            if leader.takes(Newer::Batches) {
+                MAX_BATCH
+            } else {
+                1
+            }
+        };
         let Some(batch) =
             next_batch(&mut rx, &stop, most, MAX_BATCH_BYTES, |p| p.cmd.size_hint()).await
         else {
@@ -160,7 +166,7 @@ async fn call(leader: &PeerClient, batch: Vec<Pending>) {
         .unwrap_or_else(Instant::now);
     let (mut cmds, replies): (Vec<Command>, Vec<_>) =
         batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
-    if !leader.takes_claim_tokens() {
+    if !leader.takes(Newer::ClaimTokens) {
         cmds = cmds.into_iter().map(Command::without_claim_token).collect();
     }
     let answers = forward_all(leader, cmds, deadline).await;
@@ -189,7 +195,7 @@ async fn forward_all(
             reason,
             "the leader does not take claim tokens; forwarding claims without them (not repeatable until it is upgraded)"
         );
-        leader.refused_claim_tokens();
+        leader.refused(Newer::ClaimTokens);
         let plain = cmds.into_iter().map(Command::without_claim_token).collect();
         (reason, cmds) = match send(leader, plain, deadline).await {
             Sent::Answered(answers) => return answers,
@@ -207,7 +213,7 @@ async fn forward_all(
         reason,
         "the leader does not take batched forwards; forwarding one by one"
     );
-    leader.refused_batches();
+    leader.refused(Newer::Batches);
     let singles = cmds.into_iter().map(|cmd| async move {
         match send(leader, vec![cmd], deadline).await {
             Sent::Answered(mut answers) => answers.pop().expect("one answer for one write"),
@@ -415,18 +421,8 @@ mod tests {
             }
         }
 
-        let answers = futures::future::join_all((100..110).map(|i| {
-            forwarder.forward(
-                new_leader.clone(),
-                write(i),
-                Instant::now() + Duration::from_secs(20),
-            )
-        }))
-        .await;
-        assert!(
-            answers.iter().all(|a| matches!(a, Ok(Ok(_)))),
-            "{answers:?}"
-        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        all_answered(&forwarder, &new_leader, (100..110).map(write), deadline).await;
         assert!(
             stuck.iter().all(|t| !t.is_finished()),
             "the silent leader answered"
@@ -516,17 +512,13 @@ mod tests {
             .await;
         assert!(matches!(answer, Ok(Ok(_))), "{answer:?}");
         assert_eq!(seen.refused.load(SeqCst), 1);
-        assert!(!leader.takes_claim_tokens());
-        assert!(leader.takes_batches(), "batches were not what it refused");
-
-        let answers = futures::future::join_all(
-            (1..40).map(|i| forwarder.forward(leader.clone(), claim_with_token(i), deadline)),
-        )
-        .await;
+        assert!(!leader.takes(Newer::ClaimTokens));
         assert!(
-            answers.iter().all(|a| matches!(a, Ok(Ok(_)))),
-            "{answers:?}"
+            leader.takes(Newer::Batches),
+            "batches were not what it refused"
         );
+
+        all_answered(&forwarder, &leader, (1..40).map(claim_with_token), deadline).await;
         assert_eq!(seen.refused.load(SeqCst), 1, "refused again");
         assert!(seen.batches.load(SeqCst) >= 1, "no batch");
         // Each claim arrived once, as a plain claim of the same agent.
@@ -544,6 +536,23 @@ mod tests {
         assert_eq!(agents, expected);
         stop.cancel();
         server.close(0u32.into(), b"done");
+    }
+
+    /// Forwards `cmds` to `leader` all at once; each must be answered by the leader.
+    async fn all_answered(
+        forwarder: &Forwarder,
+        leader: &Arc<PeerClient>,
+        cmds: impl Iterator<Item = Command>,
+        deadline: Instant,
+    ) {
+        let answers = futures::future::join_all(
+            cmds.map(|cmd| forwarder.forward(leader.clone(), cmd, deadline)),
+        )
+        .await;
+        assert!(
+            answers.iter().all(|a| matches!(a, Ok(Ok(_)))),
+            "{answers:?}"
+        );
     }
 
     fn write(i: u64) -> Command {
@@ -604,18 +613,11 @@ mod tests {
             50,
             "every write read exactly once"
         );
-        assert!(!leader.takes_batches());
+        assert!(!leader.takes(Newer::Batches));
 
         // Known now: no more batches to this leader on this connection.
         let tried = seen.batches.load(SeqCst);
-        let answers = futures::future::join_all(
-            (50..80).map(|i| forwarder.forward(leader.clone(), write(i), deadline)),
-        )
-        .await;
-        assert!(
-            answers.iter().all(|a| matches!(a, Ok(Ok(_)))),
-            "{answers:?}"
-        );
+        all_answered(&forwarder, &leader, (50..80).map(write), deadline).await;
         assert_eq!(seen.batches.load(SeqCst), tried);
         assert_eq!(seen.singles.load(SeqCst), 80);
         stop.cancel();

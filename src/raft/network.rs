@@ -165,6 +165,16 @@ pub struct PeerDialer {
     pub server_name: String,
 }
 
+/// A request a peer of an older build may refuse unread (during a rolling upgrade).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Newer {
+    /// `ForwardBatch`: several forwarded writes in one call.
+    Batches = 1,
+    /// A forwarded claim with a claim token (`Op::ClaimWithToken`).
+    ClaimTokens = 2,
+}
+
 /// One peer: its address and the connection to it, kept for reuse.
 pub struct PeerClient {
     target: NodeId,
@@ -173,12 +183,10 @@ pub struct PeerClient {
     conn: tokio::sync::Mutex<Option<quinn::Connection>>,
     /// When a call to this peer last succeeded.
     last_ok: Mutex<Option<tokio::time::Instant>>,
-    /// The peer refused a `ForwardBatch` on the current connection (an older build); cleared
-    /// when a new connection is dialled, as the peer may have been upgraded meanwhile.
-    refuses_batches: std::sync::atomic::AtomicBool,
-    /// The peer refused a forwarded claim with a claim token on the current connection (an
-    /// older build); cleared like `refuses_batches`.
-    refuses_claim_tokens: std::sync::atomic::AtomicBool,
+    /// What the peer refused unread on the current connection (an older build): a bit per
+    /// [`Newer`] kind; cleared when a new connection is dialled, as the peer may have been
+    /// upgraded meanwhile.
+    refuses: std::sync::atomic::AtomicU8,
     /// What a timed-out call last saw of the connection: see [`PeerClient::silent_for`].
     heard: Mutex<Option<Heard>>,
 }
@@ -200,8 +208,7 @@ impl PeerClient {
             dialer,
             conn: tokio::sync::Mutex::new(None),
             last_ok: Mutex::new(None),
-            refuses_batches: std::sync::atomic::AtomicBool::new(false),
-            refuses_claim_tokens: std::sync::atomic::AtomicBool::new(false),
+            refuses: std::sync::atomic::AtomicU8::new(0),
             heard: Mutex::new(None),
         }
     }
@@ -216,30 +223,15 @@ impl PeerClient {
         self.target
     }
 
-    /// Whether the peer can take batched forwards, as far as this client knows.
-    pub fn takes_batches(&self) -> bool {
-        !self
-            .refuses_batches
-            .load(std::sync::atomic::Ordering::Relaxed)
+    /// Whether the peer reads `kind`, as far as this client knows.
+    pub fn takes(&self, kind: Newer) -> bool {
+        self.refuses.load(std::sync::atomic::Ordering::Relaxed) & kind as u8 == 0
     }
 
-    /// Records that the peer refused a batched forward.
-    pub fn refused_batches(&self) {
-        self.refuses_batches
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether the peer can read claims with a claim token, as far as this client knows.
-    pub fn takes_claim_tokens(&self) -> bool {
-        !self
-            .refuses_claim_tokens
-            .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Records that the peer refused a forwarded claim with a claim token.
-    pub fn refused_claim_tokens(&self) {
-        self.refuses_claim_tokens
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+    /// Records that the peer refused `kind` unread.
+    pub fn refused(&self, kind: Newer) {
+        self.refuses
+            .fetch_or(kind as u8, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn addr(&self) -> &str {
@@ -274,10 +266,7 @@ impl PeerClient {
             )
             .map_err(|e| self.unreachable(e))?;
         let conn = connecting.await.map_err(|e| self.unreachable(e))?;
-        self.refuses_batches
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-        self.refuses_claim_tokens
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.refuses.store(0, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(target_node = self.target, addr = %self.addr, "connected to peer");
         *slot = Some(conn.clone());
         Ok(conn)
