@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use agentreg::client::{load_certificate, AgentClient, ClientConfig, ClientEvent};
+use agentreg::client::{load_certificate, AgentClient, ClientConfig, ClientError, ClientEvent};
 use anyhow::Context;
 use serde_json::{json, Map, Value};
 
@@ -101,7 +101,8 @@ async fn main() -> anyhow::Result<()> {
     println!("5. someone without the certificate cannot take the id");
     let stranger = client_on(&nodes, &ca, 0).await?;
     match stranger.register(&agent_id, Map::new(), None, true).await {
-        Err(e) => println!("   refused: {e}"),
+        Err(ClientError::Refused(r)) => println!("   refused ({}): {}", r.code, r.error),
+        Err(e) => anyhow::bail!("no answer from the cluster: {e}"),
         Ok(r) => anyhow::bail!("a stranger registered {agent_id}: {r:?}"),
     }
 

@@ -4,6 +4,7 @@
 mod common;
 
 use agentreg::cli::AdminClient;
+use agentreg::client::ErrorCode;
 use agentreg::identity::{KeyState, Secret};
 use agentreg::node::{AdminRequest, NodeStatus};
 use common::*;
@@ -89,6 +90,7 @@ async fn rotated_keys_keep_validating_until_retired() {
         .unwrap();
     let v = checker.validate_certificate(&old).await.unwrap();
     assert_eq!(v.reason.as_deref(), Some("signing key retired"));
+    assert_eq!(v.code, Some(ErrorCode::CertificateKeyRetired));
     assert!(checker.validate_certificate(&fresh).await.unwrap().valid);
 
     let (_, v) = admin

@@ -47,6 +47,7 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
         (a["success"].clone(), a["error"].as_str().unwrap()),
         (json!(false), "bad frame: frame length is zero")
     );
+    assert_eq!(a["code"], "bad_request", "{a}");
     let a = raw
         .send_raw(&65537u32.to_be_bytes())
         .await
@@ -85,10 +86,6 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
             "request must be a JSON object, not a string",
         ),
         (frame(b"{\"type\":"), "request is not valid JSON"),
-        (
-            frame(req("fly", json!({})).to_string().as_bytes()),
-            "unknown command \"fly\"",
-        ),
         (
             frame(req("claim_agent_id", json!({})).to_string().as_bytes()),
             "missing field agent_id",
@@ -149,12 +146,21 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
         let a = raw.send_raw(&bytes).await.expect("an answer");
         assert_eq!(a["type"], "system_response");
         assert_eq!(a["success"], false, "{a}");
+        assert_eq!(a["code"], "bad_request", "{a}");
         assert!(
             a["error"].as_str().unwrap().contains(want),
             "wanted {want:?} in {a}"
         );
     }
     let a = raw.request(req("fly", json!({}))).await;
+    assert_eq!(a["code"], "unknown_command", "{a}");
+    assert!(
+        a["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("unknown command \"fly\""),
+        "{a}"
+    );
     assert_eq!(
         (a["request_id"].clone(), a["command"].clone()),
         (json!("t-1"), json!("fly")),
@@ -222,6 +228,9 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
             "{a}"
         );
         assert_eq!(a["reason"], *reason, "{c:?}");
+        // The code names the same reason: "bad signature" is certificate_bad_signature.
+        let code = format!("certificate_{}", reason.replace(' ', "_"));
+        assert_eq!(a["code"], code, "{a}");
         let a = raw
             .request(req(
                 "register_agent",
@@ -230,8 +239,11 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
             .await;
         assert_eq!(a["success"], false, "{a}");
         assert_eq!(
-            a["error"],
-            format!("certificate validation failed: {reason}")
+            (&a["code"], &a["error"]),
+            (
+                &json!(code),
+                &json!(format!("certificate validation failed: {reason}"))
+            )
         );
         let a = raw
             .request(req(

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use agentreg::client::{load_certificate, ClientError, ClientEvent};
+use agentreg::client::{load_certificate, ClientError, ClientEvent, ErrorCode::*, Refusal};
 use agentreg::registry::{ClaimArgs, Command, Op};
 use common::*;
 use serde_json::{json, Map};
@@ -17,7 +17,8 @@ async fn ready() -> TestCluster {
     cluster
 }
 
-fn refused(r: Result<impl std::fmt::Debug, ClientError>) -> String {
+/// The refusal, code and text, a request was answered with.
+fn refused(r: Result<impl std::fmt::Debug, ClientError>) -> Refusal {
     match r {
         Err(ClientError::Refused(e)) => e,
         other => panic!("expected a refusal, got {other:?}"),
@@ -33,11 +34,14 @@ async fn a_claim_through_node_1_validates_through_node_3() {
     let c = cluster.agent(3).await;
     assert_eq!(c.current_node().unwrap(), cluster.addrs[&3].to_string());
     let v = c.validate_certificate(&cert).await.unwrap();
-    assert!(v.valid, "{v:?}");
+    assert!(v.valid && v.code.is_none() && v.reason.is_none(), "{v:?}");
     assert_eq!(v.agent_id, "alpha");
     // The same id cannot be claimed again, through any node.
     let e = refused(c.claim_agent_id("alpha", false).await);
-    assert_eq!(e, "Agent ID alpha is already claimed");
+    assert_eq!(
+        e,
+        Refusal::new(AlreadyClaimed, "Agent ID alpha is already claimed")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -63,6 +67,7 @@ async fn a_revocation_acknowledged_by_node_2_fails_validation_on_all_three_at_on
             i + 1
         );
         assert_eq!(v.reason.as_deref(), Some("revoked"));
+        assert_eq!(v.code, Some(CertificateRevoked));
     }
     // The revoked certificate proves nothing any more.
     let e = refused(
@@ -70,7 +75,10 @@ async fn a_revocation_acknowledged_by_node_2_fails_validation_on_all_three_at_on
             .register("to-revoke", Map::new(), Some(cert.clone()), false)
             .await,
     );
-    assert_eq!(e, "certificate validation failed: revoked");
+    assert_eq!(
+        e,
+        Refusal::new(CertificateRevoked, "certificate validation failed: revoked")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -92,7 +100,10 @@ async fn fifty_clients_racing_for_one_id_produce_exactly_one_owner() {
     for t in tasks {
         match t.await.unwrap() {
             Ok(cert) => winners.push(cert),
-            Err(ClientError::Refused(e)) => assert_eq!(e, "Agent ID contested is already claimed"),
+            Err(ClientError::Refused(e)) => assert_eq!(
+                e,
+                Refusal::new(AlreadyClaimed, "Agent ID contested is already claimed")
+            ),
             Err(e) => panic!("claim failed without an answer: {e}"),
         }
     }
@@ -120,7 +131,10 @@ async fn force_needs_a_valid_certificate_for_the_same_id() {
     let e = refused(other.claim_agent_id("forced", true).await);
     assert_eq!(
         e,
-        "Agent ID forced is already claimed; force needs a valid certificate for it"
+        Refusal::new(
+            ForceNeedsCertificate,
+            "Agent ID forced is already claimed; force needs a valid certificate for it"
+        )
     );
     // Force with a certificate for another id, sent raw so the client cannot pick the right one.
     let raw = cluster.raw(3).await;
@@ -129,8 +143,11 @@ async fn force_needs_a_valid_certificate_for_the_same_id() {
         .await;
     assert_eq!(a["success"], false);
     assert_eq!(
-        a["error"],
-        "certificate validation failed: issued for another agent"
+        (&a["code"], &a["error"]),
+        (
+            &json!("certificate_other_agent"),
+            &json!("certificate validation failed: issued for another agent")
+        )
     );
     // The owner re-issues with its certificate; the old one is superseded.
     let renewed = owner.claim_agent_id("forced", true).await.unwrap();
@@ -171,11 +188,15 @@ async fn an_expired_claim_is_free_to_claim_again() {
     let c = cluster.agent(2).await;
     let v = c.validate_certificate(&old).await.unwrap();
     assert_eq!(v.reason.as_deref(), Some("expired"));
+    assert_eq!(v.code, Some(CertificateExpired));
     let e = refused(
         c.register("stale", Map::new(), Some(old.clone()), false)
             .await,
     );
-    assert_eq!(e, "certificate validation failed: expired");
+    assert_eq!(
+        e,
+        Refusal::new(CertificateExpired, "certificate validation failed: expired")
+    );
     let fresh = c.claim_agent_id("stale", false).await.unwrap();
     assert!(fresh.serial > old.serial);
 }
@@ -191,7 +212,10 @@ async fn registration_rules_and_takeover_across_nodes() {
     let stranger = cluster.agent(2).await;
     assert_eq!(
         refused(stranger.register("worker", Map::new(), None, false).await),
-        "Agent ID worker is claimed; register with its certificate"
+        Refusal::new(
+            CertificateRequired,
+            "Agent ID worker is claimed; register with its certificate"
+        )
     );
     assert_eq!(
         refused(
@@ -199,7 +223,10 @@ async fn registration_rules_and_takeover_across_nodes() {
                 .register("worker", Map::new(), Some(other_cert), false)
                 .await
         ),
-        "certificate validation failed: issued for another agent"
+        Refusal::new(
+            CertificateOtherAgent,
+            "certificate validation failed: issued for another agent"
+        )
     );
 
     let reg1 = owner
@@ -245,19 +272,23 @@ async fn unclaimed_ids_register_without_certificate_and_cannot_be_taken_without_
         .await
         .unwrap();
     let second = cluster.agent(3).await;
+    let connected = Refusal::new(
+        AlreadyConnected,
+        "Agent ID legacy is already connected (node 1); present its certificate to take over",
+    );
     assert_eq!(
         refused(second.register("legacy", Map::new(), None, false).await),
-        "Agent ID legacy is already connected (node 1); present its certificate to take over"
+        connected
     );
     assert_eq!(
         refused(second.register("legacy", Map::new(), None, true).await),
-        "Agent ID legacy is already connected (node 1); present its certificate to take over",
+        connected,
         "force_reconnect without a certificate took over although the cluster does not allow it"
     );
     // Nor can the connected id be claimed from another connection.
     assert_eq!(
         refused(second.claim_agent_id("legacy", false).await),
-        "Agent ID legacy is already connected (node 1); present its certificate to take over"
+        connected
     );
     // The connection holding it can claim it.
     first.claim_agent_id("legacy", false).await.unwrap();
@@ -345,7 +376,7 @@ async fn release_frees_the_id_and_revokes_the_certificate() {
     // Releasing again with the dead certificate is refused.
     assert_eq!(
         refused(a.release_agent_id(&cert).await),
-        "certificate validation failed: revoked"
+        Refusal::new(CertificateRevoked, "certificate validation failed: revoked")
     );
 }
 
@@ -559,6 +590,7 @@ async fn a_connection_whose_session_ended_answers_its_requests_before_closing() 
         .request(json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "refused-late"}))
         .await;
     assert_eq!(late["success"], false, "{late}");
+    assert_eq!(late["code"], "connection_closing", "{late}");
     assert!(
         late["error"]
             .as_str()
@@ -605,7 +637,11 @@ async fn a_claim_sent_again_with_its_token_gets_the_same_certificate_through_any
         .request(claim("another-claimants-token"))
         .await;
     assert_eq!(
-        other["error"], "Agent ID retried is already claimed",
+        (&other["code"], &other["error"]),
+        (
+            &json!("already_claimed"),
+            &json!("Agent ID retried is already claimed")
+        ),
         "{other}"
     );
     let plain = cluster

@@ -231,6 +231,7 @@ async fn local_validation_answers_without_a_quorum_and_may_be_stale() {
     };
     let lin = raw.request(validate("linearizable")).await;
     assert_eq!(lin["success"], false, "{lin}");
+    assert_eq!(lin["code"], "unavailable", "{lin}");
     assert!(
         lin["error"].as_str().unwrap().contains("unavailable"),
         "{lin}"
@@ -322,6 +323,7 @@ async fn an_unregister_proposed_from_a_lagging_table_after_a_takeover_is_refused
     match answer.await.unwrap() {
         (Some(a), _) => {
             assert_eq!(a["success"], false, "{a}");
+            assert_eq!(a["code"], "not_registered", "{a}");
             assert_eq!(
                 a["error"],
                 format!("Agent ID u is not registered on this connection (session {old_session} already ended)"),

@@ -96,6 +96,7 @@ async fn a_stopping_node_finishes_in_flight_writes_and_hands_sessions_back() {
         .request(json!({"type": "system_request", "command": "claim_agent_id", "agent_id": "late"}))
         .await;
     assert_eq!(late["success"], false, "{late}");
+    assert_eq!(late["code"], "shutting_down", "{late}");
     assert!(
         late["error"].as_str().unwrap().contains("shutting down"),
         "{late}"

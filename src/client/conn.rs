@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use super::{ClientConfig, ClientError};
-use crate::proto::agent::{self, AgentRequest};
+use crate::proto::agent::{self, AgentRequest, ErrorCode, Refusal};
 use crate::transport::frame::{read_stream_frame, write_frame, MAX_AGENT_FRAME};
 
 /// Longest wait for one node's handshake before trying the next.
@@ -134,7 +134,7 @@ impl Connector {
                 let conn = self.ensure().await?;
                 self.exchange(&conn, &bytes, id, deadline).await
             }
-            Err(ClientError::Refused(e)) if agent::refused_for_closing(&e) => {
+            Err(ClientError::Refused(e)) if e.code.refused_for_closing() => {
                 tracing::debug!(error = %e, "request not carried out; sending it on the next connection");
                 if tokio::time::timeout_at(deadline, conn.closed())
                     .await
@@ -183,12 +183,15 @@ impl Connector {
         if m.get("success") == Some(&Value::Bool(true)) {
             Ok(m)
         } else {
-            Err(ClientError::Refused(
-                m.get("error")
-                    .and_then(Value::as_str)
-                    .unwrap_or("request refused")
-                    .to_owned(),
-            ))
+            let error = m
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("request refused");
+            let code = m.get("code").and_then(Value::as_str);
+            Err(ClientError::Refused(Refusal::new(
+                ErrorCode::of_answer(code, error),
+                error,
+            )))
         }
     }
 
@@ -231,7 +234,7 @@ pub fn spawn_ping_answerer(conn: quinn::Connection) {
                     Ok(_) => agent::error_response(
                         env.command.as_deref(),
                         env.request_id.as_ref(),
-                        "agents answer only ping_agent",
+                        &Refusal::new(ErrorCode::UnknownCommand, "agents answer only ping_agent"),
                     ),
                     Err(e) => {
                         agent::error_response(env.command.as_deref(), env.request_id.as_ref(), &e)

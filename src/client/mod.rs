@@ -9,6 +9,7 @@
 //! Every claim (and renewal) carries a claim token of its own and goes again with it, on the
 //! next connection if need be, while its outcome is unknown: one that was applied is then
 //! answered with the certificate it issued (docs/protocol.md, "Sending a claim again").
+//! Refusals carry the node's [`ErrorCode`]: match on it, not on the text.
 
 mod conn;
 mod supervisor;
@@ -23,8 +24,9 @@ use serde_json::{json, Map, Value};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::identity::Certificate;
+use crate::identity::{Certificate, Invalid};
 use crate::proto::agent;
+pub use crate::proto::agent::{ErrorCode, Refusal};
 use crate::transport::tls;
 
 /// How an [`AgentClient`] behaves.
@@ -66,9 +68,10 @@ impl ClientConfig {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
-    /// The node answered `success: false`; the text is its `error`.
+    /// The node answered `success: false`: its `code` (what a program matches on) and its
+    /// `error` text (shown).
     #[error("{0}")]
-    Refused(String),
+    Refused(Refusal),
     #[error("no node reachable: {0}")]
     Unreachable(String),
     #[error("request failed: {0}")]
@@ -113,7 +116,11 @@ pub struct Registration {
 pub struct Validation {
     pub valid: bool,
     pub agent_id: String,
+    /// Why it is not valid, for people ("expired").
     pub reason: Option<String>,
+    /// Why it is not valid, for programs (`certificate_expired`); None when it is valid, or
+    /// from a node of a build before codes.
+    pub code: Option<ErrorCode>,
 }
 
 /// What the client keeps registered, to restore it after a failover.
@@ -213,9 +220,10 @@ impl Shared {
     async fn renew(&self) -> Result<Certificate, ClientError> {
         let cert = self.cert().ok_or(ClientError::NoCertificate)?;
         if cert.expires_at <= crate::node::unix_now_f64() as u64 {
-            return Err(ClientError::Refused(
-                "certificate validation failed: expired".into(),
-            ));
+            return Err(ClientError::Refused(Refusal::new(
+                ErrorCode::CertificateExpired,
+                format!("certificate validation failed: {}", Invalid::Expired),
+            )));
         }
         let r = self
             .claim(json!({"agent_id": cert.agent_id, "force": true, "certificate": cert}))
@@ -235,14 +243,14 @@ fn new_claim_token() -> String {
 }
 
 /// Whether a claim that failed with `e` may have been applied or may go through if sent
-/// again (see [`agent::worth_repeating`]); a refusal on its merits ("already claimed", a bad
+/// again (see [`ErrorCode::worth_repeating`]); a refusal on its merits ("already claimed", a bad
 /// certificate) is final. No node reachable means this attempt never went out: worth
 /// waiting for a node only if an earlier one (`sent_before`) may have been applied.
 fn worth_repeating(e: &ClientError, sent_before: bool) -> bool {
     match e {
         ClientError::Failed(_) => true,
         ClientError::Unreachable(_) => sent_before,
-        ClientError::Refused(reason) => agent::worth_repeating(reason),
+        ClientError::Refused(r) => r.code.worth_repeating(),
         _ => false,
     }
 }
@@ -327,12 +335,13 @@ impl AgentClient {
     /// valid certificate for. The new certificate is kept by the client.
     ///
     /// A claim whose outcome is unknown (its connection or node was lost, or the node
-    /// answered "write outcome unknown" or "cluster unavailable") is sent again with the
+    /// answered `outcome_unknown` or `unavailable`) is sent again with the
     /// same claim token, up to four times in all, so this can take up to four
     /// `request_timeout`s; a claim that was applied is answered with its certificate.
     ///
     /// # Errors
-    /// [`ClientError::Refused`] with the node's reason (e.g. "Agent ID X is already claimed").
+    /// [`ClientError::Refused`] with the node's code and reason (e.g.
+    /// [`ErrorCode::AlreadyClaimed`], "Agent ID X is already claimed").
     pub async fn claim_agent_id(
         &self,
         agent_id: &str,
@@ -395,6 +404,10 @@ impl AgentClient {
                 .unwrap_or_default()
                 .to_owned(),
             reason: r.get("reason").and_then(Value::as_str).map(str::to_owned),
+            code: r
+                .get("code")
+                .and_then(Value::as_str)
+                .map(|c| ErrorCode::of_answer(Some(c), "")),
         })
     }
 
@@ -577,30 +590,23 @@ mod tests {
     /// on its merits is final, and so is finding no node before anything went out.
     #[test]
     fn a_claim_goes_again_only_while_its_outcome_is_open() {
-        let refused = |t: &str| ClientError::Refused(t.into());
+        let refused = |code| ClientError::Refused(Refusal::new(code, "text"));
         let failed = ClientError::Failed("connection lost".into());
         let unreachable = ClientError::Unreachable("127.0.0.1:1: timed out".into());
         assert!(worth_repeating(&failed, false));
-        assert!(worth_repeating(
-            &refused("write outcome unknown: the leader changed"),
-            false
-        ));
-        assert!(worth_repeating(
-            &refused("cluster unavailable: no leader could take the write within 5s"),
-            false
-        ));
+        assert!(worth_repeating(&refused(ErrorCode::OutcomeUnknown), false));
+        assert!(worth_repeating(&refused(ErrorCode::Unavailable), false));
         assert!(!worth_repeating(&unreachable, false), "nothing went out");
         assert!(
             worth_repeating(&unreachable, true),
             "an earlier attempt did"
         );
-        for final_ in [
-            "Agent ID a is already claimed",
-            "certificate validation failed: revoked",
-            "field claim_token must be 16 to 128 visible ASCII characters",
-        ] {
-            assert!(!worth_repeating(&refused(final_), true), "{final_}");
+        for &(code, name) in ErrorCode::ALL {
+            if !matches!(code, ErrorCode::OutcomeUnknown | ErrorCode::Unavailable) {
+                assert!(!worth_repeating(&refused(code), true), "{name}");
+            }
         }
+        assert!(!worth_repeating(&refused(ErrorCode::Unrecognized), true));
         assert!(!worth_repeating(&ClientError::Closed, true));
         let token = new_claim_token();
         assert!(agent::is_claim_token(&token), "{token}");

@@ -70,8 +70,8 @@ async fn keep_registered(shared: Arc<Shared>) {
                     });
                     break;
                 }
-                Err(ClientError::Refused(e)) if e.starts_with("certificate validation failed") => {
-                    shared.emit(ClientEvent::SessionLost { reason: e });
+                Err(ClientError::Refused(e)) if e.code.is_certificate() => {
+                    shared.emit(ClientEvent::SessionLost { reason: e.error });
                     *shared.wanted.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     break;
                 }

@@ -278,7 +278,7 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
                 json!({"success": true, "agent_id": agent_id, "serial": serial, "session_ended": ended.is_some()})
             }
             Ok(other) => json!({"success": false, "error": format!("unexpected result {other:?}")}),
-            Err(e) => json!({"success": false, "error": e}),
+            Err(e) => json!({"success": false, "error": e.error}),
         },
         AdminRequest::KeysList => json!({"success": true, "keys": keys(inner)}),
         AdminRequest::KeysRotate => match commit(Op::RotateKey {
@@ -291,7 +291,7 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
                 json!({"success": true, "key_id": key_id})
             }
             Ok(other) => json!({"success": false, "error": format!("unexpected result {other:?}")}),
-            Err(e) => json!({"success": false, "error": e}),
+            Err(e) => json!({"success": false, "error": e.error}),
         },
         AdminRequest::KeysRetire { key_id } => match commit(Op::RetireKey { key_id }).await {
             Ok(Outcome::KeyRetired { key_id }) => {
@@ -299,7 +299,7 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
                 json!({"success": true, "key_id": key_id})
             }
             Ok(other) => json!({"success": false, "error": format!("unexpected result {other:?}")}),
-            Err(e) => json!({"success": false, "error": e}),
+            Err(e) => json!({"success": false, "error": e.error}),
         },
     }
 }

@@ -14,7 +14,9 @@ use tokio_util::task::TaskTracker;
 use super::duties::unix_now;
 use super::{read, write, Inner};
 use crate::identity::Certificate;
-use crate::proto::agent::{self, AgentRequest, CONNECTION_CLOSING_ERROR, SHUTTING_DOWN_ERROR};
+use crate::proto::agent::{
+    self, AgentRequest, ErrorCode, Refusal, CONNECTION_CLOSING_ERROR, SHUTTING_DOWN_ERROR,
+};
 use crate::registry::{ClaimArgs, ConnRef, EndCause, Op, Outcome, SessionEnd, TokenHash};
 use crate::transport::frame::{
     read_end_if_there, read_stream_frame, write_frame, FrameError, MAX_AGENT_FRAME,
@@ -59,9 +61,9 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
         let in_drain = inner.requests.token();
         let in_conn = conn_requests.token();
         let refusal = if inner.draining.is_cancelled() {
-            Some(SHUTTING_DOWN_ERROR)
+            Some((ErrorCode::ShuttingDown, SHUTTING_DOWN_ERROR))
         } else if conn_requests.is_closed() {
-            Some(CONNECTION_CLOSING_ERROR)
+            Some((ErrorCode::ConnectionClosing, CONNECTION_CLOSING_ERROR))
         } else {
             None
         };
@@ -109,7 +111,7 @@ async fn evict_after_disconnect(inner: &Inner, conn_id: u64, agent_id: &str) {
 async fn serve_stream(
     inner: &Inner,
     conn_id: u64,
-    refusal: Option<&'static str>,
+    refusal: Option<(ErrorCode, &'static str)>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -124,8 +126,8 @@ async fn serve_stream(
                 Ok(req) => {
                     let command = command.unwrap_or_default();
                     let result = match refusal {
-                        Some(e) if !matches!(req, AgentRequest::PingAgent { .. }) => {
-                            Err(e.to_owned())
+                        Some((code, e)) if !matches!(req, AgentRequest::PingAgent { .. }) => {
+                            Err(Refusal::new(code, e))
                         }
                         _ => handle(inner, conn_id, req).await,
                     };
@@ -150,7 +152,7 @@ async fn serve_stream(
         Err(e) => {
             tracing::debug!(conn_id, error = %e, "bad agent frame");
             let _ = recv.stop(quinn::VarInt::from_u32(0x10));
-            agent::error_response(None, None, &format!("bad frame: {e}"))
+            agent::error_response(None, None, &format!("bad frame: {e}").into())
         }
     };
     if write_frame(&mut send, &answer).await.is_ok() {
@@ -172,7 +174,7 @@ fn fields(v: Value) -> Fields {
 
 use write::commit;
 
-async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields, String> {
+async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields, Refusal> {
     let conn = ConnRef {
         node_id: inner.id,
         conn_id,
@@ -217,9 +219,12 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
             consistency,
         } => {
             if consistency == agent::Consistency::Linearizable {
-                read::barrier(inner)
-                    .await
-                    .map_err(|e| format!("{}: {e}", agent::UNAVAILABLE_PREFIX))?;
+                read::barrier(inner).await.map_err(|e| {
+                    Refusal::new(
+                        ErrorCode::Unavailable,
+                        format!("{}: {e}", agent::UNAVAILABLE_PREFIX),
+                    )
+                })?;
             }
             Ok(validation(inner, &certificate))
         }
@@ -230,8 +235,9 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
             force_reconnect,
         } => {
             if let Some(other) = inner.conns.agent_of(conn_id).filter(|a| *a != agent_id) {
-                return Err(format!(
-                    "this connection is registered as agent {other}; open another connection for agent {agent_id}"
+                return Err(Refusal::new(
+                    ErrorCode::ConnectionInUse,
+                    format!("this connection is registered as agent {other}; open another connection for agent {agent_id}"),
                 ));
             }
             let op = Op::Register {
@@ -260,7 +266,10 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
         }
         AgentRequest::UnregisterAgent { agent_id } => {
             let session_id = inner.session_on(&agent_id, conn).ok_or_else(|| {
-                format!("Agent ID {agent_id} is not registered on this connection")
+                Refusal::new(
+                    ErrorCode::NotRegistered,
+                    format!("Agent ID {agent_id} is not registered on this connection"),
+                )
             })?;
             let outcome = commit(
                 inner,
@@ -274,8 +283,9 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
             // This node's tables may have lagged: the session can have been taken over or
             // evicted before the unregister was committed. Say so rather than "success".
             if !matches!(outcome, Outcome::SessionEnded { ended: Some(_) }) {
-                return Err(format!(
-                    "Agent ID {agent_id} is not registered on this connection (session {session_id} already ended)"
+                return Err(Refusal::new(
+                    ErrorCode::NotRegistered,
+                    format!("Agent ID {agent_id} is not registered on this connection (session {session_id} already ended)"),
                 ));
             }
             Ok(fields(
@@ -327,13 +337,14 @@ fn validation(inner: &Inner, certificate: &Certificate) -> Fields {
             "valid": false,
             "agent_id": certificate.agent_id,
             "reason": reason.to_string(),
+            "code": ErrorCode::of_invalid(reason).as_str(),
         })),
     }
 }
 
-fn unexpected(outcome: &Outcome) -> String {
+fn unexpected(outcome: &Outcome) -> Refusal {
     tracing::error!(?outcome, "unexpected outcome");
-    "internal error: unexpected result".to_owned()
+    Refusal::new(ErrorCode::Internal, "internal error: unexpected result")
 }
 
 /// Closes the local connections of sessions that applied entries ended.

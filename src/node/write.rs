@@ -6,10 +6,10 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::time::Instant;
 
 use super::Inner;
-use crate::proto::agent;
+use crate::proto::agent::{self, ErrorCode, Refusal};
 use crate::raft::network::{ForwardError, PeerError};
 use crate::raft::types::NodeId;
-use crate::registry::{Command, Response};
+use crate::registry::{Command, RegistryError, Response};
 
 /// A committed and applied write.
 #[derive(Debug, Clone)]
@@ -39,29 +39,57 @@ pub enum WriteError {
 /// How long to wait between attempts while no leader is known.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
-/// Commits `op` stamped with this node's clock; the registry's answer, or the text an agent or
-/// operator reads for why there is none.
+/// Commits `op` stamped with this node's clock; the registry's answer, or the refusal an
+/// agent or operator reads for why there is none.
 pub(super) async fn commit(
     inner: &Inner,
     op: crate::registry::Op,
-) -> Result<crate::registry::Outcome, String> {
+) -> Result<crate::registry::Outcome, Refusal> {
     let cmd = Command {
         at: super::duties::unix_now(),
         op,
     };
     match write(inner, cmd).await {
-        Ok(w) => w.response.map_err(|e| e.to_string()),
-        Err(e) => Err(answer_text(&e)),
+        Ok(w) => w
+            .response
+            .map_err(|e| Refusal::new(registry_code(&e), e.to_string())),
+        Err(e) => Err(unanswered(&e)),
     }
 }
 
-/// What an agent or operator reads for a write that got no answer. Its first words are the
-/// protocol's (`agent::worth_repeating` reads them).
-fn answer_text(e: &WriteError) -> String {
+/// The refusal an agent or operator reads for a write that got no answer. Its first words
+/// are the protocol's (clients of builds before codes read them, `ErrorCode::of_answer`).
+fn unanswered(e: &WriteError) -> Refusal {
     match e {
-        WriteError::NoLeader(_) => format!("{}: {e}", agent::UNAVAILABLE_PREFIX),
-        WriteError::ShuttingDown => format!("{e}; reconnect to another node"),
-        WriteError::Unknown(_) | WriteError::Refused(_) => e.to_string(),
+        WriteError::NoLeader(_) => Refusal::new(
+            ErrorCode::Unavailable,
+            format!("{}: {e}", agent::UNAVAILABLE_PREFIX),
+        ),
+        WriteError::ShuttingDown => Refusal::new(
+            ErrorCode::ShuttingDown,
+            format!("{e}; reconnect to another node"),
+        ),
+        WriteError::Unknown(_) => Refusal::new(ErrorCode::OutcomeUnknown, e.to_string()),
+        WriteError::Refused(_) => Refusal::new(ErrorCode::NotApplied, e.to_string()),
+    }
+}
+
+/// The code of a refusal the registry answered.
+pub(super) fn registry_code(e: &RegistryError) -> ErrorCode {
+    match e {
+        RegistryError::InvalidAgentId(_) => ErrorCode::BadRequest,
+        RegistryError::AlreadyClaimed { .. } => ErrorCode::AlreadyClaimed,
+        RegistryError::ForceWithoutProof { .. } => ErrorCode::ForceNeedsCertificate,
+        RegistryError::Certificate(why) => ErrorCode::of_invalid(*why),
+        RegistryError::CertificateRequired { .. } => ErrorCode::CertificateRequired,
+        RegistryError::AlreadyConnected { .. } => ErrorCode::AlreadyConnected,
+        RegistryError::NotClaimed { .. } => ErrorCode::NotClaimed,
+        RegistryError::NoSigningKey => ErrorCode::NoSigningKey,
+        RegistryError::MetadataTooLarge(_) => ErrorCode::MetadataTooLarge,
+        // The node's own settings or operator commands, never an agent's request.
+        RegistryError::BadTtl | RegistryError::Keyring(_) | RegistryError::NestedBatch => {
+            ErrorCode::Internal
+        }
     }
 }
 
@@ -201,22 +229,35 @@ pub(super) async fn serve_forward(
 mod tests {
     use super::*;
 
-    /// A claimant (`AgentClient`) sends a claim again, with its claim token, on the texts
-    /// that say its outcome is unknown or that no quorum took it; never on the others.
+    /// A claimant (`AgentClient`) sends a claim again, with its claim token, on the codes
+    /// that say its outcome is unknown or that no quorum took it; never on the others. A
+    /// client of a build before codes reads the same from the texts.
     #[test]
-    fn the_texts_of_unanswered_writes_say_which_are_worth_repeating() {
-        let text = |e: WriteError| answer_text(&e);
-        assert!(agent::worth_repeating(&text(WriteError::Unknown(
-            "x".into()
-        ))));
-        assert!(agent::worth_repeating(&text(WriteError::NoLeader(
-            Duration::from_secs(5)
-        ))));
-        assert!(!agent::worth_repeating(&text(WriteError::Refused(
-            "x".into()
-        ))));
+    fn unanswered_writes_say_which_are_worth_repeating() {
+        use ErrorCode::*;
+        let cases = [
+            (
+                WriteError::Unknown("x".into()),
+                OutcomeUnknown,
+                OutcomeUnknown,
+            ),
+            (
+                WriteError::NoLeader(Duration::from_secs(5)),
+                Unavailable,
+                Unavailable,
+            ),
+            (WriteError::Refused("x".into()), NotApplied, Unrecognized),
+            (WriteError::ShuttingDown, ShuttingDown, ShuttingDown),
+        ];
+        for (e, code, from_text) in cases {
+            let r = unanswered(&e);
+            assert_eq!(r.code, code, "{e}");
+            assert_eq!(ErrorCode::of_answer(None, &r.error), from_text, "{e}");
+        }
+        assert!(OutcomeUnknown.worth_repeating() && Unavailable.worth_repeating());
+        assert!(!NotApplied.worth_repeating() && !ShuttingDown.worth_repeating());
         assert_eq!(
-            text(WriteError::ShuttingDown),
+            unanswered(&WriteError::ShuttingDown).error,
             agent::SHUTTING_DOWN_ERROR,
             "sent again on the next connection by the client's transport"
         );

@@ -10,7 +10,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::identity::{check_agent_id, Certificate};
+use crate::identity::{check_agent_id, Certificate, Invalid};
 
 pub const CLAIM_AGENT_ID: &str = "claim_agent_id";
 pub const VALIDATE_CERTIFICATE: &str = "validate_certificate";
@@ -29,12 +29,6 @@ pub const SHUTTING_DOWN_ERROR: &str = "node is shutting down; reconnect to anoth
 pub const CONNECTION_CLOSING_ERROR: &str =
     "connection closing: its session ended; send the request on a new connection";
 
-/// Whether a refusal says the request was not carried out only because its connection is
-/// about to close: it can be sent again as it is on another connection.
-pub fn refused_for_closing(error: &str) -> bool {
-    error == SHUTTING_DOWN_ERROR || error == CONNECTION_CLOSING_ERROR
-}
-
 /// The close reason of an agent connection a stopping node closed (code 0x103) before
 /// reading anything on it: it arrived while the node drained. A request sent on it was not
 /// carried out and can go as it is to another node. (Connections the node served close with
@@ -48,11 +42,183 @@ pub const OUTCOME_UNKNOWN_PREFIX: &str = "write outcome unknown";
 /// How an answer begins when the node could not reach a quorum: nothing was applied.
 pub const UNAVAILABLE_PREFIX: &str = "cluster unavailable";
 
-/// Whether a refused claim that carried a claim token is worth sending again as it is
-/// (with the same token): its outcome is unknown, or the cluster had no quorum for it yet.
-/// Sent again, it is answered with the certificate it issued if it was applied.
-pub fn worth_repeating(error: &str) -> bool {
-    error.starts_with(OUTCOME_UNKNOWN_PREFIX) || error.starts_with(UNAVAILABLE_PREFIX)
+/// What kind of refusal a failure answer is: its `code` field, for programs (the `error`
+/// text is for people and may be reworded). docs/protocol.md lists every code with what to
+/// do about it; new codes may be added, so a client treats one it does not know as final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The request is malformed (frame, JSON, a field, an invalid agent id): fix the client.
+    BadRequest,
+    /// The node does not serve this command (perhaps one of a newer build).
+    UnknownCommand,
+    AlreadyClaimed,
+    /// `force` without a certificate for the id.
+    ForceNeedsCertificate,
+    /// The id is claimed: register with its certificate.
+    CertificateRequired,
+    /// Another connection holds the id.
+    AlreadyConnected,
+    NotClaimed,
+    /// Unregister of an id this connection is not (or no longer) registered as.
+    NotRegistered,
+    /// This connection is registered as another agent.
+    ConnectionInUse,
+    MetadataTooLarge,
+    CertificateExpired,
+    CertificateBadSignature,
+    CertificateOtherAgent,
+    CertificateRevoked,
+    CertificateUnknownKey,
+    CertificateKeyRetired,
+    CertificateSuperseded,
+    CertificateNotClaimed,
+    /// A brand-new cluster has no signing key yet: retry shortly.
+    NoSigningKey,
+    /// No quorum: nothing was applied; retry, or try another node.
+    Unavailable,
+    /// The answer was lost in a failover: the write may or may not have been applied.
+    OutcomeUnknown,
+    /// The leader could not read the write (a rolling upgrade): nothing was applied.
+    NotApplied,
+    /// The node is stopping: nothing was done; send the request to another node.
+    ShuttingDown,
+    /// The connection's session ended: nothing was done; send it on a new connection.
+    ConnectionClosing,
+    Internal,
+    /// Not sent by nodes: a code this build does not know (from a newer node), or an answer
+    /// without one whose text says nothing this build acts on (a node before codes).
+    Unrecognized,
+}
+
+impl ErrorCode {
+    /// Every code nodes send, with its name on the wire.
+    pub const ALL: &'static [(ErrorCode, &'static str)] = &[
+        (ErrorCode::BadRequest, "bad_request"),
+        (ErrorCode::UnknownCommand, "unknown_command"),
+        (ErrorCode::AlreadyClaimed, "already_claimed"),
+        (ErrorCode::ForceNeedsCertificate, "force_needs_certificate"),
+        (ErrorCode::CertificateRequired, "certificate_required"),
+        (ErrorCode::AlreadyConnected, "already_connected"),
+        (ErrorCode::NotClaimed, "not_claimed"),
+        (ErrorCode::NotRegistered, "not_registered"),
+        (ErrorCode::ConnectionInUse, "connection_in_use"),
+        (ErrorCode::MetadataTooLarge, "metadata_too_large"),
+        (ErrorCode::CertificateExpired, "certificate_expired"),
+        (
+            ErrorCode::CertificateBadSignature,
+            "certificate_bad_signature",
+        ),
+        (ErrorCode::CertificateOtherAgent, "certificate_other_agent"),
+        (ErrorCode::CertificateRevoked, "certificate_revoked"),
+        (ErrorCode::CertificateUnknownKey, "certificate_unknown_key"),
+        (ErrorCode::CertificateKeyRetired, "certificate_key_retired"),
+        (ErrorCode::CertificateSuperseded, "certificate_superseded"),
+        (ErrorCode::CertificateNotClaimed, "certificate_not_claimed"),
+        (ErrorCode::NoSigningKey, "no_signing_key"),
+        (ErrorCode::Unavailable, "unavailable"),
+        (ErrorCode::OutcomeUnknown, "outcome_unknown"),
+        (ErrorCode::NotApplied, "not_applied"),
+        (ErrorCode::ShuttingDown, "shutting_down"),
+        (ErrorCode::ConnectionClosing, "connection_closing"),
+        (ErrorCode::Internal, "internal"),
+    ];
+
+    /// The code's name on the wire (`Unrecognized` has none; it reads "unrecognized").
+    pub fn as_str(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(c, _)| *c == self)
+            .map_or("unrecognized", |(_, name)| name)
+    }
+
+    /// The code of a failure answer: its `code` field, or for an answer without one (a node
+    /// of a build before codes) what its `error` text says, as far as a client acts on it.
+    pub fn of_answer(code: Option<&str>, error: &str) -> ErrorCode {
+        match code {
+            Some(name) => Self::ALL
+                .iter()
+                .find(|(_, n)| *n == name)
+                .map_or(ErrorCode::Unrecognized, |(c, _)| *c),
+            None if error.starts_with(OUTCOME_UNKNOWN_PREFIX) => ErrorCode::OutcomeUnknown,
+            None if error.starts_with(UNAVAILABLE_PREFIX) => ErrorCode::Unavailable,
+            None if error == SHUTTING_DOWN_ERROR => ErrorCode::ShuttingDown,
+            None if error == CONNECTION_CLOSING_ERROR => ErrorCode::ConnectionClosing,
+            None => ErrorCode::Unrecognized,
+        }
+    }
+
+    /// The code for a certificate that does not validate.
+    pub fn of_invalid(why: Invalid) -> ErrorCode {
+        match why {
+            Invalid::Expired => ErrorCode::CertificateExpired,
+            Invalid::BadSignature => ErrorCode::CertificateBadSignature,
+            Invalid::OtherAgent => ErrorCode::CertificateOtherAgent,
+            Invalid::Revoked => ErrorCode::CertificateRevoked,
+            Invalid::UnknownKey => ErrorCode::CertificateUnknownKey,
+            Invalid::RetiredKey => ErrorCode::CertificateKeyRetired,
+            Invalid::Superseded => ErrorCode::CertificateSuperseded,
+            Invalid::NotClaimed => ErrorCode::CertificateNotClaimed,
+        }
+    }
+
+    /// Whether the refusal is about the certificate the request carried (it does not
+    /// validate): a client holding it should claim afresh or use a newer one.
+    pub fn is_certificate(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::CertificateExpired
+                | ErrorCode::CertificateBadSignature
+                | ErrorCode::CertificateOtherAgent
+                | ErrorCode::CertificateRevoked
+                | ErrorCode::CertificateUnknownKey
+                | ErrorCode::CertificateKeyRetired
+                | ErrorCode::CertificateSuperseded
+                | ErrorCode::CertificateNotClaimed
+        )
+    }
+
+    /// Whether the request was not carried out only because its connection is about to
+    /// close: it can be sent again as it is on another connection.
+    pub fn refused_for_closing(self) -> bool {
+        matches!(self, ErrorCode::ShuttingDown | ErrorCode::ConnectionClosing)
+    }
+
+    /// Whether a refused claim that carried a claim token is worth sending again as it is
+    /// (with the same token): its outcome is unknown, or the cluster had no quorum for it
+    /// yet. Sent again, it is answered with the certificate it issued if it was applied.
+    pub fn worth_repeating(self) -> bool {
+        matches!(self, ErrorCode::OutcomeUnknown | ErrorCode::Unavailable)
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failure answer: its code, and the text people read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{error}")]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub error: String,
+}
+
+impl Refusal {
+    pub fn new(code: ErrorCode, error: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            error: error.into(),
+        }
+    }
+}
+
+/// A request that cannot be read is a bad request.
+impl From<String> for Refusal {
+    fn from(error: String) -> Refusal {
+        Refusal::new(ErrorCode::BadRequest, error)
+    }
 }
 
 /// Every command a node serves.
@@ -131,7 +297,7 @@ pub enum Consistency {
 pub struct Envelope {
     pub command: Option<String>,
     pub request_id: Option<Value>,
-    pub request: Result<AgentRequest, String>,
+    pub request: Result<AgentRequest, Refusal>,
 }
 
 /// Parses one request frame. Never panics, whatever the bytes.
@@ -139,12 +305,12 @@ pub fn parse_request(bytes: &[u8]) -> Envelope {
     let mut env = Envelope {
         command: None,
         request_id: None,
-        request: Err(String::new()),
+        request: Err(Refusal::from(String::new())),
     };
     let obj = match parse_object(bytes) {
         Ok(o) => o,
         Err(e) => {
-            env.request = Err(e);
+            env.request = Err(e.into());
             return env;
         }
     };
@@ -158,7 +324,9 @@ pub fn parse_request(bytes: &[u8]) -> Envelope {
             env.request_id = Some(v.clone());
             Ok(())
         }
-        Some(_) => Err("field request_id must be a string or a number".to_owned()),
+        Some(_) => Err("field request_id must be a string or a number"
+            .to_owned()
+            .into()),
     }
     .and_then(|()| parse_fields(&obj));
     env
@@ -176,24 +344,27 @@ fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, String> {
     }
 }
 
-fn parse_fields(obj: &Map<String, Value>) -> Result<AgentRequest, String> {
+fn parse_fields(obj: &Map<String, Value>) -> Result<AgentRequest, Refusal> {
     match obj.get("type") {
         Some(Value::String(t)) if t == "system_request" => {}
         Some(Value::String(t)) => {
-            return Err(format!("field type must be \"system_request\", not {t:?}"))
+            return Err(format!("field type must be \"system_request\", not {t:?}").into())
         }
-        Some(other) => return Err(format!("field type must be a string, not {}", kind(other))),
-        None => return Err("missing field type (expected \"system_request\")".to_owned()),
+        Some(other) => {
+            return Err(format!("field type must be a string, not {}", kind(other)).into())
+        }
+        None => {
+            return Err("missing field type (expected \"system_request\")"
+                .to_owned()
+                .into())
+        }
     }
     let command = match obj.get("command") {
         Some(Value::String(c)) => c.as_str(),
         Some(other) => {
-            return Err(format!(
-                "field command must be a string, not {}",
-                kind(other)
-            ))
+            return Err(format!("field command must be a string, not {}", kind(other)).into())
         }
-        None => return Err("missing field command".to_owned()),
+        None => return Err("missing field command".to_owned().into()),
     };
     let f = Fields(obj);
     Ok(match command {
@@ -212,13 +383,13 @@ fn parse_fields(obj: &Map<String, Value>) -> Result<AgentRequest, String> {
                 Some(Value::String(c)) => {
                     return Err(format!(
                         "field consistency must be \"linearizable\" or \"local\", not {c:?}"
-                    ))
+                    )
+                    .into())
                 }
                 Some(other) => {
-                    return Err(format!(
-                        "field consistency must be a string, not {}",
-                        kind(other)
-                    ))
+                    return Err(
+                        format!("field consistency must be a string, not {}", kind(other)).into(),
+                    )
                 }
             },
         },
@@ -226,12 +397,11 @@ fn parse_fields(obj: &Map<String, Value>) -> Result<AgentRequest, String> {
             let timestamp = match obj.get("timestamp") {
                 Some(v @ Value::Number(_)) => v.clone(),
                 Some(other) => {
-                    return Err(format!(
-                        "field timestamp must be a number, not {}",
-                        kind(other)
-                    ))
+                    return Err(
+                        format!("field timestamp must be a number, not {}", kind(other)).into(),
+                    )
                 }
-                None => return Err("missing field timestamp".to_owned()),
+                None => return Err("missing field timestamp".to_owned().into()),
             };
             AgentRequest::PingAgent { timestamp }
         }
@@ -241,10 +411,9 @@ fn parse_fields(obj: &Map<String, Value>) -> Result<AgentRequest, String> {
                 None | Some(Value::Null) => Map::new(),
                 Some(Value::Object(m)) => m.clone(),
                 Some(other) => {
-                    return Err(format!(
-                        "field metadata must be an object, not {}",
-                        kind(other)
-                    ))
+                    return Err(
+                        format!("field metadata must be an object, not {}", kind(other)).into(),
+                    )
                 }
             },
             certificate: f.certificate_opt()?,
@@ -257,9 +426,10 @@ fn parse_fields(obj: &Map<String, Value>) -> Result<AgentRequest, String> {
             let certificate = f.certificate()?;
             if let Some(id) = obj.get("agent_id") {
                 if id.as_str() != Some(certificate.agent_id.as_str()) {
-                    return Err(
-                        "certificate validation failed: issued for another agent".to_owned()
-                    );
+                    return Err(Refusal::new(
+                        ErrorCode::CertificateOtherAgent,
+                        format!("certificate validation failed: {}", Invalid::OtherAgent),
+                    ));
                 }
             }
             AgentRequest::ReleaseAgentId { certificate }
@@ -268,9 +438,9 @@ fn parse_fields(obj: &Map<String, Value>) -> Result<AgentRequest, String> {
             certificate: f.certificate()?,
         },
         other => {
-            return Err(format!(
-                "unknown command {other:?} (known: {})",
-                COMMANDS.join(", ")
+            return Err(Refusal::new(
+                ErrorCode::UnknownCommand,
+                format!("unknown command {other:?} (known: {})", COMMANDS.join(", ")),
             ))
         }
     })
@@ -385,10 +555,15 @@ pub fn ok_response(
     Value::Object(m).to_string().into_bytes()
 }
 
-/// A failed response with an `error` text.
-pub fn error_response(command: Option<&str>, request_id: Option<&Value>, error: &str) -> Vec<u8> {
+/// A failed response with its `code` and `error` text.
+pub fn error_response(
+    command: Option<&str>,
+    request_id: Option<&Value>,
+    refusal: &Refusal,
+) -> Vec<u8> {
     let mut m = response(command, request_id, false);
-    m.insert("error".into(), error.into());
+    m.insert("code".into(), refusal.code.as_str().into());
+    m.insert("error".into(), refusal.error.as_str().into());
     Value::Object(m).to_string().into_bytes()
 }
 

@@ -18,8 +18,11 @@ fn parse(v: Value) -> Envelope {
     parse_request(v.to_string().as_bytes())
 }
 
+/// The text of a request refused as malformed.
 fn err_of(v: Value) -> String {
-    parse(v).request.expect_err("accepted")
+    let r = parse(v).request.expect_err("accepted");
+    assert_eq!(r.code, ErrorCode::BadRequest, "{}", r.error);
+    r.error
 }
 
 #[test]
@@ -111,10 +114,15 @@ fn request_id_is_kept_even_when_the_request_is_bad() {
     let e = parse(json!({"type":"system_request","command":"nope","request_id":"r-1"}));
     assert_eq!(e.request_id, Some(json!("r-1")));
     assert_eq!(e.command.as_deref(), Some("nope"));
-    assert!(e.request.unwrap_err().contains("unknown command \"nope\""));
+    let r = e.request.unwrap_err();
+    assert_eq!(r.code, ErrorCode::UnknownCommand);
+    assert!(r.error.contains("unknown command \"nope\""));
     let e = parse(json!({"type":"system_request","command":"claim_agent_id","request_id":7}));
     assert_eq!(e.request_id, Some(json!(7)));
-    assert_eq!(e.request.unwrap_err(), "missing field agent_id");
+    assert_eq!(
+        e.request.unwrap_err(),
+        Refusal::new(ErrorCode::BadRequest, "missing field agent_id")
+    );
     assert!(err_of(
         json!({"type":"system_request","command":"ping_agent","timestamp":1,"request_id":[1]})
     )
@@ -136,17 +144,18 @@ fn responses_echo_request_id_and_keep_the_shapes() {
     let err = error_response(
         Some("claim_agent_id"),
         Some(&json!("abc")),
-        "Agent ID a is already claimed",
+        &Refusal::new(ErrorCode::AlreadyClaimed, "Agent ID a is already claimed"),
     );
     let v: Value = serde_json::from_slice(&err).unwrap();
     assert_eq!(
         v,
-        json!({"type":"system_response","command":"claim_agent_id","success":false,"request_id":"abc","error":"Agent ID a is already claimed"})
+        json!({"type":"system_response","command":"claim_agent_id","success":false,"request_id":"abc","code":"already_claimed","error":"Agent ID a is already claimed"})
     );
-    let v: Value = serde_json::from_slice(&error_response(None, None, "x")).unwrap();
+    let v: Value =
+        serde_json::from_slice(&error_response(None, None, &"x".to_owned().into())).unwrap();
     assert_eq!(
         v,
-        json!({"type":"system_response","success":false,"error":"x"})
+        json!({"type":"system_response","success":false,"code":"bad_request","error":"x"})
     );
     assert!(parse_response(&err).is_ok());
     assert!(parse_response(b"{\"type\":\"system_request\"}").is_err());
@@ -155,11 +164,10 @@ fn responses_echo_request_id_and_keep_the_shapes() {
 #[test]
 fn bad_inputs_get_clear_errors() {
     let e = parse_request(&[0xff, 0xfe, b'{']).request.unwrap_err();
-    assert_eq!(e, "request is not valid UTF-8");
-    assert!(parse_request(b"{not json")
-        .request
-        .unwrap_err()
-        .contains("not valid JSON"));
+    assert_eq!(e.error, "request is not valid UTF-8");
+    let e = parse_request(b"{not json").request.unwrap_err();
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    assert!(e.error.contains("not valid JSON"));
     for (v, k) in [
         (json!([1]), "an array"),
         (json!("s"), "a string"),
@@ -258,9 +266,81 @@ fn bad_inputs_get_clear_errors() {
         "field timestamp must be a number, not a string"
     );
     assert_eq!(
-        err_of(
-            json!({"type":"system_request","command":"release_agent_id","agent_id":"other","certificate":c})
-        ),
-        "certificate validation failed: issued for another agent"
+        parse(json!({"type":"system_request","command":"release_agent_id","agent_id":"other","certificate":c}))
+            .request
+            .unwrap_err(),
+        Refusal::new(
+            ErrorCode::CertificateOtherAgent,
+            "certificate validation failed: issued for another agent"
+        )
     );
+}
+
+/// Every code has one name on the wire, read back as itself; docs/protocol.md lists every
+/// one of them (a client in another language is written from it).
+#[test]
+fn error_codes_have_one_name_each_and_are_documented() {
+    let doc = include_str!("../../docs/protocol.md");
+    let mut names = std::collections::HashSet::new();
+    for &(code, name) in ErrorCode::ALL {
+        assert!(names.insert(name), "{name} twice");
+        assert_eq!(code.as_str(), name);
+        assert_eq!(ErrorCode::of_answer(Some(name), "whatever"), code);
+        assert!(
+            doc.contains(&format!("| `{name}` |")),
+            "{name} is not in docs/protocol.md's table"
+        );
+    }
+    assert_eq!(
+        ErrorCode::of_answer(Some("a_code_of_a_newer_node"), "x"),
+        ErrorCode::Unrecognized
+    );
+    assert_ne!(ErrorCode::Unrecognized.as_str(), "");
+    assert!(
+        !names.contains(ErrorCode::Unrecognized.as_str()),
+        "never sent"
+    );
+}
+
+/// An answer of a node of a build before codes carries none: the client reads what it acts
+/// on from the text, and nothing else.
+#[test]
+fn answers_without_a_code_are_read_from_their_text() {
+    let of = |t: &str| ErrorCode::of_answer(None, t);
+    assert_eq!(
+        of("write outcome unknown: leader 2 did not answer"),
+        ErrorCode::OutcomeUnknown
+    );
+    assert_eq!(of("cluster unavailable: no leader"), ErrorCode::Unavailable);
+    assert_eq!(of(SHUTTING_DOWN_ERROR), ErrorCode::ShuttingDown);
+    assert_eq!(of(CONNECTION_CLOSING_ERROR), ErrorCode::ConnectionClosing);
+    assert_eq!(of("Agent ID a is already claimed"), ErrorCode::Unrecognized);
+    // A code wins over the text.
+    assert_eq!(
+        ErrorCode::of_answer(Some("already_claimed"), "cluster unavailable: x"),
+        ErrorCode::AlreadyClaimed
+    );
+}
+
+#[test]
+fn certificate_codes_are_the_certificates_and_only_they() {
+    use crate::identity::Invalid::*;
+    for why in [
+        Expired,
+        BadSignature,
+        OtherAgent,
+        Revoked,
+        UnknownKey,
+        RetiredKey,
+        Superseded,
+        NotClaimed,
+    ] {
+        assert!(ErrorCode::of_invalid(why).is_certificate(), "{why}");
+    }
+    let certificates = ErrorCode::ALL
+        .iter()
+        .filter(|(c, _)| c.is_certificate())
+        .count();
+    assert_eq!(certificates, 8);
+    assert!(!ErrorCode::CertificateRequired.is_certificate());
 }
