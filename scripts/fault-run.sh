@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A long fault-injection run against three agentreg processes (tests/fault): kills, pauses,
-# partitions and leader isolation under a concurrent workload, then the history checker.
+# partitions (both ways and one way) and leader isolation under a concurrent workload, then
+# the history checker.
 #
 #   scripts/fault-run.sh [SECONDS] [SEED]      (defaults: 1800 s, a random seed)
 #

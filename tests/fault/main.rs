@@ -37,14 +37,19 @@ enum Fault {
     IsolateLeader,
     IsolateNode,
     CutLink,
+    /// Traffic dropped in one direction only: a node (the leader half the time) that hears
+    /// no peer while they still hear it, one whose peers hear nothing of it while it hears
+    /// them, or a single link one way.
+    OneWay,
 }
 
-const FAULTS: [Fault; 5] = [
+const FAULTS: [Fault; 6] = [
     Fault::Kill,
     Fault::Pause,
     Fault::IsolateLeader,
     Fault::IsolateNode,
     Fault::CutLink,
+    Fault::OneWay,
 ];
 
 struct Report {
@@ -198,6 +203,31 @@ async fn run(seed: u64, duration: Duration) -> Report {
                 cluster.net.cut(victim, other);
                 cut_off = None;
                 format!("cut node {victim} <-> node {other} for {hold:?}")
+            }
+            Fault::OneWay => {
+                let subject = if rng.gen_bool(0.5) {
+                    cluster.leader().await.unwrap_or(victim)
+                } else {
+                    victim
+                };
+                cut_off = Some(subject);
+                let others = NODES.iter().copied().filter(|n| *n != subject);
+                match rng.gen_range(0..3) {
+                    0 => {
+                        others.for_each(|o| cluster.net.cut_one_way(o, subject));
+                        format!("node {subject} hears no peer (they hear it) for {hold:?}")
+                    }
+                    1 => {
+                        others.for_each(|o| cluster.net.cut_one_way(subject, o));
+                        format!("no peer hears node {subject} (it hears them) for {hold:?}")
+                    }
+                    _ => {
+                        let other = others.collect::<Vec<_>>()[rng.gen_range(0..2)];
+                        cluster.net.cut_one_way(subject, other);
+                        cut_off = None;
+                        format!("cut node {subject} -> node {other} one way for {hold:?}")
+                    }
+                }
             }
         };
         schedule.push(format!("{:>8.3}s {fault:?}: {what}", start as f64 / 1e6));
@@ -445,7 +475,8 @@ fn assert_clean(report: &Report) {
     assert!(report.violations.is_empty(), "{}", report.failure());
 }
 
-/// About a minute of faults under load (every fault kind at least twice).
+/// About a minute of faults under load (every fault kind at least once: the first round of
+/// the schedule takes each).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn short_run() {
     let secs = std::env::var("AGENTREG_FAULT_SHORT_SECS")

@@ -330,7 +330,7 @@ impl Worker {
         let conn = self.conn.conn.clone().expect("connected");
         let ret = match tokio::time::timeout(REQUEST_TIMEOUT, request(&conn, &req)).await {
             Ok(Ok(answer)) if answer["success"] == true => ok(&answer),
-            Ok(Ok(answer)) => classify(answer["error"].as_str().unwrap_or("")),
+            Ok(Ok(answer)) => classify(&answer),
             Ok(Err(e)) => {
                 self.abandon();
                 Ret::Unknown(e)
@@ -346,12 +346,15 @@ impl Worker {
     }
 }
 
-/// A refusal changed nothing; anything that may have been applied is unknown.
-fn classify(error: &str) -> Ret {
-    if error.starts_with("write outcome unknown") || error.contains("unavailable") {
-        Ret::Unknown(error.to_owned())
-    } else {
-        Ret::Refused(error.to_owned())
+/// A refusal changed nothing; anything that may have been applied is unknown. Told apart
+/// by the answer's code, as a client does (docs/protocol.md): a code that called an applied
+/// write a refusal would show as a lost or phantom write in the checker.
+fn classify(answer: &Value) -> Ret {
+    let error = answer["error"].as_str().unwrap_or("").to_owned();
+    match answer["code"].as_str() {
+        Some("outcome_unknown" | "unavailable") => Ret::Unknown(error),
+        Some(_) => Ret::Refused(error),
+        None => panic!("a failure answer without a code: {answer}"),
     }
 }
 
