@@ -5,8 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use agentreg::client::{load_certificate, ClientError, ClientEvent, ErrorCode::*, Refusal};
-use agentreg::registry::{ClaimArgs, Command, Op};
+use agentreg::client::{
+    load_certificate, AgentClient, ClientError, ClientEvent, ErrorCode::*, Refusal,
+};
+use agentreg::registry::{ClaimArgs, Command, Op, Tables};
 use common::*;
 use serde_json::{json, Map};
 
@@ -661,57 +663,137 @@ async fn a_claim_sent_again_with_its_token_gets_the_same_certificate_through_any
     }
 }
 
+/// A cluster where the agent is served by a follower (`serving`) which can be made to lose
+/// the answers to the writes it forwards, and the node that saw them committed (`other`,
+/// the second follower).
+struct LostAnswers {
+    cluster: TestCluster,
+    leader: u64,
+    serving: u64,
+    other: u64,
+    agent: AgentClient,
+}
+
+impl LostAnswers {
+    async fn start() -> LostAnswers {
+        let cluster = TestCluster::start(Options {
+            faults: true,
+            ..Options::default()
+        })
+        .await;
+        let leader = cluster.leader().await;
+        cluster.keyring_ready().await;
+        let serving = cluster.follower().await;
+        let other = *cluster
+            .others(serving)
+            .iter()
+            .find(|id| **id != leader)
+            .unwrap();
+        let agent = cluster.agent(serving).await;
+        LostAnswers {
+            cluster,
+            leader,
+            serving,
+            other,
+            agent,
+        }
+    }
+
+    /// Runs `op` while the serving node still reaches the leader but hears nothing back:
+    /// the write it forwards is committed (leader and the other follower) and never
+    /// answered. Once `committed` holds on the other follower's tables, the serving node
+    /// dies; what `op` ends with is returned.
+    async fn lose_the_answer<T: Send + 'static>(
+        &mut self,
+        op: impl std::future::Future<Output = T> + Send + 'static,
+        committed: impl Fn(&Tables) -> bool,
+    ) -> T {
+        self.cluster.net().cut_one_way(self.leader, self.serving);
+        let running = tokio::spawn(op);
+        wait_for("the write committed", TIMEOUT, || async {
+            committed(&self.cluster.tables(self.other)).then_some(())
+        })
+        .await;
+        assert!(
+            !running.is_finished(),
+            "answered without the leader's answer"
+        );
+        self.cluster.crash(self.serving).await;
+        tokio::time::timeout(TIMEOUT, running)
+            .await
+            .expect("the write ends in time")
+            .unwrap()
+    }
+
+    /// The client now talks to another node than the one that died.
+    fn moved_on(&self) {
+        let node = self.agent.current_node().expect("connected");
+        assert_ne!(node, self.cluster.addrs[&self.serving].to_string());
+    }
+}
+
 /// The node serving a claim dies after the claim is committed but before it answers: the
 /// client sends the claim again, with its claim token, to another node, and gets the
 /// certificate that claim issued (where a claim sent afresh would find the id taken).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_whose_node_dies_before_answering_a_claim_gets_the_certificate_it_issued() {
-    let mut cluster = TestCluster::start(Options {
-        faults: true,
-        ..Options::default()
-    })
-    .await;
-    let leader = cluster.leader().await;
-    cluster.keyring_ready().await;
-    let serving = cluster.follower().await;
-    let other = *cluster
-        .others(serving)
-        .iter()
-        .find(|id| **id != leader)
-        .unwrap();
-    let agent = cluster.agent(serving).await;
-    // The serving node still reaches the leader, but hears nothing back: the claim it
-    // forwards is committed (leader and the other follower) and never answered.
-    cluster.net().cut_one_way(leader, serving);
-    let claiming = tokio::spawn({
-        let agent = agent.clone();
-        async move { agent.claim_agent_id("unlucky", false).await }
-    });
-    let serial = wait_for("the claim committed", TIMEOUT, || async {
-        cluster
-            .tables(other)
-            .claims
-            .get("unlucky")
-            .map(|c| c.serial)
-    })
-    .await;
-    assert!(
-        !claiming.is_finished(),
-        "answered without the leader's answer"
-    );
-    cluster.crash(serving).await;
-
-    let cert = tokio::time::timeout(TIMEOUT, claiming)
+    let mut lost = LostAnswers::start().await;
+    let agent = lost.agent.clone();
+    let cert = lost
+        .lose_the_answer(
+            async move { agent.claim_agent_id("unlucky", false).await },
+            |t| t.claims.contains_key("unlucky"),
+        )
         .await
-        .expect("the claim ends in time")
-        .unwrap()
         .expect("the claim is answered through another node");
-    assert_eq!(cert.serial, serial);
-    assert_ne!(
-        agent.current_node().unwrap(),
-        cluster.addrs[&serving].to_string()
+    lost.moved_on();
+    assert_eq!(
+        lost.cluster.tables(lost.other).claims["unlucky"].serial,
+        cert.serial
     );
-    let v = agent.validate_certificate(&cert).await.unwrap();
+    let v = lost.agent.validate_certificate(&cert).await.unwrap();
     assert!(v.valid, "{v:?}");
-    assert_eq!(agent.certificate(), Some(cert));
+    assert_eq!(lost.agent.certificate(), Some(cert));
+}
+
+/// The same for a release: sent again, it finds its certificate revoked by itself, and the
+/// client reports the release done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_whose_node_dies_before_answering_a_release_reports_it_done() {
+    let mut lost = LostAnswers::start().await;
+    let cert = lost.agent.claim_agent_id("leaving", false).await.unwrap();
+    let (agent, c) = (lost.agent.clone(), cert.clone());
+    lost.lose_the_answer(async move { agent.release_agent_id(&c).await }, |t| {
+        !t.claims.contains_key("leaving")
+    })
+    .await
+    .expect("the release is reported done");
+    lost.moved_on();
+    assert_eq!(lost.agent.certificate(), None, "the client let go of it");
+    let v = lost.agent.validate_certificate(&cert).await.unwrap();
+    assert_eq!(v.code, Some(CertificateRevoked), "{v:?}");
+    // The id is free.
+    lost.agent.claim_agent_id("leaving", false).await.unwrap();
+}
+
+/// The same for a revocation, which simply succeeds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_whose_node_dies_before_answering_a_revocation_reports_it_done() {
+    let mut lost = LostAnswers::start().await;
+    let cert = lost
+        .agent
+        .claim_agent_id("revoked-late", false)
+        .await
+        .unwrap();
+    let (agent, c) = (lost.agent.clone(), cert.clone());
+    let serial = cert.serial;
+    lost.lose_the_answer(
+        async move { agent.revoke_certificate(&c).await },
+        move |t| t.revocations.contains_key(&serial),
+    )
+    .await
+    .expect("the revocation is reported done");
+    lost.moved_on();
+    let v = lost.agent.validate_certificate(&cert).await.unwrap();
+    assert_eq!(v.code, Some(CertificateRevoked), "{v:?}");
 }

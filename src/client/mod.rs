@@ -9,6 +9,7 @@
 //! Every claim (and renewal) carries a claim token of its own and goes again with it, on the
 //! next connection if need be, while its outcome is unknown: one that was applied is then
 //! answered with the certificate it issued (docs/protocol.md, "Sending a claim again").
+//! Revocations and releases go again likewise.
 //! Refusals carry the node's [`ErrorCode`]: match on it, not on the text.
 
 mod conn;
@@ -197,20 +198,32 @@ impl Shared {
     /// where sending it afresh would find the id "already claimed", by itself.
     async fn claim(&self, mut fields: Value) -> Result<Map<String, Value>, ClientError> {
         fields["claim_token"] = new_claim_token().into();
+        self.write_repeatable(agent::CLAIM_AGENT_ID, fields).await.0
+    }
+
+    /// Sends a write that is safe to send again as it is (a claim with its token, a
+    /// revocation, a release), and sends it again while its outcome is unknown, up to
+    /// [`WRITE_ATTEMPTS`] times in all, with backoff. Also says whether an attempt before the
+    /// last may have been applied.
+    async fn write_repeatable(
+        &self,
+        command: &str,
+        fields: Value,
+    ) -> (Result<Map<String, Value>, ClientError>, bool) {
         let mut pause = self.config.reconnect_min;
         let mut attempt = 1;
         loop {
-            match self.call(agent::CLAIM_AGENT_ID, fields.clone()).await {
-                Err(e) if attempt < CLAIM_ATTEMPTS && worth_repeating(&e, attempt > 1) => {
-                    tracing::debug!(error = %e, attempt, "claim outcome unknown; sending it again with its claim token");
+            match self.call(command, fields.clone()).await {
+                Err(e) if attempt < WRITE_ATTEMPTS && worth_repeating(&e, attempt > 1) => {
+                    tracing::debug!(error = %e, attempt, command, "outcome unknown; sending it again");
                     tokio::select! {
-                        () = self.shutdown.cancelled() => return Err(ClientError::Closed),
+                        () = self.shutdown.cancelled() => return (Err(ClientError::Closed), true),
                         () = tokio::time::sleep(pause) => {}
                     }
                     pause = (pause * 2).min(self.config.reconnect_max);
                     attempt += 1;
                 }
-                answer => return answer,
+                answer => return (answer, attempt > 1),
             }
         }
     }
@@ -234,15 +247,16 @@ impl Shared {
     }
 }
 
-/// How many times a claim goes out at most while its outcome stays unknown.
-const CLAIM_ATTEMPTS: u32 = 4;
+/// How many times a claim, revocation or release goes out at most while its outcome stays
+/// unknown.
+const WRITE_ATTEMPTS: u32 = 4;
 
 /// A claim token: 128 random bits as 32 hex digits.
 fn new_claim_token() -> String {
     hex::encode(rand::random::<[u8; 16]>())
 }
 
-/// Whether a claim that failed with `e` may have been applied or may go through if sent
+/// Whether a write that failed with `e` may have been applied or may go through if sent
 /// again (see [`ErrorCode::worth_repeating`]); a refusal on its merits ("already claimed", a bad
 /// certificate) is final. No node reachable means this attempt never went out: worth
 /// waiting for a node only if an earlier one (`sent_before`) may have been applied.
@@ -467,29 +481,41 @@ impl AgentClient {
         self.shared.renew().await
     }
 
-    /// Revokes `cert`: no node will validate it again.
+    /// Revokes `cert`: no node will validate it again. Sent again while its outcome is
+    /// unknown, as a claim is (revoking twice succeeds).
     ///
     /// # Errors
     /// The node refused or could not be reached.
     pub async fn revoke_certificate(&self, cert: &Certificate) -> Result<(), ClientError> {
+        let fields = json!({"certificate": cert});
         self.shared
-            .call(agent::REVOKE_CERTIFICATE, json!({"certificate": cert}))
-            .await?;
+            .write_repeatable(agent::REVOKE_CERTIFICATE, fields)
+            .await
+            .0?;
         self.forget_if_held(cert);
         Ok(())
     }
 
-    /// Gives up the id of `cert`; the certificate is revoked.
+    /// Gives up the id of `cert`; the certificate is revoked. Sent again while its outcome
+    /// is unknown, as a claim is: if the release sent again finds the certificate revoked,
+    /// the first one went through (or the certificate was revoked meanwhile): either way it
+    /// holds the id no more, and the release succeeds.
     ///
     /// # Errors
     /// The node refused or could not be reached.
     pub async fn release_agent_id(&self, cert: &Certificate) -> Result<(), ClientError> {
-        self.shared
-            .call(
-                agent::RELEASE_AGENT_ID,
-                json!({"agent_id": cert.agent_id, "certificate": cert}),
-            )
-            .await?;
+        let fields = json!({"agent_id": cert.agent_id, "certificate": cert});
+        match self
+            .shared
+            .write_repeatable(agent::RELEASE_AGENT_ID, fields)
+            .await
+        {
+            (Ok(_), _) => {}
+            (Err(ClientError::Refused(r)), true) if r.code == ErrorCode::CertificateRevoked => {
+                tracing::debug!("the release sent again found the certificate revoked: done");
+            }
+            (Err(e), _) => return Err(e),
+        }
         self.forget_if_held(cert);
         Ok(())
     }
