@@ -132,13 +132,7 @@ async fn the_initial_key_can_be_imported_from_a_secret_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_health_and_readiness_over_http() {
-    let cluster = TestCluster::start(Options {
-        faults: true,
-        ..Options::default()
-    })
-    .await;
-    let leader = cluster.leader().await;
-    cluster.keyring_ready().await;
+    let (cluster, leader) = TestCluster::ready_with_faults().await;
     let agent = cluster.agent(leader).await;
     agent.claim_agent_id("measured", false).await.unwrap();
     agent

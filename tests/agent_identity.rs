@@ -676,13 +676,7 @@ struct LostAnswers {
 
 impl LostAnswers {
     async fn start() -> LostAnswers {
-        let cluster = TestCluster::start(Options {
-            faults: true,
-            ..Options::default()
-        })
-        .await;
-        let leader = cluster.leader().await;
-        cluster.keyring_ready().await;
+        let (cluster, leader) = TestCluster::ready_with_faults().await;
         let serving = cluster.follower().await;
         let other = *cluster
             .others(serving)

@@ -150,13 +150,7 @@ async fn a_cut_off_node_commits_nothing_and_converges_after_healing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_isolated_leader_acknowledges_nothing_and_its_entries_are_discarded() {
-    let cluster = TestCluster::start(Options {
-        faults: true,
-        ..Options::default()
-    })
-    .await;
-    let old = cluster.leader().await;
-    cluster.keyring_ready().await;
+    let (cluster, old) = TestCluster::ready_with_faults().await;
     let others = cluster.others(old);
 
     tracing::info!("--- isolating leader {old}");
@@ -210,13 +204,7 @@ async fn an_isolated_leader_acknowledges_nothing_and_its_entries_are_discarded()
 /// majority acknowledged meanwhile is not seen there until the cut heals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn local_validation_answers_without_a_quorum_and_may_be_stale() {
-    let cluster = TestCluster::start(Options {
-        faults: true,
-        ..Options::default()
-    })
-    .await;
-    let leader = cluster.leader().await;
-    cluster.keyring_ready().await;
+    let (cluster, leader) = TestCluster::ready_with_faults().await;
     let cut = cluster.follower().await;
     let agent = cluster.agent(leader).await;
     let cert = agent.claim_agent_id("local-reader", false).await.unwrap();
@@ -258,13 +246,7 @@ async fn local_validation_answers_without_a_quorum_and_may_be_stale() {
 /// entry ends nothing (the id no longer matches), and the agent must be told so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unregister_proposed_from_a_lagging_table_after_a_takeover_is_refused() {
-    let cluster = TestCluster::start(Options {
-        faults: true,
-        ..Options::default()
-    })
-    .await;
-    cluster.leader().await;
-    cluster.keyring_ready().await;
+    let (cluster, _) = TestCluster::ready_with_faults().await;
     let lagging = cluster.follower().await;
     let other = (1..=3).find(|id| *id != lagging).unwrap();
 

@@ -254,6 +254,19 @@ impl TestCluster {
         .await
     }
 
+    /// A cluster behind the fault proxy (`net()`), with a leader and its first signing key
+    /// on every node; the leader's id.
+    pub async fn ready_with_faults() -> (TestCluster, u64) {
+        let cluster = TestCluster::start(Options {
+            faults: true,
+            ..Options::default()
+        })
+        .await;
+        let leader = cluster.leader().await;
+        cluster.keyring_ready().await;
+        (cluster, leader)
+    }
+
     /// Waits until the signing keyring is replicated to every running node.
     pub async fn keyring_ready(&self) {
         wait_for("signing keyring on every node", TIMEOUT, || async {
