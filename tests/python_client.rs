@@ -1,0 +1,99 @@
+//! A second implementation of the agent protocol: clients/python/agentreg_client.py, written
+//! from docs/protocol.md alone, walks through an agent's life against a cluster (claim with
+//! a token and sent again, a rival claim, validation, registration, answering the node's
+//! pings, a tampered certificate, the error codes, release). It checks every answer itself;
+//! this test runs it and reads its result.
+//!
+//! It needs python3 with aioquic. Where that is missing the test says so and passes, unless
+//! AGENTREG_PYTHON_CLIENT=required (CI sets it, after installing aioquic): then it fails.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use agentreg::client::ErrorCode;
+use common::*;
+use serde_json::Value;
+
+const SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/clients/python/agentreg_client.py"
+);
+
+/// Whether python3 with aioquic is here; fails if it must be and is not.
+fn python_with_aioquic() -> bool {
+    let here = std::process::Command::new("python3")
+        .args(["-c", "import aioquic"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !here {
+        assert_ne!(
+            std::env::var("AGENTREG_PYTHON_CLIENT").as_deref(),
+            Ok("required"),
+            "python3 with aioquic is required (AGENTREG_PYTHON_CLIENT=required) and missing"
+        );
+        eprintln!("SKIPPED: python3 with aioquic is not installed (pip install aioquic)");
+    }
+    here
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_python_client_written_from_the_protocol_document_walks_an_agents_life() {
+    if !python_with_aioquic() {
+        return;
+    }
+    let cluster = TestCluster::start(Options::default()).await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
+    // Through a follower: its writes are forwarded to the leader.
+    let node = cluster.follower().await;
+    let ca = cluster.dir.path().join("python-ca.pem");
+    std::fs::write(&ca, cluster.ca_pem()).unwrap();
+
+    let run = tokio::process::Command::new("python3")
+        .arg(SCRIPT)
+        .arg("--ca")
+        .arg(&ca)
+        .args(["--node", &cluster.addrs[&node].to_string()])
+        .args(["--agent-id", "snake"])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the walk ends within 60 s")
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let said = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the walk failed:\n{said}");
+
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let steps: Vec<&str> = lines.iter().filter_map(|l| l["step"].as_str()).collect();
+    assert_eq!(steps.len(), 11, "{said}");
+    assert!(steps.contains(&"answer the node's pings"), "{said}");
+    let result = lines.last().unwrap();
+    assert_eq!(result["failures"], serde_json::json!([]), "{said}");
+
+    // What the Python client did is what the cluster holds: the certificate it was issued
+    // and released is refused by every node, as Rust's client sees it.
+    let cert = agentreg::proto::agent::parse_certificate(&result["certificate"]).unwrap();
+    for id in 1..=3 {
+        let v = cluster
+            .agent(id)
+            .await
+            .validate_certificate(&cert)
+            .await
+            .unwrap();
+        assert_eq!(
+            v.code,
+            Some(ErrorCode::CertificateRevoked),
+            "node {id}: {v:?}"
+        );
+    }
+    assert!(!cluster.tables(node).claims.contains_key("snake"));
+}
