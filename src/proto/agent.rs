@@ -44,8 +44,10 @@ pub const UNAVAILABLE_PREFIX: &str = "cluster unavailable";
 
 /// What kind of refusal a failure answer is: its `code` field, for programs (the `error`
 /// text is for people and may be reworded). docs/protocol.md lists every code with what to
-/// do about it; new codes may be added, so a client treats one it does not know as final.
+/// do about it; new codes may be added, so a client treats one it does not know as final
+/// (and a `match` on this enum needs a wildcard arm).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ErrorCode {
     /// The request is malformed (frame, JSON, a field, an invalid agent id): fix the client.
     BadRequest,
@@ -183,9 +185,10 @@ impl ErrorCode {
         matches!(self, ErrorCode::ShuttingDown | ErrorCode::ConnectionClosing)
     }
 
-    /// Whether a refused claim that carried a claim token is worth sending again as it is
-    /// (with the same token): its outcome is unknown, or the cluster had no quorum for it
-    /// yet. Sent again, it is answered with the certificate it issued if it was applied.
+    /// Whether a refused write that is safe to send again as it is (a claim with its claim
+    /// token, a revocation, a release) is worth sending again: its outcome is unknown, or the
+    /// cluster had no quorum for it yet. A claim sent again is answered with the certificate
+    /// it issued if it was applied.
     pub fn worth_repeating(self) -> bool {
         matches!(self, ErrorCode::OutcomeUnknown | ErrorCode::Unavailable)
     }
