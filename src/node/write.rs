@@ -262,4 +262,56 @@ mod tests {
             "sent again on the next connection by the client's transport"
         );
     }
+
+    /// What the node answers for each refusal of the registry is what docs/protocol.md's
+    /// error table says: the refusal's text is the example in its code's row (with the
+    /// table's X and N for the agent id and numbers).
+    #[test]
+    fn registry_refusals_carry_the_code_and_text_the_protocol_documents() {
+        use crate::identity::Invalid;
+        let doc = include_str!("../../docs/protocol.md");
+        let x = || "X".to_owned();
+        let mut refusals = vec![
+            RegistryError::InvalidAgentId("...".into()),
+            RegistryError::AlreadyClaimed { agent_id: x() },
+            RegistryError::ForceWithoutProof { agent_id: x() },
+            RegistryError::CertificateRequired { agent_id: x() },
+            RegistryError::AlreadyConnected {
+                agent_id: x(),
+                node_id: 7,
+            },
+            RegistryError::NotClaimed { agent_id: x() },
+            RegistryError::NoSigningKey,
+            RegistryError::MetadataTooLarge(7),
+        ];
+        refusals.extend(
+            [
+                Invalid::Expired,
+                Invalid::BadSignature,
+                Invalid::OtherAgent,
+                Invalid::Revoked,
+                Invalid::UnknownKey,
+                Invalid::RetiredKey,
+                Invalid::Superseded,
+                Invalid::NotClaimed,
+            ]
+            .map(RegistryError::Certificate),
+        );
+        for e in refusals {
+            let code = registry_code(&e);
+            let row = doc
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{code}` |")))
+                .unwrap_or_else(|| panic!("no row for {code}"));
+            let text = e.to_string().replace('7', "N");
+            assert!(
+                row.contains(&format!("`{text}`")),
+                "{code}: {text:?} is not in {row}"
+            );
+        }
+        // The node's own settings and operator commands: never an agent's doing.
+        for e in [RegistryError::BadTtl, RegistryError::NestedBatch] {
+            assert_eq!(registry_code(&e), ErrorCode::Internal);
+        }
+    }
 }
