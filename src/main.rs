@@ -8,6 +8,6 @@ fn main() {
     agentreg::cli::logging::init(cli.log_format);
     if let Err(e) = agentreg::cli::main(cli) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(agentreg::cli::exit_status(&e));
     }
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use agentreg::cli::AdminClient;
+use agentreg::cli::{AdminClient, Refused};
 use agentreg::client::ErrorCode;
 use agentreg::identity::{KeyState, Secret};
 use agentreg::node::{AdminRequest, NodeStatus};
@@ -79,6 +79,7 @@ async fn rotated_keys_keep_validating_until_retired() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("active signing key"), "{err:#}");
+    assert_eq!(refusal_code(&err), Some("refused"), "{err:#}");
     admin
         .call_any(
             &endpoints,
@@ -244,6 +245,13 @@ async fn operators_list_agents_and_claims_and_revoke_by_id() {
         err.to_string().contains("neither claimed nor connected"),
         "{err:#}"
     );
+    // Final: answered by the first endpoint, not tried on the next.
+    assert_eq!(refusal_code(&err), Some("not_found"), "{err:#}");
+    assert_eq!(
+        err.downcast_ref::<Refused>().unwrap().addr,
+        endpoints[0],
+        "{err:#}"
+    );
 
     // Revoking by id ends the session too; the agent is told and does not come back.
     let (_, v) = admin
@@ -276,4 +284,9 @@ async fn operators_list_agents_and_claims_and_revoke_by_id() {
         Some("revoked")
     );
     admin.close().await;
+}
+
+/// The code of a node's refusal, if `err` is one.
+fn refusal_code(err: &anyhow::Error) -> Option<&str> {
+    err.downcast_ref::<Refused>()?.code.as_deref()
 }

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 use super::AdminArgs;
 use crate::node::AdminRequest;
@@ -15,6 +15,41 @@ use crate::transport::tls::{NodeTls, TlsFiles};
 /// answers grow with the tables: about 150 bytes per session, so this fits a million.
 const MAX_ANSWER: usize = 256 * 1024 * 1024;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A node answered `success: false`.
+#[derive(Debug, thiserror::Error)]
+#[error("{addr}: {error}")]
+pub struct Refused {
+    pub addr: String,
+    /// What kind of refusal (`crate::node::admin_code`); none from nodes of builds before
+    /// codes.
+    pub code: Option<String>,
+    pub error: String,
+}
+
+impl Refused {
+    /// Whether another node may serve the request: this one is stopping, cannot reach a
+    /// quorum, or is not the leader. An answer without a code (a node of a build before
+    /// codes) is taken as such, as all refusals were.
+    pub fn elsewhere(&self) -> bool {
+        use crate::node::admin_code::*;
+        match self.code.as_deref() {
+            None => true,
+            Some(c) => [SHUTTING_DOWN, UNAVAILABLE, NOT_LEADER].contains(&c),
+        }
+    }
+
+    /// Whether the cluster could not answer (rather than refusing): worth retrying later.
+    pub fn transient(&self) -> bool {
+        self.elsewhere() || self.code.as_deref() == Some(crate::node::admin_code::OUTCOME_UNKNOWN)
+    }
+}
+
+/// No endpoint could serve the request: each was unreachable, or refused it for a reason
+/// another node might not have had.
+#[derive(Debug, thiserror::Error)]
+#[error("no endpoint answered: {0}")]
+pub struct NoEndpoint(pub String);
 
 pub struct AdminClient {
     endpoint: quinn::Endpoint,
@@ -59,7 +94,8 @@ impl AdminClient {
         Ok(answer)
     }
 
-    /// Connects, sends `req`, reads the answer frame; fails on `success: false`.
+    /// Connects, sends `req`, reads the answer frame; fails on `success: false` with
+    /// [`Refused`].
     async fn exchange(
         &self,
         addr: &str,
@@ -88,10 +124,15 @@ impl AdminClient {
             serde_json::from_slice(&bytes).context("malformed answer")?;
         if answer["success"] != serde_json::Value::Bool(true) {
             conn.close(quinn::VarInt::from_u32(0), b"done");
-            bail!(
-                "{addr}: {}",
-                answer["error"].as_str().unwrap_or("request failed")
-            );
+            return Err(Refused {
+                addr: addr.to_owned(),
+                code: answer["code"].as_str().map(str::to_owned),
+                error: answer["error"]
+                    .as_str()
+                    .unwrap_or("request failed")
+                    .to_owned(),
+            }
+            .into());
         }
         Ok((conn, recv, answer))
     }
@@ -121,10 +162,11 @@ impl AdminClient {
         .with_context(|| format!("{addr} did not finish within {timeout:?}"))?
     }
 
-    /// Sends `req` to each endpoint in turn until one answers; says which were down.
+    /// Sends `req` to each endpoint in turn until one answers it; says which could not. A
+    /// refusal on the request's merits ends the round at once.
     ///
     /// # Errors
-    /// No endpoint answered.
+    /// [`Refused`] (final), or [`NoEndpoint`].
     pub async fn call_any(
         &self,
         endpoints: &[String],
@@ -134,13 +176,20 @@ impl AdminClient {
         for addr in endpoints {
             match self.call(addr, req).await {
                 Ok(v) => return Ok((addr.clone(), v)),
-                Err(e) => {
-                    eprintln!("{addr}: unreachable ({e:#}); trying the next endpoint");
-                    failures.push(format!("{addr}: {e:#}"));
-                }
+                Err(e) => match e.downcast_ref::<Refused>() {
+                    Some(r) if !r.elsewhere() => return Err(e),
+                    Some(r) => {
+                        eprintln!("{addr}: {}; trying the next endpoint", r.error);
+                        failures.push(format!("{e:#}"));
+                    }
+                    None => {
+                        eprintln!("{addr}: unreachable ({e:#}); trying the next endpoint");
+                        failures.push(format!("{addr}: {e:#}"));
+                    }
+                },
             }
         }
-        bail!("no endpoint answered: {}", failures.join("; "))
+        Err(NoEndpoint(failures.join("; ")).into())
     }
 
     pub async fn close(self) {

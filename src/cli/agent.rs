@@ -110,7 +110,7 @@ pub async fn run(conn: &AgentConn, cmd: AgentCommand) -> anyhow::Result<()> {
             } else {
                 println!("invalid: {}", v.reason.unwrap_or_default());
                 client.close().await;
-                std::process::exit(2);
+                std::process::exit(super::exit::INVALID);
             }
         }
         AgentCommand::Revoke { cert } => {

@@ -41,9 +41,9 @@ pub async fn run(args: &AdminArgs, cmd: MembersCommand, json: bool) -> anyhow::R
         MembersCommand::Remove { node_id } => AdminRequest::MembersRemove { node_id },
     };
     // Membership changes run on the leader.
-    let leader = status
-        .leader
-        .context("the cluster has no leader right now; retry")?;
+    let leader = status.leader.ok_or_else(|| {
+        super::NoEndpoint("none is the leader right now (an election?); retry".into())
+    })?;
     let addr = status
         .members
         .iter()

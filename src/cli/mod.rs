@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-pub use admin_client::AdminClient;
+pub use admin_client::{AdminClient, NoEndpoint, Refused};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -185,6 +185,39 @@ impl AdminArgs {
             key: tls_dir.join("operator.key"),
             server_name: crate::transport::tls::DEFAULT_SERVER_NAME.into(),
         }
+    }
+}
+
+/// Exit statuses of the `agentreg` command (docs/operations.md): 2 is clap's, for a wrong
+/// command line.
+pub mod exit {
+    /// A refusal on the request's merits, or a local error (files, TLS material).
+    pub const FAILED: i32 = 1;
+    /// `agent validate`: the certificate is not valid.
+    pub const INVALID: i32 = 3;
+    /// The cluster could not answer: no node reachable, no quorum, stopping, or the outcome
+    /// of a write is unknown. Worth retrying later.
+    pub const UNAVAILABLE: i32 = 4;
+}
+
+/// The exit status for a command that failed with `e`.
+pub fn exit_status(e: &anyhow::Error) -> i32 {
+    use crate::client::ClientError;
+    let transient = if let Some(e) = e.downcast_ref::<ClientError>() {
+        match e {
+            ClientError::Unreachable(_) | ClientError::Failed(_) => true,
+            ClientError::Refused(r) => r.code.worth_repeating() || r.code.refused_for_closing(),
+            _ => false,
+        }
+    } else if let Some(r) = e.downcast_ref::<Refused>() {
+        r.transient()
+    } else {
+        e.downcast_ref::<NoEndpoint>().is_some()
+    };
+    if transient {
+        exit::UNAVAILABLE
+    } else {
+        exit::FAILED
     }
 }
 

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Subcommand;
 
 use super::{AdminArgs, AdminClient};
@@ -130,7 +130,7 @@ async fn save(args: &AdminArgs, file: &Path) -> anyhow::Result<()> {
     }
     client.close().await;
     let Some((addr, (_, data))) = got else {
-        bail!("no endpoint gave a backup: {}", failures.join("; "));
+        return Err(super::NoEndpoint(failures.join("; ")).into());
     };
     let backup = Backup::from_bytes(&data).with_context(|| format!("backup from {addr}"))?;
     let part = file.with_extension("part");

@@ -3,8 +3,12 @@
 //!
 //! ```text
 //! request:  {"command": "status"}
-//! response: {"success": true, "status": NodeStatus}   or   {"success": false, "error": "..."}
+//! response: {"success": true, "status": NodeStatus}
+//!       or: {"success": false, "code": "not_leader", "error": "..."}
 //! ```
+//!
+//! A failure's `code` (see [`admin_code`]) tells the CLI whether another node may serve the
+//! request (`shutting_down`, `unavailable`, `not_leader`) or the refusal is final.
 
 use std::sync::Arc;
 
@@ -13,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Inner;
 use crate::identity::Secret;
+use crate::proto::agent::{ErrorCode, Refusal};
 use crate::raft::backup::Backup;
 use crate::registry::TableSizes;
 use crate::registry::{Op, Outcome};
@@ -214,13 +219,11 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
                         return;
                     }
                     Ok(req) => handle(&inner, req).await,
-                    Err(e) => {
-                        serde_json::json!({"success": false, "error": format!("bad admin request: {e}")})
-                    }
+                    Err(e) => failed(admin_code::REFUSED, format!("bad admin request: {e}")),
                 },
                 Err(e) => {
                     tracing::warn!(%remote, error = %e, "bad admin frame");
-                    serde_json::json!({"success": false, "error": format!("bad frame: {e}")})
+                    failed(admin_code::REFUSED, format!("bad frame: {e}"))
                 }
             };
             let bytes = answer.to_string().into_bytes();
@@ -231,9 +234,48 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
     }
 }
 
+/// The codes of failed admin answers.
+pub mod admin_code {
+    /// The request is malformed or refused on its merits (a rule of membership or of the
+    /// keyring): final.
+    pub const REFUSED: &str = "refused";
+    /// No claim or session for the agent id asked about: final.
+    pub const NOT_FOUND: &str = "not_found";
+    /// This node is stopping: another node may serve the request.
+    pub const SHUTTING_DOWN: &str = "shutting_down";
+    /// This node cannot reach a quorum (nothing was applied): another node may serve it.
+    pub const UNAVAILABLE: &str = "unavailable";
+    /// Membership changes run on the leader, which this node is not.
+    pub const NOT_LEADER: &str = "not_leader";
+    /// A write's answer was lost in a failover: it may or may not have been applied.
+    pub const OUTCOME_UNKNOWN: &str = "outcome_unknown";
+    pub const INTERNAL: &str = "internal";
+}
+
+/// A failed admin answer.
+fn failed(code: &str, error: impl std::fmt::Display) -> serde_json::Value {
+    serde_json::json!({"success": false, "code": code, "error": error.to_string()})
+}
+
+/// The admin code of a write's refusal.
+fn write_failed(e: &Refusal) -> serde_json::Value {
+    let code = match e.code {
+        ErrorCode::Unavailable | ErrorCode::NotApplied => admin_code::UNAVAILABLE,
+        ErrorCode::OutcomeUnknown => admin_code::OUTCOME_UNKNOWN,
+        ErrorCode::ShuttingDown => admin_code::SHUTTING_DOWN,
+        ErrorCode::NotClaimed => admin_code::NOT_FOUND,
+        ErrorCode::Internal => admin_code::INTERNAL,
+        _ => admin_code::REFUSED,
+    };
+    failed(code, &e.error)
+}
+
 /// The answer to an admin request that arrived once the node had begun to stop.
 fn shutting_down() -> serde_json::Value {
-    serde_json::json!({"success": false, "error": crate::proto::agent::SHUTTING_DOWN_ERROR})
+    failed(
+        admin_code::SHUTTING_DOWN,
+        crate::proto::agent::SHUTTING_DOWN_ERROR,
+    )
 }
 
 async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
@@ -248,7 +290,7 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
     );
     if linearizable {
         if let Err(e) = super::read::barrier(inner).await {
-            return json!({"success": false, "error": format!("cluster unavailable: {e}")});
+            return failed(admin_code::UNAVAILABLE, format!("cluster unavailable: {e}"));
         }
     }
     match req {
@@ -259,14 +301,18 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
             let claim = claims(inner, Some(&agent_id)).pop();
             let session = agents(inner, Some(&agent_id)).pop();
             if claim.is_none() && session.is_none() {
-                json!({"success": false, "error": format!("Agent ID {agent_id} is neither claimed nor connected")})
+                failed(
+                    admin_code::NOT_FOUND,
+                    format!("Agent ID {agent_id} is neither claimed nor connected"),
+                )
             } else {
                 json!({"success": true, "claim": claim, "session": session})
             }
         }
-        AdminRequest::SnapshotSave => {
-            json!({"success": false, "error": "snapshot_save is served with its data stream"})
-        }
+        AdminRequest::SnapshotSave => failed(
+            admin_code::INTERNAL,
+            "snapshot_save is served with its data stream",
+        ),
         AdminRequest::MembersAdd { node_id, addr } => members_add(inner, node_id, addr).await,
         AdminRequest::MembersRemove { node_id } => members_remove(inner, node_id).await,
         AdminRequest::Revoke { agent_id } => match commit(Op::RevokeAgent {
@@ -277,8 +323,8 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
             Ok(Outcome::Revoked { serial, ended, .. }) => {
                 json!({"success": true, "agent_id": agent_id, "serial": serial, "session_ended": ended.is_some()})
             }
-            Ok(other) => json!({"success": false, "error": format!("unexpected result {other:?}")}),
-            Err(e) => json!({"success": false, "error": e.error}),
+            Ok(other) => failed(admin_code::INTERNAL, format!("unexpected result {other:?}")),
+            Err(e) => write_failed(&e),
         },
         AdminRequest::KeysList => json!({"success": true, "keys": keys(inner)}),
         AdminRequest::KeysRotate => match commit(Op::RotateKey {
@@ -290,16 +336,16 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
                 tracing::info!(key_id, "signing key rotated");
                 json!({"success": true, "key_id": key_id})
             }
-            Ok(other) => json!({"success": false, "error": format!("unexpected result {other:?}")}),
-            Err(e) => json!({"success": false, "error": e.error}),
+            Ok(other) => failed(admin_code::INTERNAL, format!("unexpected result {other:?}")),
+            Err(e) => write_failed(&e),
         },
         AdminRequest::KeysRetire { key_id } => match commit(Op::RetireKey { key_id }).await {
             Ok(Outcome::KeyRetired { key_id }) => {
                 tracing::info!(key_id, "signing key retired");
                 json!({"success": true, "key_id": key_id})
             }
-            Ok(other) => json!({"success": false, "error": format!("unexpected result {other:?}")}),
-            Err(e) => json!({"success": false, "error": e.error}),
+            Ok(other) => failed(admin_code::INTERNAL, format!("unexpected result {other:?}")),
+            Err(e) => write_failed(&e),
         },
     }
 }
@@ -309,7 +355,7 @@ async fn snapshot_save(inner: &Inner) -> (serde_json::Value, Vec<u8>) {
     use serde_json::json;
     if let Err(e) = super::read::barrier(inner).await {
         return (
-            json!({"success": false, "error": format!("cluster unavailable: {e}")}),
+            failed(admin_code::UNAVAILABLE, format!("cluster unavailable: {e}")),
             Vec::new(),
         );
     }
@@ -342,7 +388,10 @@ async fn snapshot_save(inner: &Inner) -> (serde_json::Value, Vec<u8>) {
             )
         }
         Err(e) => (
-            json!({"success": false, "error": format!("cannot capture the tables: {e}")}),
+            failed(
+                admin_code::INTERNAL,
+                format!("cannot capture the tables: {e}"),
+            ),
             Vec::new(),
         ),
     }
@@ -360,12 +409,15 @@ fn not_leader(inner: &Inner) -> Option<serde_json::Value> {
             .get_node(&l)
             .map(|n| n.addr.clone())
     });
-    Some(serde_json::json!({
-        "success": false,
-        "error": format!("membership changes run on the leader; this node is not it (leader: {})",
-            leader_addr.as_deref().unwrap_or("unknown")),
-        "leader_addr": leader_addr,
-    }))
+    let mut refusal = failed(
+        admin_code::NOT_LEADER,
+        format!(
+            "membership changes run on the leader; this node is not it (leader: {})",
+            leader_addr.as_deref().unwrap_or("unknown")
+        ),
+    );
+    refusal["leader_addr"] = leader_addr.into();
+    Some(refusal)
 }
 
 async fn members_add(inner: &Inner, node_id: u64, addr: String) -> serde_json::Value {
@@ -382,7 +434,10 @@ async fn members_add(inner: &Inner, node_id: u64, addr: String) -> serde_json::V
         .voter_ids()
         .collect();
     if voters.contains(&node_id) {
-        return json!({"success": false, "error": format!("node {node_id} is already a voting member")});
+        return failed(
+            admin_code::REFUSED,
+            format!("node {node_id} is already a voting member"),
+        );
     }
     tracing::info!(target: "audit", event = "member_add", node_id, %addr, "adding a member");
     // Blocking: returns once the learner has caught up, so it votes with a full log.
@@ -391,14 +446,18 @@ async fn members_add(inner: &Inner, node_id: u64, addr: String) -> serde_json::V
         .add_learner(node_id, openraft::BasicNode::new(&addr), true)
         .await
     {
-        return json!({"success": false, "error": format!("cannot add node {node_id} as a learner: {e}")});
+        return failed(
+            admin_code::OUTCOME_UNKNOWN,
+            format!("cannot add node {node_id} as a learner: {e}"),
+        );
     }
     let change = openraft::ChangeMembers::AddVoterIds([node_id].into_iter().collect());
     match inner.raft.change_membership(change, false).await {
         Ok(r) => json!({"success": true, "node_id": node_id, "index": r.log_id.index}),
-        Err(e) => {
-            json!({"success": false, "error": format!("cannot make node {node_id} a voter: {e}")})
-        }
+        Err(e) => failed(
+            admin_code::OUTCOME_UNKNOWN,
+            format!("cannot make node {node_id} a voter: {e}"),
+        ),
     }
 }
 
@@ -415,11 +474,14 @@ async fn members_remove(inner: &Inner, node_id: u64) -> serde_json::Value {
         .membership()
         .clone();
     if membership.get_node(&node_id).is_none() {
-        return json!({"success": false, "error": format!("node {node_id} is not a member")});
+        return failed(
+            admin_code::REFUSED,
+            format!("node {node_id} is not a member"),
+        );
     }
     let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
     if voters.len() <= 1 && voters.contains(&node_id) {
-        return json!({"success": false, "error": "cannot remove the last voting member"});
+        return failed(admin_code::REFUSED, "cannot remove the last voting member");
     }
     tracing::info!(target: "audit", event = "member_remove", node_id, "removing a member");
     let change = if voters.contains(&node_id) {
@@ -429,7 +491,10 @@ async fn members_remove(inner: &Inner, node_id: u64) -> serde_json::Value {
     };
     match inner.raft.change_membership(change, false).await {
         Ok(r) => json!({"success": true, "node_id": node_id, "index": r.log_id.index}),
-        Err(e) => json!({"success": false, "error": format!("cannot remove node {node_id}: {e}")}),
+        Err(e) => failed(
+            admin_code::OUTCOME_UNKNOWN,
+            format!("cannot remove node {node_id}: {e}"),
+        ),
     }
 }
 

@@ -34,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use admin::{
-    AdminRequest, AgentInfo, ClaimInfo, HeartbeatStats, KeyInfo, MemberStatus, NodeStatus,
+    admin_code, AdminRequest, AgentInfo, ClaimInfo, HeartbeatStats, KeyInfo, MemberStatus,
+    NodeStatus,
 };
 pub use agent_service::close_code;
 pub use duties::unix_now_f64;

@@ -86,10 +86,10 @@ pub(super) fn registry_code(e: &RegistryError) -> ErrorCode {
         RegistryError::NotClaimed { .. } => ErrorCode::NotClaimed,
         RegistryError::NoSigningKey => ErrorCode::NoSigningKey,
         RegistryError::MetadataTooLarge(_) => ErrorCode::MetadataTooLarge,
-        // The node's own settings or operator commands, never an agent's request.
-        RegistryError::BadTtl | RegistryError::Keyring(_) | RegistryError::NestedBatch => {
-            ErrorCode::Internal
-        }
+        // An operator's keyring command refused on its merits (never an agent's request).
+        RegistryError::Keyring(_) => ErrorCode::BadRequest,
+        // The node's own settings or its own batching, never a request's doing.
+        RegistryError::BadTtl | RegistryError::NestedBatch => ErrorCode::Internal,
     }
 }
 

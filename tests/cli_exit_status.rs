@@ -1,0 +1,108 @@
+//! The `agentreg` command's exit status, as scripts read it (docs/operations.md): 0 done,
+//! 1 refused on its merits, 3 `agent validate` found the certificate invalid, 4 the cluster
+//! could not answer (worth retrying later). The binary runs against an in-process cluster.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use common::*;
+
+/// Runs `agentreg` with `args` (bounded: a hung command fails the test).
+async fn agentreg(args: &[&str]) -> Output {
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentreg"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("agentreg ends within 60 s")
+        .expect("agentreg runs")
+}
+
+fn said(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 path")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exit_statuses_tell_done_refused_invalid_and_unavailable_apart() {
+    let cluster = TestCluster::start(Options::default()).await;
+    cluster.leader().await;
+    cluster.keyring_ready().await;
+    let admin = cluster.admin_args();
+    let endpoints = admin.endpoints.join(",");
+    let tls = [
+        "--ca",
+        path(&admin.ca),
+        "--cert",
+        path(&admin.cert),
+        "--key",
+        path(&admin.key),
+    ];
+    let agent = ["agent", "--endpoints", &endpoints, "--ca", path(&admin.ca)];
+    let cert = cluster.dir.path().join("cli-cert.json");
+
+    // Done.
+    let out =
+        agentreg(&[&agent[..], &["claim", "--id", "cli", "--out", path(&cert)]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+    let out = agentreg(&[&agent[..], &["validate", "--cert", path(&cert)]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+
+    // Refused on its merits: 1, and the operator's command asks no other endpoint.
+    let other = cluster.dir.path().join("cli-other.json");
+    let out =
+        agentreg(&[&agent[..], &["claim", "--id", "cli", "--out", path(&other)]].concat()).await;
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    assert!(said(&out).contains("already claimed"), "{}", said(&out));
+    let show = ["claims", "--endpoints", &endpoints];
+    let out = agentreg(&[&show[..], &tls, &["show", "nobody"]].concat()).await;
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("neither claimed nor connected"), "{stderr}");
+    assert!(!stderr.contains("next endpoint"), "{stderr}");
+
+    // Not valid: 3.
+    let out = agentreg(&[&agent[..], &["release", "--cert", path(&cert)]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+    let out = agentreg(&[&agent[..], &["validate", "--cert", path(&cert)]].concat()).await;
+    assert_eq!(out.status.code(), Some(3), "{}", said(&out));
+    assert!(said(&out).contains("revoked"), "{}", said(&out));
+
+    // Nobody there: 4, for the agent side and the operator's alike.
+    let nowhere = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().to_string()
+    };
+    let out = agentreg(&[
+        "agent",
+        "--endpoints",
+        &nowhere,
+        "--ca",
+        path(&admin.ca),
+        "validate",
+        "--cert",
+        path(&cert),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(4), "{}", said(&out));
+    let out = agentreg(&[&["status", "--endpoints", &nowhere][..], &tls].concat()).await;
+    assert_eq!(out.status.code(), Some(4), "{}", said(&out));
+    assert!(
+        said(&out).contains("no endpoint answered"),
+        "{}",
+        said(&out)
+    );
+}
