@@ -6,8 +6,9 @@ mod common;
 use agentreg::cli::{AdminClient, Refused};
 use agentreg::client::ErrorCode;
 use agentreg::identity::{KeyState, Secret};
-use agentreg::node::{AdminRequest, NodeStatus};
+use agentreg::node::{AdminRequest, ListFilter, NodeStatus};
 use common::*;
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_names_every_member_and_the_leader() {
@@ -200,7 +201,12 @@ async fn operators_list_agents_and_claims_and_revoke_by_id() {
     let admin = AdminClient::new(&cluster.admin_args()).unwrap();
     let endpoints = cluster.admin_args().endpoints;
     let (_, v) = admin
-        .call_any(&endpoints, &AdminRequest::AgentsList)
+        .call_any(
+            &endpoints,
+            &AdminRequest::AgentsList {
+                only: Default::default(),
+            },
+        )
         .await
         .unwrap();
     let agents: Vec<agentreg::node::AgentInfo> =
@@ -217,10 +223,66 @@ async fn operators_list_agents_and_claims_and_revoke_by_id() {
     );
     assert_eq!(agents[0].metadata["role"], "worker");
     let (_, v) = admin
-        .call_any(&endpoints, &AdminRequest::ClaimsList)
+        .call_any(
+            &endpoints,
+            &AdminRequest::ClaimsList {
+                only: Default::default(),
+            },
+        )
         .await
         .unwrap();
     assert_eq!(v["claims"][0]["serial"], cert.serial);
+    assert_eq!(v["more"], 0);
+    // A prefix and a limit: the first matching ids in order, and how many more matched.
+    let other = cluster.agent(1).await;
+    for id in ["lot-c", "lot-a", "lone", "lot-b"] {
+        other.claim_agent_id(id, false).await.unwrap();
+    }
+    let list = |prefix: &str, limit| AdminRequest::ClaimsList {
+        only: ListFilter {
+            prefix: Some(prefix.into()),
+            limit,
+        },
+    };
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["claims"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["agent_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, v) = admin
+        .call_any(&endpoints, &list("lot-", Some(2)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (ids(&v), &v["more"]),
+        (vec!["lot-a".into(), "lot-b".into()], &json!(1))
+    );
+    let (_, v) = admin.call_any(&endpoints, &list("lo", None)).await.unwrap();
+    assert_eq!(ids(&v), ["lone", "lot-a", "lot-b", "lot-c"]);
+    let (_, v) = admin
+        .call_any(&endpoints, &list("nobody", None))
+        .await
+        .unwrap();
+    assert_eq!((ids(&v).len(), &v["more"]), (0, &json!(0)));
+    let (_, v) = admin
+        .call_any(
+            &endpoints,
+            &AdminRequest::AgentsList {
+                only: ListFilter {
+                    prefix: Some("list".into()),
+                    limit: Some(0),
+                },
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (v["agents"].as_array().unwrap().len(), &v["more"]),
+        (0, &json!(1))
+    );
     let (_, v) = admin
         .call_any(
             &endpoints,

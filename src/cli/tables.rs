@@ -5,18 +5,44 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use super::{AdminArgs, AdminClient};
-use crate::node::{AdminRequest, AgentInfo, ClaimInfo};
+use crate::node::{AdminRequest, AgentInfo, ClaimInfo, ListFilter};
+
+/// Which rows a list shows.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListArgs {
+    /// Only agent ids that start with this.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// At most this many rows (the first by agent id); says how many more there are.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+impl ListArgs {
+    fn filter(self) -> ListFilter {
+        ListFilter {
+            prefix: self.prefix,
+            limit: self.limit,
+        }
+    }
+}
 
 #[derive(Debug, Subcommand)]
 pub enum AgentsCommand {
-    /// Every registered agent: node, session id, certificate serial.
-    List,
+    /// Registered agents, by id: node, session id, certificate serial.
+    List {
+        #[command(flatten)]
+        only: ListArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ClaimsCommand {
-    /// Every claim: serial, expiry, signing key.
-    List,
+    /// Claims, by agent id: serial, expiry, signing key.
+    List {
+        #[command(flatten)]
+        only: ListArgs,
+    },
     /// One agent id: its claim and its session.
     Show { agent_id: String },
 }
@@ -57,9 +83,22 @@ fn print_claims(claims: &[ClaimInfo]) {
     }
 }
 
+/// Says how many rows a limit left out (on stderr, so that JSON output stays JSON).
+fn more(answer: &serde_json::Value) {
+    if let Some(n) = answer["more"].as_u64().filter(|n| *n > 0) {
+        eprintln!("({n} more not shown: raise --limit or narrow --prefix)");
+    }
+}
+
 pub async fn agents(args: &AdminArgs, cmd: AgentsCommand, json: bool) -> anyhow::Result<()> {
-    let AgentsCommand::List = cmd;
-    let answer = ask(args, AdminRequest::AgentsList).await?;
+    let AgentsCommand::List { only } = cmd;
+    let answer = ask(
+        args,
+        AdminRequest::AgentsList {
+            only: only.filter(),
+        },
+    )
+    .await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&answer["agents"])?);
     } else {
@@ -67,13 +106,20 @@ pub async fn agents(args: &AdminArgs, cmd: AgentsCommand, json: bool) -> anyhow:
             serde_json::from_value(answer["agents"].clone()).context("malformed answer")?;
         print_agents(&agents);
     }
+    more(&answer);
     Ok(())
 }
 
 pub async fn claims(args: &AdminArgs, cmd: ClaimsCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
-        ClaimsCommand::List => {
-            let answer = ask(args, AdminRequest::ClaimsList).await?;
+        ClaimsCommand::List { only } => {
+            let answer = ask(
+                args,
+                AdminRequest::ClaimsList {
+                    only: only.filter(),
+                },
+            )
+            .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&answer["claims"])?);
             } else {
@@ -81,6 +127,7 @@ pub async fn claims(args: &AdminArgs, cmd: ClaimsCommand, json: bool) -> anyhow:
                     serde_json::from_value(answer["claims"].clone()).context("malformed answer")?;
                 print_claims(&claims);
             }
+            more(&answer);
         }
         ClaimsCommand::Show { agent_id } => {
             let answer = ask(args, AdminRequest::ClaimsShow { agent_id }).await?;

@@ -19,7 +19,7 @@ use super::Inner;
 use crate::identity::Secret;
 use crate::proto::agent::{ErrorCode, Refusal};
 use crate::raft::backup::Backup;
-use crate::registry::TableSizes;
+use crate::registry::{Claim, Session, TableSizes, Tables};
 use crate::registry::{Op, Outcome};
 use crate::transport::frame::{read_stream_frame, write_frame};
 
@@ -38,10 +38,16 @@ pub enum AdminRequest {
     KeysRetire {
         key_id: String,
     },
-    /// Every session: agent id, node, session id, registration time (linearizable).
-    AgentsList,
-    /// Every claim (linearizable).
-    ClaimsList,
+    /// The sessions, by agent id: node, session id, registration time (linearizable).
+    AgentsList {
+        #[serde(default, flatten)]
+        only: ListFilter,
+    },
+    /// The claims, by agent id (linearizable).
+    ClaimsList {
+        #[serde(default, flatten)]
+        only: ListFilter,
+    },
     /// One claim and its session, if any (linearizable).
     ClaimsShow {
         agent_id: String,
@@ -284,8 +290,8 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
     let linearizable = matches!(
         req,
         AdminRequest::KeysList
-            | AdminRequest::AgentsList
-            | AdminRequest::ClaimsList
+            | AdminRequest::AgentsList { .. }
+            | AdminRequest::ClaimsList { .. }
             | AdminRequest::ClaimsShow { .. }
     );
     if linearizable {
@@ -295,11 +301,26 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
     }
     match req {
         AdminRequest::Status => json!({"success": true, "status": status(inner)}),
-        AdminRequest::AgentsList => json!({"success": true, "agents": agents(inner, None)}),
-        AdminRequest::ClaimsList => json!({"success": true, "claims": claims(inner, None)}),
+        AdminRequest::AgentsList { only } => {
+            let tables = tables(inner);
+            let (agents, more) = only.pick(&tables.sessions, agent_info);
+            json!({"success": true, "agents": agents, "more": more})
+        }
+        AdminRequest::ClaimsList { only } => {
+            let tables = tables(inner);
+            let (claims, more) = only.pick(&tables.claims, claim_info);
+            json!({"success": true, "claims": claims, "more": more})
+        }
         AdminRequest::ClaimsShow { agent_id } => {
-            let claim = claims(inner, Some(&agent_id)).pop();
-            let session = agents(inner, Some(&agent_id)).pop();
+            let tables = tables(inner);
+            let claim = tables
+                .claims
+                .get(&agent_id)
+                .map(|c| claim_info(&agent_id, c));
+            let session = tables
+                .sessions
+                .get(&agent_id)
+                .map(|s| agent_info(&agent_id, s));
             if claim.is_none() && session.is_none() {
                 failed(
                     admin_code::NOT_FOUND,
@@ -498,41 +519,65 @@ async fn members_remove(inner: &Inner, node_id: u64) -> serde_json::Value {
     }
 }
 
-fn agents(inner: &Inner, only: Option<&str>) -> Vec<AgentInfo> {
-    let applied = inner.state.read();
-    applied
-        .state
-        .tables()
-        .sessions
-        .iter()
-        .filter(|(id, _)| only.is_none_or(|o| o == id.as_str()))
-        .map(|(id, s)| AgentInfo {
-            agent_id: id.clone(),
-            node_id: s.conn.node_id,
-            session_id: s.session_id,
-            registered_at: s.registered_at,
-            certificate_serial: s.cert_serial,
-            metadata: serde_json::from_str(&s.metadata).unwrap_or(serde_json::Value::Null),
-        })
-        .collect()
+/// Which part of a table a list asks for: the agent ids that start with `prefix`, in order,
+/// at most `limit` of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListFilter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
 }
 
-fn claims(inner: &Inner, only: Option<&str>) -> Vec<ClaimInfo> {
-    let applied = inner.state.read();
-    applied
-        .state
-        .tables()
-        .claims
-        .iter()
-        .filter(|(id, _)| only.is_none_or(|o| o == id.as_str()))
-        .map(|(id, c)| ClaimInfo {
-            agent_id: id.clone(),
-            serial: c.serial,
-            issued_at: c.issued_at,
-            expires_at: c.expires_at,
-            key_id: c.key_id.clone(),
-        })
-        .collect()
+impl ListFilter {
+    /// The rows of `table` this filter picks, made by `row`, and how many more matched
+    /// beyond the limit.
+    pub fn pick<V: Clone, R>(
+        &self,
+        table: &imbl::OrdMap<String, V>,
+        row: impl Fn(&str, &V) -> R,
+    ) -> (Vec<R>, usize) {
+        let prefix = self.prefix.as_deref().unwrap_or("");
+        let mut matching = table
+            .range::<_, str>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(id, _)| id.starts_with(prefix));
+        let rows: Vec<R> = matching
+            .by_ref()
+            .take(self.limit.unwrap_or(usize::MAX))
+            .map(|(id, v)| row(id, v))
+            .collect();
+        (rows, matching.count())
+    }
+}
+
+/// The applied tables, copied under the lock (persistent maps: the copy shares them), so
+/// that building a long answer does not hold up apply.
+fn tables(inner: &Inner) -> Tables {
+    inner.state.read().state.tables().clone()
+}
+
+fn agent_info(agent_id: &str, s: &Session) -> AgentInfo {
+    AgentInfo {
+        agent_id: agent_id.to_owned(),
+        node_id: s.conn.node_id,
+        session_id: s.session_id,
+        registered_at: s.registered_at,
+        certificate_serial: s.cert_serial,
+        metadata: serde_json::from_str(&s.metadata).unwrap_or(serde_json::Value::Null),
+    }
+}
+
+fn claim_info(agent_id: &str, c: &Claim) -> ClaimInfo {
+    ClaimInfo {
+        agent_id: agent_id.to_owned(),
+        serial: c.serial,
+        issued_at: c.issued_at,
+        expires_at: c.expires_at,
+        key_id: c.key_id.clone(),
+    }
 }
 
 fn keys(inner: &Inner) -> Vec<KeyInfo> {
@@ -548,4 +593,41 @@ fn keys(inner: &Inner) -> Vec<KeyInfo> {
             created_at: k.created_at,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A list without a filter is the request earlier builds sent and took, both ways; a
+    /// filter adds fields.
+    #[test]
+    fn lists_without_a_filter_keep_the_earlier_request() {
+        let plain = AdminRequest::AgentsList {
+            only: ListFilter::default(),
+        };
+        assert_eq!(
+            serde_json::to_value(&plain).unwrap(),
+            serde_json::json!({"command": "agents_list"})
+        );
+        let earlier: AdminRequest = serde_json::from_str(r#"{"command": "claims_list"}"#).unwrap();
+        assert_eq!(
+            earlier,
+            AdminRequest::ClaimsList {
+                only: ListFilter::default()
+            }
+        );
+        let filtered: AdminRequest =
+            serde_json::from_str(r#"{"command": "claims_list", "prefix": "a", "limit": 2}"#)
+                .unwrap();
+        assert_eq!(
+            filtered,
+            AdminRequest::ClaimsList {
+                only: ListFilter {
+                    prefix: Some("a".into()),
+                    limit: Some(2)
+                }
+            }
+        );
+    }
 }

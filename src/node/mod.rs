@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use admin::{
-    admin_code, AdminRequest, AgentInfo, ClaimInfo, HeartbeatStats, KeyInfo, MemberStatus,
-    NodeStatus,
+    admin_code, AdminRequest, AgentInfo, ClaimInfo, HeartbeatStats, KeyInfo, ListFilter,
+    MemberStatus, NodeStatus,
 };
 pub use agent_service::close_code;
 pub use duties::unix_now_f64;

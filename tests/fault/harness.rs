@@ -163,12 +163,22 @@ impl Cluster {
         let addr = self.addrs[&id].to_string();
         let claims = self
             .admin
-            .call(&addr, &AdminRequest::ClaimsList)
+            .call(
+                &addr,
+                &AdminRequest::ClaimsList {
+                    only: Default::default(),
+                },
+            )
             .await
             .ok()?;
         let agents = self
             .admin
-            .call(&addr, &AdminRequest::AgentsList)
+            .call(
+                &addr,
+                &AdminRequest::AgentsList {
+                    only: Default::default(),
+                },
+            )
             .await
             .ok()?;
         let claims: Vec<ClaimInfo> = serde_json::from_value(claims["claims"].clone()).ok()?;
