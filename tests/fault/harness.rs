@@ -1,7 +1,7 @@
 //! Three `agentreg node` processes on 127.0.0.1, each with its own temp data dir and log, and a
 //! UDP fault proxy in front of every node's peer address: kill -9 and restart, SIGSTOP and
-//! SIGCONT, cut any link (both ways or one way), isolate any node, heal. Every process is killed when the harness
-//! is dropped, also on a panic.
+//! SIGCONT, cut any link (both ways or one way), isolate any node, heal. Every process is
+//! killed when the harness is dropped, also on a panic.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
