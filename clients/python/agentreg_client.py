@@ -73,6 +73,14 @@ class AgentConnection(QuicConnectionProtocol):
         self._next_request_id = 1
         self.pings_answered = 0
 
+    async def keep_alive(self, every=1.0):
+        """Sends a QUIC PING every `every` seconds, for as long as it runs: the node sends no
+        keep-alives and closes a connection it hears nothing on for its agent timeout. Run
+        it as a task beside a long-lived registration."""
+        while True:
+            await asyncio.sleep(every)
+            await self.ping()
+
     async def request(self, command, **fields):
         """Sends one request and returns its answer; raises Refused on success: false."""
         message = {"type": "system_request", "command": command, "request_id": self._next_request_id}
@@ -141,7 +149,8 @@ class AgentConnection(QuicConnectionProtocol):
 def configuration(ca_file, server_name):
     config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name=server_name)
     config.load_verify_locations(cafile=ca_file)
-    # The node sends no keep-alives; this walk is short enough to need none either.
+    # Our own idle timeout: a node silent this long is taken for gone (keep_alive keeps the
+    # connection busy from our side).
     config.idle_timeout = 30.0
     return config
 
@@ -178,50 +187,59 @@ async def walk(args):
         configuration=configuration(args.ca, args.server_name),
         create_protocol=AgentConnection,
     ) as conn:
-        agent_id = args.agent_id
-        token = secrets.token_hex(16)
-        claim = await conn.request("claim_agent_id", agent_id=agent_id, claim_token=token)
-        w.step("claim", claim, success=True, agent_id=agent_id, repeated=False)
-        cert = claim["certificate"]
-
-        again = await conn.request("claim_agent_id", agent_id=agent_id, claim_token=token)
-        w.step("the same claim sent again", again, repeated=True, certificate=cert)
-
-        await w.refused(
-            "a rival claim",
-            conn.request("claim_agent_id", agent_id=agent_id, claim_token=secrets.token_hex(16)),
-            "already_claimed",
-        )
-
-        valid = await conn.request("validate_certificate", certificate=cert)
-        w.step("validate", valid, valid=True, agent_id=agent_id)
-
-        reg = await conn.request("register_agent", agent_id=agent_id, certificate=cert, metadata={"lang": "python"})
-        w.step("register", reg, success=True, agent_id=agent_id, took_over=False)
-
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + args.ping_patience
-        while conn.pings_answered < 2 and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        w.step("answer the node's pings", {"pings_answered": conn.pings_answered})
-        if conn.pings_answered < 2:
-            w.failures.append(f"answered {conn.pings_answered} pings in {args.ping_patience} s, not 2")
-
-        tampered = dict(cert, serial=cert["serial"] + 1)
-        bad = await conn.request("validate_certificate", certificate=tampered, consistency="local")
-        w.step("validate a tampered certificate", bad, valid=False, code="certificate_bad_signature")
-
-        await w.refused("an unknown command", conn.request("fly_away"), "unknown_command")
-        await w.refused("a malformed request", conn.request("claim_agent_id", agent_id=7), "bad_request")
-
-        released = await conn.request("release_agent_id", agent_id=agent_id, certificate=cert)
-        w.step("release", released, success=True, agent_id=agent_id, serial=cert["serial"])
-
-        gone = await conn.request("validate_certificate", certificate=cert)
-        w.step("validate after the release", gone, valid=False, code="certificate_revoked")
-
+        keep_alive = asyncio.ensure_future(conn.keep_alive(0.2))
+        try:
+            cert = await agents_life(conn, args, w)
+        finally:
+            keep_alive.cancel()
     print(json.dumps({"certificate": cert, "failures": w.failures}), flush=True)
     return 0 if not w.failures else 1
+
+
+async def agents_life(conn, args, w):
+    """The walk's steps; returns the certificate it was issued (and released)."""
+    agent_id = args.agent_id
+    token = secrets.token_hex(16)
+    claim = await conn.request("claim_agent_id", agent_id=agent_id, claim_token=token)
+    w.step("claim", claim, success=True, agent_id=agent_id, repeated=False)
+    cert = claim["certificate"]
+
+    again = await conn.request("claim_agent_id", agent_id=agent_id, claim_token=token)
+    w.step("the same claim sent again", again, repeated=True, certificate=cert)
+
+    await w.refused(
+        "a rival claim",
+        conn.request("claim_agent_id", agent_id=agent_id, claim_token=secrets.token_hex(16)),
+        "already_claimed",
+    )
+
+    valid = await conn.request("validate_certificate", certificate=cert)
+    w.step("validate", valid, valid=True, agent_id=agent_id)
+
+    reg = await conn.request("register_agent", agent_id=agent_id, certificate=cert, metadata={"lang": "python"})
+    w.step("register", reg, success=True, agent_id=agent_id, took_over=False)
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + args.ping_patience
+    while conn.pings_answered < 2 and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    w.step("answer the node's pings", {"pings_answered": conn.pings_answered})
+    if conn.pings_answered < 2:
+        w.failures.append(f"answered {conn.pings_answered} pings in {args.ping_patience} s, not 2")
+
+    tampered = dict(cert, serial=cert["serial"] + 1)
+    bad = await conn.request("validate_certificate", certificate=tampered, consistency="local")
+    w.step("validate a tampered certificate", bad, valid=False, code="certificate_bad_signature")
+
+    await w.refused("an unknown command", conn.request("fly_away"), "unknown_command")
+    await w.refused("a malformed request", conn.request("claim_agent_id", agent_id=7), "bad_request")
+
+    released = await conn.request("release_agent_id", agent_id=agent_id, certificate=cert)
+    w.step("release", released, success=True, agent_id=agent_id, serial=cert["serial"])
+
+    gone = await conn.request("validate_certificate", certificate=cert)
+    w.step("validate after the release", gone, valid=False, code="certificate_revoked")
+    return cert
 
 
 def main():

@@ -410,10 +410,7 @@ async fn final_tables(
                 .await
                 .map_err(within(format!("{id}, final validation")))?
                 .map_err(|e| format!("node {id}: final validation: {e}"))?;
-            if answer["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("revoked"))
-            {
+            if answer["code"] == "certificate_revoked" {
                 revoked.insert(*serial);
             }
         }
