@@ -13,10 +13,7 @@ use common::*;
 use serde_json::{json, Map};
 
 async fn ready() -> TestCluster {
-    let cluster = TestCluster::start(Options::default()).await;
-    cluster.leader().await;
-    cluster.keyring_ready().await;
-    cluster
+    TestCluster::ready(Options::default()).await.0
 }
 
 /// The refusal, code and text, a request was answered with.

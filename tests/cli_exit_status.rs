@@ -38,9 +38,7 @@ fn path(p: &Path) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exit_statuses_tell_done_refused_invalid_and_unavailable_apart() {
-    let cluster = TestCluster::start(Options::default()).await;
-    cluster.leader().await;
-    cluster.keyring_ready().await;
+    let (cluster, _) = TestCluster::ready(Options::default()).await;
     let admin = cluster.admin_args();
     let endpoints = admin.endpoints.join(",");
     let tls = [

@@ -45,9 +45,7 @@ async fn the_python_client_written_from_the_protocol_document_walks_an_agents_li
     if !python_with_aioquic() {
         return;
     }
-    let cluster = TestCluster::start(Options::default()).await;
-    cluster.leader().await;
-    cluster.keyring_ready().await;
+    let (cluster, _) = TestCluster::ready(Options::default()).await;
     // Through a follower: its writes are forwarded to the leader.
     let node = cluster.follower().await;
     let ca = cluster.dir.path().join("python-ca.pem");

@@ -282,9 +282,7 @@ impl Begun {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_that_began_before_the_drain_is_served_even_if_it_arrives_slowly() {
     let _serial = one_at_a_time().await;
-    let mut cluster = TestCluster::start(Options::default()).await;
-    cluster.leader().await;
-    cluster.keyring_ready().await;
+    let (mut cluster, _) = TestCluster::ready(Options::default()).await;
     let f = cluster.follower().await;
     let raw = cluster.raw(f).await;
 
@@ -308,9 +306,7 @@ async fn an_admin_request_that_began_before_the_drain_is_served_even_if_it_arriv
     use agentreg::node::AdminRequest;
     use agentreg::transport::tls::{NodeTls, TlsFiles};
 
-    let mut cluster = TestCluster::start(Options::default()).await;
-    cluster.leader().await;
-    cluster.keyring_ready().await;
+    let (mut cluster, _) = TestCluster::ready(Options::default()).await;
     let f = cluster.follower().await;
     let args = cluster.admin_args();
     let tls = NodeTls::load(&TlsFiles {
@@ -371,9 +367,7 @@ async fn a_draining_node_closes_new_agent_connections_unread_and_still_takes_pee
     use agentreg::raft::network::{PeerClient, PeerDialer, PeerRequest, PeerResponse};
     use agentreg::transport::tls::{self, NodeTls, TlsFiles};
 
-    let mut cluster = TestCluster::start(Options::default()).await;
-    cluster.leader().await;
-    cluster.keyring_ready().await;
+    let (mut cluster, _) = TestCluster::ready(Options::default()).await;
     let f = cluster.follower().await;
     let other = cluster.others(f)[0];
     // A request begun before the drain (half its frame sent) holds the drain open.

@@ -239,12 +239,10 @@ enum Sent {
 async fn send(leader: &PeerClient, mut cmds: Vec<Command>, deadline: Instant) -> Sent {
     let n = cmds.len();
     let budget = deadline.saturating_duration_since(Instant::now());
-    let (req, sent) = match cmds.pop() {
-        Some(cmd) if n == 1 => (PeerRequest::Forward(cmd), "forward"),
-        last => {
-            cmds.extend(last);
-            (PeerRequest::ForwardBatch(cmds), "forward_batch")
-        }
+    let (req, sent) = if n == 1 {
+        (PeerRequest::Forward(cmds.remove(0)), "forward")
+    } else {
+        (PeerRequest::ForwardBatch(cmds), "forward_batch")
     };
     let answers = match (leader.call(&req, budget).await, req) {
         (Ok(PeerResponse::Forward(r)), PeerRequest::Forward(_)) => Ok(vec![r]),

@@ -254,17 +254,22 @@ impl TestCluster {
         .await
     }
 
-    /// A cluster behind the fault proxy (`net()`), with a leader and its first signing key
-    /// on every node; the leader's id.
-    pub async fn ready_with_faults() -> (TestCluster, u64) {
-        let cluster = TestCluster::start(Options {
-            faults: true,
-            ..Options::default()
-        })
-        .await;
+    /// A cluster started with `options`, with a leader and its first signing key on every
+    /// node; the leader's id.
+    pub async fn ready(options: Options) -> (TestCluster, u64) {
+        let cluster = TestCluster::start(options).await;
         let leader = cluster.leader().await;
         cluster.keyring_ready().await;
         (cluster, leader)
+    }
+
+    /// [`TestCluster::ready`] behind the fault proxy (`net()`).
+    pub async fn ready_with_faults() -> (TestCluster, u64) {
+        TestCluster::ready(Options {
+            faults: true,
+            ..Options::default()
+        })
+        .await
     }
 
     /// Waits until the signing keyring is replicated to every running node.
