@@ -305,10 +305,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn run_node(config: crate::config::NodeConfig) -> anyhow::Result<()> {
+    // A write past the file-size limit (`ulimit -f`) raises SIGXFSZ, whose default is to
+    // kill the process on the spot. Handled (and ignored), the write fails with EFBIG
+    // instead and the node stops as on any failed disk write: logged, agents told to move,
+    // exit status 1. The handler stays installed after this value is dropped.
+    #[cfg(unix)]
+    if let Err(e) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(libc::SIGXFSZ))
+    {
+        tracing::warn!(error = %e, "cannot handle SIGXFSZ");
+    }
     let node = crate::node::Node::start(config, None).await?;
-    shutdown_signal().await;
-    node.shutdown().await;
-    Ok(())
+    tokio::select! {
+        _ = shutdown_signal() => {
+            node.shutdown().await;
+            Ok(())
+        }
+        fault = node.fault() => {
+            node.halt().await;
+            Err(anyhow::anyhow!("the node stopped on a fault: {fault}"))
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

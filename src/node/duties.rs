@@ -1,5 +1,6 @@
-//! Work only the leader does, driven by changes in Raft metrics: installing the first signing
-//! key of a new cluster.
+//! Work driven by Raft's state: installing the first signing key of a new cluster (the
+//! leader), evicting the sessions of lost nodes (the leader), and stopping service when Raft
+//! stops on a fault of its own (every node).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -28,6 +29,7 @@ pub fn unix_now_f64() -> f64 {
 
 pub(super) fn spawn(inner: Arc<Inner>) {
     spawn_lost_node_watch(inner.clone());
+    spawn_fault_watch(inner.clone());
     let tasks = inner.tasks.clone();
     tasks.spawn(async move {
         let mut metrics = inner.raft.metrics();
@@ -96,5 +98,44 @@ fn spawn_lost_node_watch(inner: Arc<Inner>) {
             };
             super::heartbeat::evict_lost_nodes(&inner, since).await;
         }
+    });
+}
+
+/// When Raft stops on its own (a log or state-machine write failed, a fault in openraft):
+/// this node can no longer commit, and its applied tables no longer change, so a local
+/// validation here would go on answering from them. The node stops serving agents at once,
+/// as when it drains: their connections close with 0x103 (move to another node) and new ones
+/// are closed unread; new requests are answered "node is shutting down". Then it reports the
+/// fault ([`super::Node::fault`]); `agentreg node` exits non-zero on it, for its supervisor
+/// to restart it.
+fn spawn_fault_watch(inner: Arc<Inner>) {
+    let tasks = inner.tasks.clone();
+    tasks.spawn(async move {
+        let mut metrics = inner.raft.metrics();
+        let fault = loop {
+            if let Err(fatal) = &metrics.borrow_and_update().running_state {
+                break fatal.to_string();
+            }
+            tokio::select! {
+                _ = inner.shutdown.cancelled() => return,
+                changed = metrics.changed() => if changed.is_err() {
+                    break "Raft's metrics ended".to_owned();
+                },
+            }
+        };
+        if inner.shutdown.is_cancelled() {
+            return; // Raft stopped because the node is stopping.
+        }
+        tracing::error!(
+            node_id = inner.id,
+            error = %fault,
+            "raft stopped on a fault; this node stops serving (agents are told to move)"
+        );
+        inner.draining.cancel();
+        inner.conns.close_all(
+            quinn::VarInt::from_u32(super::close_code::SHUTTING_DOWN),
+            crate::proto::agent::FAULT_REASON.as_bytes(),
+        );
+        inner.fault.send_replace(Some(fault));
     });
 }

@@ -107,6 +107,8 @@ pub(crate) struct Inner {
     /// Cancelled once the requests are done: every background loop stops.
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
+    /// Set once, when Raft stops on a fault of its own (see [`Node::fault`]).
+    pub(crate) fault: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl Inner {
@@ -241,6 +243,7 @@ impl Node {
             requests: TaskTracker::new(),
             shutdown,
             tasks: TaskTracker::new(),
+            fault: tokio::sync::watch::Sender::new(None),
         });
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(l) = metrics_listener {
@@ -395,6 +398,22 @@ impl Node {
     /// Agent connections currently open on this node.
     pub fn agent_connections(&self) -> usize {
         self.inner.conns.len()
+    }
+
+    /// Resolves, with what went wrong, if Raft stops on a fault of its own rather than by
+    /// [`Node::shutdown`]: a write to the log or the state machine failed (a full or failing
+    /// disk), or openraft stopped on an error. The node can no longer commit or learn of
+    /// commits, so it has stopped serving agents by then (their connections closed with
+    /// 0x103, new requests answered "node is shutting down"); what is left is to stop it
+    /// ([`Node::halt`]: it cannot hand its sessions back) and start it again, which
+    /// `agentreg node` leaves to its supervisor by exiting with status 1.
+    pub async fn fault(&self) -> String {
+        let mut fault = self.inner.fault.subscribe();
+        let seen = fault
+            .wait_for(Option::is_some)
+            .await
+            .expect("the node holds the sender");
+        seen.clone().unwrap_or_default()
     }
 
     /// This node's view of itself and the cluster.

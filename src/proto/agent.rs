@@ -36,6 +36,11 @@ pub const CONNECTION_CLOSING_ERROR: &str =
 pub const NOT_SERVED_REASON: &str =
     "node shutting down; nothing on this connection was read; reconnect to another node";
 
+/// Close reason (code 0x103) of the agent connections of a node that stopped because it can
+/// no longer write to its disk: a request sent on them and not answered may have been
+/// carried out (forwarded to the leader before the fault), so it is an unknown outcome.
+pub const FAULT_REASON: &str = "node stopped on a fault; reconnect to another node";
+
 /// How an answer begins when the node lost track of a write: it may or may not have been
 /// applied (a failover took the answer).
 pub const OUTCOME_UNKNOWN_PREFIX: &str = "write outcome unknown";

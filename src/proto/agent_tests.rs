@@ -343,3 +343,16 @@ fn certificate_codes_are_the_certificates_and_only_they() {
     assert_eq!(certificates, 8);
     assert!(!ErrorCode::CertificateRequired.is_certificate());
 }
+
+/// The close reasons a client may act on are quoted in docs/protocol.md as the node sends
+/// them.
+#[test]
+fn close_reasons_are_the_documented_ones() {
+    let doc = include_str!("../../docs/protocol.md").replace('\n', " ");
+    for reason in [NOT_SERVED_REASON, FAULT_REASON] {
+        assert!(
+            doc.contains(&format!("`{reason}`")),
+            "{reason} is not quoted in docs/protocol.md"
+        );
+    }
+}

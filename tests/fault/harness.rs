@@ -69,23 +69,65 @@ impl Cluster {
         std::fs::read_to_string(self.path.join("tls/ca.pem")).expect("ca")
     }
 
-    /// Starts node `id` (again), appending to its log.
+    /// Starts node `id` (again), appending to its log. The node writes to pipes that the test
+    /// copies into the log, so that a file-size limit put on the node ([`Cluster::limit_file_size`])
+    /// does not silence it.
     pub fn spawn(&mut self, id: u64) {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path(id))
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_agentreg"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_agentreg"))
             .args(["node", "--config"])
             .arg(self.path.join(format!("node{id}.toml")))
             .env("RUST_LOG", node_log_filter())
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start agentreg node");
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        copy_into(stdout, log.try_clone().expect("log"));
+        copy_into(stderr, log);
         self.procs.insert(id, child);
+    }
+
+    /// Limits the size of every file node `id` writes to `bytes` (RLIMIT_FSIZE): its disk
+    /// writes beyond that fail as on a full disk (EFBIG). A restart lifts it.
+    pub fn limit_file_size(&self, id: u64, bytes: u64) {
+        let child = &self.procs[&id];
+        let limit = libc::rlimit {
+            rlim_cur: bytes,
+            rlim_max: bytes,
+        };
+        // SAFETY: prlimit reads `limit`, a valid rlimit, and writes nothing (old is null).
+        let r = unsafe {
+            libc::prlimit(
+                child.id() as libc::pid_t,
+                libc::RLIMIT_FSIZE,
+                &limit,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits up to `within` for node `id` to exit on its own; its exit status, if it did.
+    pub async fn exited(&mut self, id: u64, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let child = self.procs.get_mut(&id)?;
+            if let Some(status) = child.try_wait().expect("wait for a node") {
+                self.procs.remove(&id);
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn is_running(&self, id: u64) -> bool {
@@ -212,6 +254,32 @@ impl Drop for Cluster {
             let _ = child.wait();
         }
     }
+}
+
+/// Polls `f` every 100 ms until it gives a value; fails the test after `timeout`.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Copies a node's output into its log, on a thread of its own, until the node exits.
+fn copy_into(mut from: impl std::io::Read + Send + 'static, mut log: std::fs::File) {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut log);
+    });
 }
 
 /// The nodes' log filter: AGENTREG_FAULT_LOG (e.g. `info`, to see openraft's elections),

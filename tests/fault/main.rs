@@ -24,7 +24,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use harness::{Cluster, NODES};
+use harness::{wait_until, Cluster, NODES};
 use history::{DigestSample, FaultWindow, FinalTables, History, OpKind, Ret, Serial};
 use workload::Shared;
 
@@ -41,16 +41,25 @@ enum Fault {
     /// no peer while they still hear it, one whose peers hear nothing of it while it hears
     /// them, or a single link one way.
     OneWay,
+    /// Every write of a node to a file fails from now on (a zero file-size limit, as a full
+    /// disk): it must stop and exit with status 1 by itself; restarted without the limit.
+    DiskFails,
 }
 
-const FAULTS: [Fault; 6] = [
+const FAULTS: [Fault; 7] = [
     Fault::Kill,
     Fault::Pause,
     Fault::IsolateLeader,
     Fault::IsolateNode,
     Fault::CutLink,
     Fault::OneWay,
+    Fault::DiskFails,
 ];
+
+/// A node whose disk failed did not stop and exit with status 1 by the end of the fault.
+const DISK_FAULT_IGNORED: &str = "failing disk not acted on";
+/// A node exited that no fault asked to (Raft stopped on an error the run did not cause).
+const NODE_EXITED: &str = "node exited by itself";
 
 struct Report {
     seed: u64,
@@ -157,6 +166,7 @@ async fn run(seed: u64, duration: Duration) -> Report {
     let mut windows = Vec::new();
     let deadline = Instant::now() + duration;
     let mut round: Vec<Fault> = Vec::new();
+    let mut harness_violations = Vec::new();
     while Instant::now() < deadline {
         let calm = Duration::from_millis(rng.gen_range(500..1500));
         sample(&cluster, &samples, calm).await;
@@ -175,6 +185,10 @@ async fn run(seed: u64, duration: Duration) -> Report {
         // The node the fault cuts off from the other two, which remain a quorum.
         let mut cut_off = Some(victim);
         let what = match fault {
+            Fault::DiskFails => {
+                cluster.limit_file_size(victim, 0);
+                format!("node {victim}'s disk writes fail, restart after {hold:?}")
+            }
             Fault::Kill => {
                 cluster.kill(victim);
                 format!("kill -9 node {victim}, restart after {hold:?}")
@@ -232,6 +246,35 @@ async fn run(seed: u64, duration: Duration) -> Report {
         };
         schedule.push(format!("{:>8.3}s {fault:?}: {what}", start as f64 / 1e6));
         sample(&cluster, &samples, hold).await;
+        for id in NODES
+            .iter()
+            .filter(|id| fault != Fault::DiskFails || **id != victim)
+        {
+            if let Some(status) = cluster.exited(*id, Duration::ZERO).await {
+                harness_violations.push(checker::Violation {
+                    kind: NODE_EXITED,
+                    message: format!("node {id} exited during \"{what}\": {status}"),
+                    ops: vec![],
+                });
+            }
+        }
+        if fault == Fault::DiskFails {
+            // Its next write (the workload's, or replicated to it) failed well before.
+            match cluster.exited(victim, Duration::from_secs(10)).await {
+                Some(status) if status.code() == Some(1) => {}
+                other => {
+                    harness_violations.push(checker::Violation {
+                        kind: DISK_FAULT_IGNORED,
+                        message: format!(
+                            "node {victim}, whose disk writes fail, did not exit with status 1 \
+                             within {hold:?} and 10 s: {other:?}"
+                        ),
+                        ops: vec![],
+                    });
+                    cluster.kill(victim);
+                }
+            }
+        }
         cluster.restore_all();
         let quorum: Vec<u64> = NODES
             .iter()
@@ -265,7 +308,7 @@ async fn run(seed: u64, duration: Duration) -> Report {
     let mut history = std::mem::take(&mut *shared.history.lock().unwrap());
     history.samples = std::mem::take(&mut *samples.lock().unwrap());
     history.faults = windows;
-    let mut violations = Vec::new();
+    let mut violations = harness_violations;
     match final_tables(&cluster, &shared, &history).await {
         Ok(finals) => history.finals = finals,
         Err(e) => violations.push(checker::Violation {
@@ -427,21 +470,6 @@ async fn final_tables(
         );
     }
     Ok(out)
-}
-
-async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// `run`, but a run that has not finished five minutes after its faults stopped fails with
