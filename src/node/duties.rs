@@ -29,18 +29,30 @@ pub fn unix_now_f64() -> f64 {
 
 pub(super) fn spawn(inner: Arc<Inner>) {
     spawn_lost_node_watch(inner.clone());
-    spawn_fault_watch(inner.clone());
+    // One task for what follows Raft's metrics: they change at every commit and apply, and
+    // each task watching them is woken each time.
     let tasks = inner.tasks.clone();
     tasks.spawn(async move {
         let mut metrics = inner.raft.metrics();
         loop {
-            let leads = metrics.borrow_and_update().state == ServerState::Leader;
+            let (leads, fault) = {
+                let m = metrics.borrow_and_update();
+                let fault = m.running_state.as_ref().err().map(ToString::to_string);
+                (m.state == ServerState::Leader, fault)
+            };
+            if let Some(fault) = fault {
+                stop_serving(&inner, fault);
+                break;
+            }
             if leads && inner.state.read().state.keyring().is_empty() {
                 init_keyring(&inner).await;
             }
             tokio::select! {
                 _ = inner.shutdown.cancelled() => break,
-                changed = metrics.changed() => if changed.is_err() { break },
+                changed = metrics.changed() => if changed.is_err() {
+                    stop_serving(&inner, "Raft's metrics ended".to_owned());
+                    break;
+                },
             }
         }
     });
@@ -107,35 +119,20 @@ fn spawn_lost_node_watch(inner: Arc<Inner>) {
 /// as when it drains: their connections close with 0x103 (move to another node) and new ones
 /// are closed unread; new requests are answered "node is shutting down". Then it reports the
 /// fault ([`super::Node::fault`]); `agentreg node` exits non-zero on it, for its supervisor
-/// to restart it.
-fn spawn_fault_watch(inner: Arc<Inner>) {
-    let tasks = inner.tasks.clone();
-    tasks.spawn(async move {
-        let mut metrics = inner.raft.metrics();
-        let fault = loop {
-            if let Err(fatal) = &metrics.borrow_and_update().running_state {
-                break fatal.to_string();
-            }
-            tokio::select! {
-                _ = inner.shutdown.cancelled() => return,
-                changed = metrics.changed() => if changed.is_err() {
-                    break "Raft's metrics ended".to_owned();
-                },
-            }
-        };
-        if inner.shutdown.is_cancelled() {
-            return; // Raft stopped because the node is stopping.
-        }
-        tracing::error!(
-            node_id = inner.id,
-            error = %fault,
-            "raft stopped on a fault; this node stops serving (agents are told to move)"
-        );
-        inner.draining.cancel();
-        inner.conns.close_all(
-            quinn::VarInt::from_u32(super::close_code::SHUTTING_DOWN),
-            crate::proto::agent::FAULT_REASON.as_bytes(),
-        );
-        inner.fault.send_replace(Some(fault));
-    });
+/// to restart it. Nothing to do if Raft stopped because the node is stopping.
+fn stop_serving(inner: &Inner, fault: String) {
+    if inner.shutdown.is_cancelled() {
+        return;
+    }
+    tracing::error!(
+        node_id = inner.id,
+        error = %fault,
+        "raft stopped on a fault; this node stops serving (agents are told to move)"
+    );
+    inner.draining.cancel();
+    inner.conns.close_all(
+        quinn::VarInt::from_u32(super::close_code::SHUTTING_DOWN),
+        crate::proto::agent::FAULT_REASON.as_bytes(),
+    );
+    inner.fault.send_replace(Some(fault));
 }
