@@ -6,7 +6,7 @@ mod common;
 use agentreg::cli::{AdminClient, Refused};
 use agentreg::client::ErrorCode;
 use agentreg::identity::{KeyState, Secret};
-use agentreg::node::{AdminRequest, ListFilter, NodeStatus};
+use agentreg::node::{AdminRequest, ListFilter, NodeStatus, LIST_FRAME_ROWS};
 use common::*;
 use serde_json::json;
 
@@ -205,6 +205,7 @@ async fn operators_list_agents_and_claims_and_revoke_by_id() {
             &endpoints,
             &AdminRequest::AgentsList {
                 only: Default::default(),
+                stream: false,
             },
         )
         .await
@@ -227,6 +228,7 @@ async fn operators_list_agents_and_claims_and_revoke_by_id() {
             &endpoints,
             &AdminRequest::ClaimsList {
                 only: Default::default(),
+                stream: false,
             },
         )
         .await
@@ -243,6 +245,7 @@ async fn operators_list_agents_and_claims_and_revoke_by_id() {
             prefix: Some(prefix.into()),
             limit,
         },
+        stream: false,
     };
     let ids = |v: &serde_json::Value| -> Vec<String> {
         v["claims"]
@@ -275,6 +278,7 @@ async fn operators_list_agents_and_claims_and_revoke_by_id() {
                     prefix: Some("list".into()),
                     limit: Some(0),
                 },
+                stream: false,
             },
         )
         .await
@@ -351,4 +355,83 @@ async fn operators_list_agents_and_claims_and_revoke_by_id() {
 /// The code of a node's refusal, if `err` is one.
 fn refusal_code(err: &anyhow::Error) -> Option<&str> {
     err.downcast_ref::<Refused>()?.code.as_deref()
+}
+
+/// A list longer than a frame comes in frames of rows, and gives what the one-frame answer
+/// gives: the same rows in the same order, the same count of rows a limit left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_lists_stream_in_frames_with_the_rows_of_one_answer() {
+    let (cluster, leader) = TestCluster::ready(Options::default()).await;
+    let rows = 2 * LIST_FRAME_ROWS + 100;
+    let node = cluster.node(leader);
+    for chunk in (0..rows).collect::<Vec<_>>().chunks(100) {
+        let ids: Vec<String> = chunk.iter().map(|i| format!("bulk-{i:05}")).collect();
+        futures::future::join_all(ids.iter().map(|id| claim_ok(node, id))).await;
+    }
+    claim_ok(node, "other").await;
+    let a = cluster.agent(2).await;
+    a.claim_agent_id("bulk-registered", false).await.unwrap();
+    a.register("bulk-registered", Default::default(), None, false)
+        .await
+        .unwrap();
+
+    let admin = AdminClient::new(&cluster.admin_args()).unwrap();
+    let endpoints = cluster.admin_args().endpoints;
+    let claims = |prefix: &str, limit, stream| AdminRequest::ClaimsList {
+        only: ListFilter {
+            prefix: Some(prefix.into()),
+            limit,
+        },
+        stream,
+    };
+    for (prefix, limit, frames, more) in [
+        ("bulk-", None, 3, 0),
+        (
+            "bulk-",
+            Some(LIST_FRAME_ROWS + 1),
+            2,
+            rows - LIST_FRAME_ROWS,
+        ),
+        ("bulk-", Some(0), 0, rows + 1),
+        ("nobody", None, 0, 0),
+    ] {
+        let mut list = admin
+            .list_any(&endpoints, &claims(prefix, limit, true))
+            .await
+            .unwrap();
+        let mut streamed = Vec::new();
+        let mut sizes = Vec::new();
+        while let Some(batch) = list.next().await.unwrap() {
+            sizes.push(batch.len());
+            streamed.extend(batch);
+        }
+        assert_eq!(
+            sizes.len(),
+            frames,
+            "{prefix} {limit:?}: frames of {sizes:?}"
+        );
+        assert!(sizes.iter().all(|n| *n <= LIST_FRAME_ROWS));
+        assert_eq!(list.more(), more as u64, "{prefix} {limit:?}");
+        let (_, whole) = admin
+            .call_any(&endpoints, &claims(prefix, limit, false))
+            .await
+            .unwrap();
+        assert_eq!(whole["more"], more);
+        assert_eq!(json!(streamed), whole["claims"], "{prefix} {limit:?}");
+    }
+    let mut agents = admin
+        .list_any(
+            &endpoints,
+            &AdminRequest::AgentsList {
+                only: Default::default(),
+                stream: true,
+            },
+        )
+        .await
+        .unwrap();
+    let first = agents.next().await.unwrap().expect("one frame of rows");
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0]["agent_id"], "bulk-registered");
+    assert_eq!(first[0]["node_id"], 2);
+    assert!(agents.next().await.unwrap().is_none());
 }

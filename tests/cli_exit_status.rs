@@ -1,6 +1,7 @@
-//! The `agentreg` command's exit status, as scripts read it (docs/operations.md): 0 done,
+//! The `agentreg` command as scripts read it (docs/operations.md): its exit status (0 done,
 //! 1 refused on its merits, 3 `agent validate` found the certificate invalid, 4 the cluster
-//! could not answer (worth retrying later). The binary runs against an in-process cluster.
+//! could not answer, worth retrying later) and its lists, as a table or JSON. The binary
+//! runs against an in-process cluster.
 
 mod common;
 
@@ -36,19 +37,24 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("a UTF-8 path")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn exit_statuses_tell_done_refused_invalid_and_unavailable_apart() {
-    let (cluster, _) = TestCluster::ready(Options::default()).await;
-    let admin = cluster.admin_args();
-    let endpoints = admin.endpoints.join(",");
-    let tls = [
+/// The operator's TLS options.
+fn operator_tls(admin: &agentreg::cli::AdminArgs) -> [&str; 6] {
+    [
         "--ca",
         path(&admin.ca),
         "--cert",
         path(&admin.cert),
         "--key",
         path(&admin.key),
-    ];
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exit_statuses_tell_done_refused_invalid_and_unavailable_apart() {
+    let (cluster, _) = TestCluster::ready(Options::default()).await;
+    let admin = cluster.admin_args();
+    let endpoints = admin.endpoints.join(",");
+    let tls = operator_tls(&admin);
     let agent = ["agent", "--endpoints", &endpoints, "--ca", path(&admin.ca)];
     let cert = cluster.dir.path().join("cli-cert.json");
 
@@ -103,4 +109,51 @@ async fn exit_statuses_tell_done_refused_invalid_and_unavailable_apart() {
         "{}",
         said(&out)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lists_print_every_row_as_a_table_or_one_json_array() {
+    let (cluster, leader) = TestCluster::ready(Options::default()).await;
+    for id in ["li-b", "li-a", "li-c", "other"] {
+        claim_ok(cluster.node(leader), id).await;
+    }
+    let admin = cluster.admin_args();
+    let endpoints = admin.endpoints.join(",");
+    let tls = operator_tls(&admin);
+    let claims = [&["claims", "--endpoints", &endpoints][..], &tls].concat();
+
+    let out = agentreg(
+        &[
+            &claims[..],
+            &["--json", "list", "--prefix", "li-", "--limit", "2"],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+    let ids: Vec<&str> = rows
+        .iter()
+        .map(|r| r["agent_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["li-a", "li-b"]);
+    assert!(said(&out).contains("(1 more not shown"), "{}", said(&out));
+
+    let out = agentreg(&[&claims[..], &["list"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let firsts: Vec<&str> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        firsts,
+        ["AGENT", "li-a", "li-b", "li-c", "other"],
+        "{stdout}"
+    );
+
+    let agents = [&["agents", "--endpoints", &endpoints][..], &tls].concat();
+    let out = agentreg(&[&agents[..], &["--json", "list"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "[]\n");
 }

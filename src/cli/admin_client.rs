@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::AdminArgs;
-use crate::node::AdminRequest;
+use crate::node::{AdminRequest, ListFrame};
 use crate::transport::frame::{read_frame, write_frame};
 use crate::transport::tls::{NodeTls, TlsFiles};
 
@@ -79,19 +79,20 @@ impl AdminClient {
     /// # Errors
     /// The node cannot be reached, or it answered `success: false`.
     pub async fn call(&self, addr: &str, req: &AdminRequest) -> anyhow::Result<serde_json::Value> {
-        tokio::time::timeout(CALL_TIMEOUT, self.call_inner(addr, req))
-            .await
-            .with_context(|| format!("{addr} did not answer within {CALL_TIMEOUT:?}"))?
+        let (conn, _, answer) = self.exchange_in_time(addr, req).await?;
+        conn.close(quinn::VarInt::from_u32(0), b"done");
+        Ok(answer)
     }
 
-    async fn call_inner(
+    /// [`AdminClient::exchange`], given up after [`CALL_TIMEOUT`].
+    async fn exchange_in_time(
         &self,
         addr: &str,
         req: &AdminRequest,
-    ) -> anyhow::Result<serde_json::Value> {
-        let (conn, _, answer) = self.exchange(addr, req).await?;
-        conn.close(quinn::VarInt::from_u32(0), b"done");
-        Ok(answer)
+    ) -> anyhow::Result<(quinn::Connection, quinn::RecvStream, serde_json::Value)> {
+        tokio::time::timeout(CALL_TIMEOUT, self.exchange(addr, req))
+            .await
+            .with_context(|| format!("{addr} did not answer within {CALL_TIMEOUT:?}"))?
     }
 
     /// Connects, sends `req`, reads the answer frame; fails on `success: false` with
@@ -172,10 +173,58 @@ impl AdminClient {
         endpoints: &[String],
         req: &AdminRequest,
     ) -> anyhow::Result<(String, serde_json::Value)> {
+        self.first_answer(endpoints, |addr| async move {
+            let answer = self.call(&addr, req).await?;
+            Ok((addr, answer))
+        })
+        .await
+    }
+
+    /// Asks for a list (`AgentsList` or `ClaimsList`; it is sent with `stream` set) from
+    /// the endpoints in turn, as [`AdminClient::call_any`], and gives its rows as they
+    /// arrive: a large list is never one frame in memory, on the node or here. From a node
+    /// of a build before streamed lists, the rows of its one answer frame.
+    ///
+    /// # Errors
+    /// As [`AdminClient::call_any`]; a request that is not a list.
+    pub async fn list_any(
+        &self,
+        endpoints: &[String],
+        req: &AdminRequest,
+    ) -> anyhow::Result<ListRows> {
+        let (req, name) = match req.clone() {
+            AdminRequest::AgentsList { only, .. } => (
+                AdminRequest::AgentsList { only, stream: true },
+                ListFrame::AGENTS,
+            ),
+            AdminRequest::ClaimsList { only, .. } => (
+                AdminRequest::ClaimsList { only, stream: true },
+                ListFrame::CLAIMS,
+            ),
+            other => anyhow::bail!("not a list: {other:?}"),
+        };
+        let req = &req;
+        self.first_answer(endpoints, |addr| async move {
+            let (conn, recv, first) = self.exchange_in_time(&addr, req).await?;
+            Ok(ListRows::new(addr, conn, recv, name, first))
+        })
+        .await
+    }
+
+    /// Runs `attempt` on each endpoint in turn until one succeeds; says which could not. A
+    /// refusal on the request's merits ends the round at once.
+    async fn first_answer<T, Fut>(
+        &self,
+        endpoints: &[String],
+        attempt: impl Fn(String) -> Fut,
+    ) -> anyhow::Result<T>
+    where
+        Fut: std::future::Future<Output = anyhow::Result<T>>,
+    {
         let mut failures = Vec::new();
         for addr in endpoints {
-            match self.call(addr, req).await {
-                Ok(v) => return Ok((addr.clone(), v)),
+            match attempt(addr.clone()).await {
+                Ok(v) => return Ok(v),
                 Err(e) => match e.downcast_ref::<Refused>() {
                     Some(r) if !r.elsewhere() => return Err(e),
                     Some(r) => {
@@ -195,5 +244,89 @@ impl AdminClient {
     pub async fn close(self) {
         self.endpoint.close(quinn::VarInt::from_u32(0), b"done");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// The rows of a list as they arrive (see [`crate::node::ListFrame`]).
+pub struct ListRows {
+    addr: String,
+    conn: quinn::Connection,
+    /// The answer stream, until the list has ended.
+    recv: Option<quinn::RecvStream>,
+    name: &'static str,
+    /// The rows of a one-frame answer (a node of an earlier build), given at the first call.
+    whole: Option<Vec<serde_json::Value>>,
+    more: u64,
+}
+
+impl ListRows {
+    fn new(
+        addr: String,
+        conn: quinn::Connection,
+        recv: quinn::RecvStream,
+        name: &'static str,
+        mut first: serde_json::Value,
+    ) -> ListRows {
+        let streamed = first["stream"] == true;
+        let (recv, whole) = if streamed {
+            (Some(recv), None)
+        } else {
+            conn.close(quinn::VarInt::from_u32(0), b"done");
+            let rows = match first[name].take() {
+                serde_json::Value::Array(rows) => rows,
+                _ => Vec::new(),
+            };
+            (None, Some(rows))
+        };
+        ListRows {
+            more: first["more"].as_u64().unwrap_or(0),
+            addr,
+            conn,
+            recv,
+            name,
+            whole,
+        }
+    }
+
+    /// The node that answers.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The next rows, in agent id order; `None` once the list has ended.
+    ///
+    /// # Errors
+    /// The node went silent for [`CALL_TIMEOUT`] or the list was cut short (the rows given
+    /// so far are not all of it), or a frame was malformed.
+    pub async fn next(&mut self) -> anyhow::Result<Option<Vec<serde_json::Value>>> {
+        if let Some(rows) = self.whole.take() {
+            return Ok(Some(rows));
+        }
+        let Some(recv) = self.recv.as_mut() else {
+            return Ok(None);
+        };
+        let addr = &self.addr;
+        let bytes = tokio::time::timeout(CALL_TIMEOUT, read_frame(recv, MAX_ANSWER))
+            .await
+            .with_context(|| format!("{addr} sent no more of the list for {CALL_TIMEOUT:?}"))?
+            .with_context(|| format!("the list from {addr} was cut short"))?;
+        let mut frame: serde_json::Value =
+            serde_json::from_slice(&bytes).context("malformed list frame")?;
+        if frame["end"] == true {
+            self.more = frame["more"].as_u64().unwrap_or(0);
+            self.recv = None;
+            self.conn.close(quinn::VarInt::from_u32(0), b"done");
+            return Ok(None);
+        }
+        match frame[self.name].take() {
+            serde_json::Value::Array(rows) => Ok(Some(rows)),
+            _ => anyhow::bail!("malformed list frame from {addr}: no {} rows", self.name),
+        }
+    }
+
+    /// How many more rows matched beyond the limit; known once [`ListRows::next`] has
+    /// given `None`.
+    pub fn more(&self) -> u64 {
+        self.more
     }
 }

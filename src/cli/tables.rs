@@ -1,6 +1,8 @@
 //! `agentreg agents list`, `claims list|show`, `revoke`: the replicated tables, read
 //! linearizably from any node.
 
+use std::io::Write;
+
 use anyhow::Context;
 use clap::Subcommand;
 
@@ -54,80 +56,138 @@ async fn ask(args: &AdminArgs, req: AdminRequest) -> anyhow::Result<serde_json::
     Ok(answer)
 }
 
-fn print_agents(agents: &[AgentInfo]) {
-    println!(
+fn print_agents(agents: &[AgentInfo]) -> std::io::Result<()> {
+    let mut out = std::io::stdout();
+    agents_header(&mut out)?;
+    agents.iter().try_for_each(|a| agent_line(&mut out, a))
+}
+
+fn agents_header(out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(
+        out,
         "{:<32} {:<6} {:>10} {:>12} {:>8}",
         "AGENT", "NODE", "SESSION", "REGISTERED", "CERT"
-    );
-    for a in agents {
-        let cert = a
-            .certificate_serial
-            .map_or("-".to_owned(), |s| s.to_string());
-        println!(
-            "{:<32} {:<6} {:>10} {:>12} {:>8}",
-            a.agent_id, a.node_id, a.session_id, a.registered_at, cert
-        );
-    }
+    )
 }
 
-fn print_claims(claims: &[ClaimInfo]) {
-    println!(
+fn agent_line(out: &mut impl Write, a: &AgentInfo) -> std::io::Result<()> {
+    let cert = a
+        .certificate_serial
+        .map_or("-".to_owned(), |s| s.to_string());
+    writeln!(
+        out,
+        "{:<32} {:<6} {:>10} {:>12} {:>8}",
+        a.agent_id, a.node_id, a.session_id, a.registered_at, cert
+    )
+}
+
+fn print_claims(claims: &[ClaimInfo]) -> std::io::Result<()> {
+    let mut out = std::io::stdout();
+    claims_header(&mut out)?;
+    claims.iter().try_for_each(|c| claim_line(&mut out, c))
+}
+
+fn claims_header(out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(
+        out,
         "{:<32} {:>10} {:>12} {:>12} {:<8}",
         "AGENT", "SERIAL", "ISSUED", "EXPIRES", "KEY"
-    );
-    for c in claims {
-        println!(
-            "{:<32} {:>10} {:>12} {:>12} {:<8}",
-            c.agent_id, c.serial, c.issued_at, c.expires_at, c.key_id
-        );
-    }
+    )
 }
 
-/// Says how many rows a limit left out (on stderr, so that JSON output stays JSON).
-fn more(answer: &serde_json::Value) {
-    if let Some(n) = answer["more"].as_u64().filter(|n| *n > 0) {
-        eprintln!("({n} more not shown: raise --limit or narrow --prefix)");
+fn claim_line(out: &mut impl Write, c: &ClaimInfo) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<32} {:>10} {:>12} {:>12} {:<8}",
+        c.agent_id, c.serial, c.issued_at, c.expires_at, c.key_id
+    )
+}
+
+/// Prints a list as its rows arrive: a table (`header`, then a `line` for each row), or
+/// with `--json` one JSON array. Then says on stderr (so that JSON output stays JSON) how
+/// many rows a limit left out.
+async fn print_list<R: serde::de::DeserializeOwned>(
+    args: &AdminArgs,
+    req: AdminRequest,
+    json: bool,
+    header: fn(&mut std::io::BufWriter<std::io::Stdout>) -> std::io::Result<()>,
+    line: fn(&mut std::io::BufWriter<std::io::Stdout>, &R) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    let client = AdminClient::new(args)?;
+    let mut rows = client.list_any(&args.endpoints, &req).await?;
+    let mut out = std::io::BufWriter::new(std::io::stdout());
+    let mut array = PrettyArray::default();
+    if !json {
+        header(&mut out)?;
+    }
+    while let Some(batch) = rows.next().await? {
+        for row in batch {
+            if json {
+                array.push(&mut out, &row)?;
+            } else {
+                let row: R = serde_json::from_value(row).context("malformed answer")?;
+                line(&mut out, &row)?;
+            }
+        }
+        out.flush()?;
+    }
+    if json {
+        array.end(&mut out)?;
+    }
+    out.flush()?;
+    if rows.more() > 0 {
+        eprintln!(
+            "({} more not shown: raise --limit or narrow --prefix)",
+            rows.more()
+        );
+    }
+    client.close().await;
+    Ok(())
+}
+
+/// Writes a JSON array an element at a time, byte for byte as `serde_json::to_string_pretty`
+/// writes the whole array, and a newline after it.
+#[derive(Default)]
+struct PrettyArray {
+    started: bool,
+}
+
+impl PrettyArray {
+    fn push(&mut self, out: &mut impl Write, v: &serde_json::Value) -> std::io::Result<()> {
+        out.write_all(if self.started { b",\n" } else { b"[\n" })?;
+        self.started = true;
+        // A JSON text holds no raw line break inside a string: every line is the value's.
+        for (i, line) in serde_json::to_string_pretty(v)?.lines().enumerate() {
+            if i > 0 {
+                out.write_all(b"\n")?;
+            }
+            write!(out, "  {line}")?;
+        }
+        Ok(())
+    }
+
+    fn end(self, out: &mut impl Write) -> std::io::Result<()> {
+        out.write_all(if self.started { b"\n]\n" } else { b"[]\n" })
     }
 }
 
 pub async fn agents(args: &AdminArgs, cmd: AgentsCommand, json: bool) -> anyhow::Result<()> {
     let AgentsCommand::List { only } = cmd;
-    let answer = ask(
-        args,
-        AdminRequest::AgentsList {
-            only: only.filter(),
-        },
-    )
-    .await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&answer["agents"])?);
-    } else {
-        let agents: Vec<AgentInfo> =
-            serde_json::from_value(answer["agents"].clone()).context("malformed answer")?;
-        print_agents(&agents);
-    }
-    more(&answer);
-    Ok(())
+    let req = AdminRequest::AgentsList {
+        only: only.filter(),
+        stream: true,
+    };
+    print_list::<AgentInfo>(args, req, json, agents_header, agent_line).await
 }
 
 pub async fn claims(args: &AdminArgs, cmd: ClaimsCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
         ClaimsCommand::List { only } => {
-            let answer = ask(
-                args,
-                AdminRequest::ClaimsList {
-                    only: only.filter(),
-                },
-            )
-            .await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&answer["claims"])?);
-            } else {
-                let claims: Vec<ClaimInfo> =
-                    serde_json::from_value(answer["claims"].clone()).context("malformed answer")?;
-                print_claims(&claims);
-            }
-            more(&answer);
+            let req = AdminRequest::ClaimsList {
+                only: only.filter(),
+                stream: true,
+            };
+            print_list::<ClaimInfo>(args, req, json, claims_header, claim_line).await?;
         }
         ClaimsCommand::Show { agent_id } => {
             let answer = ask(args, AdminRequest::ClaimsShow { agent_id }).await?;
@@ -139,11 +199,11 @@ pub async fn claims(args: &AdminArgs, cmd: ClaimsCommand, json: bool) -> anyhow:
                 let session: Option<AgentInfo> = serde_json::from_value(answer["session"].clone())
                     .context("malformed answer")?;
                 match claim {
-                    Some(c) => print_claims(&[c]),
+                    Some(c) => print_claims(&[c])?,
                     None => println!("not claimed"),
                 }
                 match session {
-                    Some(s) => print_agents(&[s]),
+                    Some(s) => print_agents(&[s])?,
                     None => println!("not connected"),
                 }
             }
@@ -174,4 +234,32 @@ pub async fn revoke(args: &AdminArgs, agent_id: String, json: bool) -> anyhow::R
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PrettyArray;
+
+    /// A list printed a row at a time is the JSON the whole array printed at once was.
+    #[test]
+    fn a_json_list_printed_row_by_row_is_the_whole_array() {
+        let arrays = [
+            serde_json::json!([]),
+            serde_json::json!([{"agent_id": "a", "node_id": 1, "metadata": null}]),
+            serde_json::json!([
+                {"agent_id": "a", "metadata": {"role": "x\ny", "tags": ["t", 2, {}], "e": []}},
+                {"agent_id": "b", "certificate_serial": null, "metadata": {}},
+            ]),
+        ];
+        for whole in arrays {
+            let mut out = Vec::new();
+            let mut array = PrettyArray::default();
+            for row in whole.as_array().unwrap() {
+                array.push(&mut out, row).unwrap();
+            }
+            array.end(&mut out).unwrap();
+            let expected = serde_json::to_string_pretty(&whole).unwrap() + "\n";
+            assert_eq!(String::from_utf8(out).unwrap(), expected);
+        }
+    }
 }

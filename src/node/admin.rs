@@ -42,11 +42,17 @@ pub enum AdminRequest {
     AgentsList {
         #[serde(default, flatten)]
         only: ListFilter,
+        /// Answer in frames of rows (see [`ListFrame`]) rather than one frame.
+        #[serde(default, skip_serializing_if = "is_false")]
+        stream: bool,
     },
     /// The claims, by agent id (linearizable).
     ClaimsList {
         #[serde(default, flatten)]
         only: ListFilter,
+        /// As for `AgentsList`.
+        #[serde(default, skip_serializing_if = "is_false")]
+        stream: bool,
     },
     /// One claim and its session, if any (linearizable).
     ClaimsShow {
@@ -68,6 +74,10 @@ pub enum AdminRequest {
     /// A backup of the tables after a read barrier: the answer frame is followed by the
     /// backup file's bytes (see `raft::backup`) until the stream ends.
     SnapshotSave,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A session as the operator sees it.
@@ -224,6 +234,22 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
                         }
                         return;
                     }
+                    Ok(AdminRequest::AgentsList { only, stream: true }) => {
+                        let sessions: fn(&Tables) -> &_ = |t| &t.sessions;
+                        let name = ListFrame::AGENTS;
+                        if stream_list(&inner, &mut send, &only, name, sessions, agent_info).await {
+                            super::finish_and_wait(send).await;
+                        }
+                        return;
+                    }
+                    Ok(AdminRequest::ClaimsList { only, stream: true }) => {
+                        let claims: fn(&Tables) -> &_ = |t| &t.claims;
+                        let name = ListFrame::CLAIMS;
+                        if stream_list(&inner, &mut send, &only, name, claims, claim_info).await {
+                            super::finish_and_wait(send).await;
+                        }
+                        return;
+                    }
                     Ok(req) => handle(&inner, req).await,
                     Err(e) => failed(admin_code::REFUSED, format!("bad admin request: {e}")),
                 },
@@ -263,6 +289,11 @@ fn failed(code: &str, error: impl std::fmt::Display) -> serde_json::Value {
     serde_json::json!({"success": false, "code": code, "error": error.to_string()})
 }
 
+/// The answer when a linearizable read's barrier failed: nothing was read.
+fn barrier_failed(e: &impl std::fmt::Display) -> serde_json::Value {
+    failed(admin_code::UNAVAILABLE, format!("cluster unavailable: {e}"))
+}
+
 /// The admin code of a write's refusal.
 fn write_failed(e: &Refusal) -> serde_json::Value {
     let code = match e.code {
@@ -296,17 +327,17 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
     );
     if linearizable {
         if let Err(e) = super::read::barrier(inner).await {
-            return failed(admin_code::UNAVAILABLE, format!("cluster unavailable: {e}"));
+            return barrier_failed(&e);
         }
     }
     match req {
         AdminRequest::Status => json!({"success": true, "status": status(inner)}),
-        AdminRequest::AgentsList { only } => {
+        AdminRequest::AgentsList { only, .. } => {
             let tables = tables(inner);
             let (agents, more) = only.pick(&tables.sessions, agent_info);
             json!({"success": true, "agents": agents, "more": more})
         }
-        AdminRequest::ClaimsList { only } => {
+        AdminRequest::ClaimsList { only, .. } => {
             let tables = tables(inner);
             let (claims, more) = only.pick(&tables.claims, claim_info);
             json!({"success": true, "claims": claims, "more": more})
@@ -530,20 +561,29 @@ pub struct ListFilter {
 }
 
 impl ListFilter {
+    /// The entries of `table` whose agent id starts with the prefix, in agent id order (the
+    /// limit is the caller's to apply).
+    pub fn matching<'t, V>(
+        &self,
+        table: &'t imbl::OrdMap<String, V>,
+    ) -> impl Iterator<Item = (&'t String, &'t V)> + 't {
+        let prefix = self.prefix.clone().unwrap_or_default();
+        table
+            .range::<_, str>((
+                std::ops::Bound::Included(prefix.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(move |(id, _)| id.starts_with(&prefix))
+    }
+
     /// The rows of `table` this filter picks, made by `row`, and how many more matched
     /// beyond the limit.
-    pub fn pick<V: Clone, R>(
+    pub fn pick<V, R>(
         &self,
         table: &imbl::OrdMap<String, V>,
         row: impl Fn(&str, &V) -> R,
     ) -> (Vec<R>, usize) {
-        let prefix = self.prefix.as_deref().unwrap_or("");
-        let mut matching = table
-            .range::<_, str>((
-                std::ops::Bound::Included(prefix),
-                std::ops::Bound::Unbounded,
-            ))
-            .take_while(|(id, _)| id.starts_with(prefix));
+        let mut matching = self.matching(table);
         let rows: Vec<R> = matching
             .by_ref()
             .take(self.limit.unwrap_or(usize::MAX))
@@ -551,6 +591,69 @@ impl ListFilter {
             .collect();
         (rows, matching.count())
     }
+}
+
+/// A streamed list's frames after the first (`{"success": true, "stream": true}`, or a
+/// failure as for any request): rows in agent id order, [`LIST_FRAME_ROWS`] at most in each,
+/// under the table's name (`{"agents": [...]}`, `{"claims": [...]}`), then
+/// `{"end": true, "rows": N, "more": M}`, then the stream ends. A stream that ends without
+/// the last frame was cut short. The rows are read from one copy of the tables, taken after
+/// the read barrier: the list is consistent however long it takes to send.
+pub struct ListFrame;
+
+impl ListFrame {
+    pub const AGENTS: &'static str = "agents";
+    pub const CLAIMS: &'static str = "claims";
+}
+
+/// Rows in a frame of a streamed list: some 100 KB with small metadata, 8 MB at most (16 KiB
+/// of metadata a session).
+pub const LIST_FRAME_ROWS: usize = 500;
+
+/// Answers a streamed list of `table`'s rows made by `row`; whether the answer went out
+/// whole. The first frame comes after the read barrier, as for any list.
+async fn stream_list<V, R: Serialize>(
+    inner: &Inner,
+    send: &mut quinn::SendStream,
+    only: &ListFilter,
+    name: &str,
+    table: fn(&Tables) -> &imbl::OrdMap<String, V>,
+    row: fn(&str, &V) -> R,
+) -> bool {
+    use serde_json::json;
+    if let Err(e) = super::read::barrier(inner).await {
+        return write_frame(send, barrier_failed(&e).to_string().as_bytes())
+            .await
+            .is_ok();
+    }
+    let tables = tables(inner);
+    let first = json!({"success": true, "stream": true}).to_string();
+    if write_frame(send, first.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut matching = only.matching(table(&tables));
+    let mut left = only.limit.unwrap_or(usize::MAX);
+    let mut sent = 0;
+    while left > 0 {
+        let rows: Vec<R> = matching
+            .by_ref()
+            .take(left.min(LIST_FRAME_ROWS))
+            .map(|(id, v)| row(id, v))
+            .collect();
+        if rows.is_empty() {
+            break;
+        }
+        left -= rows.len();
+        sent += rows.len();
+        let mut frame = format!("{{\"{name}\":").into_bytes();
+        serde_json::to_writer(&mut frame, &rows).expect("rows always encode");
+        frame.push(b'}');
+        if write_frame(send, &frame).await.is_err() {
+            return false;
+        }
+    }
+    let end = json!({"end": true, "rows": sent, "more": matching.count()}).to_string();
+    write_frame(send, end.as_bytes()).await.is_ok()
 }
 
 /// The applied tables, copied under the lock (persistent maps: the copy shares them), so
@@ -605,6 +708,7 @@ mod tests {
     fn lists_without_a_filter_keep_the_earlier_request() {
         let plain = AdminRequest::AgentsList {
             only: ListFilter::default(),
+            stream: false,
         };
         assert_eq!(
             serde_json::to_value(&plain).unwrap(),
@@ -614,7 +718,8 @@ mod tests {
         assert_eq!(
             earlier,
             AdminRequest::ClaimsList {
-                only: ListFilter::default()
+                only: ListFilter::default(),
+                stream: false,
             }
         );
         let filtered: AdminRequest =
@@ -626,8 +731,23 @@ mod tests {
                 only: ListFilter {
                     prefix: Some("a".into()),
                     limit: Some(2)
-                }
+                },
+                stream: false,
             }
+        );
+        // A streamed list says so; a node of an earlier build ignores the field.
+        let streamed = AdminRequest::AgentsList {
+            only: ListFilter::default(),
+            stream: true,
+        };
+        assert_eq!(
+            serde_json::to_value(&streamed).unwrap(),
+            serde_json::json!({"command": "agents_list", "stream": true})
+        );
+        assert_eq!(
+            serde_json::from_value::<AdminRequest>(serde_json::to_value(&streamed).unwrap())
+                .unwrap(),
+            streamed
         );
     }
 }

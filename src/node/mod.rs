@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use admin::{
-    admin_code, AdminRequest, AgentInfo, ClaimInfo, HeartbeatStats, KeyInfo, ListFilter,
-    MemberStatus, NodeStatus,
+    admin_code, AdminRequest, AgentInfo, ClaimInfo, HeartbeatStats, KeyInfo, ListFilter, ListFrame,
+    MemberStatus, NodeStatus, LIST_FRAME_ROWS,
 };
 pub use agent_service::close_code;
 pub use duties::unix_now_f64;

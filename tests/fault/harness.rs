@@ -209,6 +209,7 @@ impl Cluster {
                 &addr,
                 &AdminRequest::ClaimsList {
                     only: Default::default(),
+                    stream: false,
                 },
             )
             .await
@@ -219,6 +220,7 @@ impl Cluster {
                 &addr,
                 &AdminRequest::AgentsList {
                     only: Default::default(),
+                    stream: false,
                 },
             )
             .await
