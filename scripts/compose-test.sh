@@ -65,7 +65,8 @@ bin=target/release/agentreg
 # TLS material and the HMAC secret, readable by the image's user (uid 10001).
 "$bin" dev-certs --out "$work/tls" >/dev/null
 mkdir -p "$work/secrets" "$work/agent"
-head -c 32 /dev/urandom > "$work/secrets/hmac_secret"
+# Text (base64), so that no trailing byte is whitespace, which the node does not count.
+head -c 32 /dev/urandom | base64 > "$work/secrets/hmac_secret"
 if [ "$(id -u)" = 0 ]; then
   chown -R 10001:10001 "$work/tls" "$work/secrets" "$work/agent"
 else

@@ -551,7 +551,11 @@ fn read_secret_file(config: &NodeConfig) -> Result<Option<Secret>, NodeError> {
     if trimmed.len() < 32 {
         return Err(NodeError::Secret {
             path: path.clone(),
-            reason: format!("holds {} bytes; at least 32 are needed", trimmed.len()),
+            reason: format!(
+                "holds {} bytes without trailing whitespace; at least 32 are needed (e.g. \
+                 head -c 32 /dev/urandom | base64 > FILE)",
+                trimmed.len()
+            ),
         });
     }
     Ok(Some(Secret::new(trimmed)))
