@@ -106,6 +106,9 @@ pub struct IdentityConfig {
     /// Whether `force_reconnect` without a certificate may take over a session of an
     /// unclaimed id (a migration aid for legacy agents; off by default).
     pub allow_uncertified_takeover: bool,
+    /// Furthest this node's clock may be from its peers' for it to stamp writes and judge
+    /// certificates (see `node::clock`).
+    pub max_clock_skew_ms: u64,
 }
 
 impl Default for IdentityConfig {
@@ -114,6 +117,7 @@ impl Default for IdentityConfig {
             certificate_ttl_hours: 24,
             hmac_secret_file: None,
             allow_uncertified_takeover: false,
+            max_clock_skew_ms: 5_000,
         }
     }
 }
@@ -327,6 +331,12 @@ impl NodeConfig {
                 "identity.certificate_ttl_hours ({ttl}) must be between 1 and 87600"
             ));
         }
+        let skew = self.identity.max_clock_skew_ms;
+        if !(100..=3_600_000).contains(&skew) {
+            return Err(format!(
+                "identity.max_clock_skew_ms ({skew}) must be between 100 and 3600000"
+            ));
+        }
         Ok(())
     }
 
@@ -483,6 +493,8 @@ key = "tls/node1.key"
         assert!(e.contains("election_timeout_min_ms"), "{e}");
         let e = err(&format!("{GOOD}\n[identity]\ncertificate_ttl_hours = 0\n"));
         assert!(e.contains("certificate_ttl_hours"), "{e}");
+        let e = err(&format!("{GOOD}\n[identity]\nmax_clock_skew_ms = 0\n"));
+        assert!(e.contains("max_clock_skew_ms"), "{e}");
         let e = err(&format!(
             "{GOOD}\n[heartbeat]\ninterval_ms = 1000\nagent_timeout_ms = 1000\n"
         ));

@@ -297,7 +297,10 @@ fn barrier_failed(e: &impl std::fmt::Display) -> serde_json::Value {
 /// The admin code of a write's refusal.
 fn write_failed(e: &Refusal) -> serde_json::Value {
     let code = match e.code {
-        ErrorCode::Unavailable | ErrorCode::NotApplied => admin_code::UNAVAILABLE,
+        // Another node may serve it.
+        ErrorCode::Unavailable | ErrorCode::NotApplied | ErrorCode::ClockSkew => {
+            admin_code::UNAVAILABLE
+        }
         ErrorCode::OutcomeUnknown => admin_code::OUTCOME_UNKNOWN,
         ErrorCode::ShuttingDown => admin_code::SHUTTING_DOWN,
         ErrorCode::NotClaimed => admin_code::NOT_FOUND,

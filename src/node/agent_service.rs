@@ -11,7 +11,6 @@ use futures::{FutureExt, StreamExt};
 use serde_json::{json, Map, Value};
 use tokio_util::task::TaskTracker;
 
-use super::duties::unix_now;
 use super::{read, write, Inner};
 use crate::identity::Certificate;
 use crate::proto::agent::{
@@ -226,7 +225,7 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
                     )
                 })?;
             }
-            Ok(validation(inner, &certificate))
+            validation(inner, &certificate)
         }
         AgentRequest::RegisterAgent {
             agent_id,
@@ -329,9 +328,11 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
     }
 }
 
-fn validation(inner: &Inner, certificate: &Certificate) -> Fields {
-    let result = inner.state.read().state.validate(certificate, unix_now());
-    match result {
+/// The verdict on `certificate` by this node's tables and clock (unless its clock is off).
+fn validation(inner: &Inner, certificate: &Certificate) -> Result<Fields, Refusal> {
+    let now = write::now_checked(inner).map_err(|e| write::skewed(&e))?;
+    let result = inner.state.read().state.validate(certificate, now);
+    Ok(match result {
         Ok(()) => fields(json!({ "valid": true, "agent_id": certificate.agent_id })),
         Err(reason) => fields(json!({
             "valid": false,
@@ -339,7 +340,7 @@ fn validation(inner: &Inner, certificate: &Certificate) -> Fields {
             "reason": reason.to_string(),
             "code": ErrorCode::of_invalid(reason).as_str(),
         })),
-    }
+    })
 }
 
 fn unexpected(outcome: &Outcome) -> Refusal {

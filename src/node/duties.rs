@@ -11,14 +11,6 @@ use super::Inner;
 use crate::identity::Secret;
 use crate::registry::{Command, Op};
 
-/// Proposer-side clock: the `at` of every command this node proposes.
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Wall clock as fractional Unix seconds (ping timestamps, renewal schedule).
 pub fn unix_now_f64() -> f64 {
     SystemTime::now()
@@ -66,8 +58,17 @@ async fn init_keyring(inner: &Inner) {
         .initial_secret
         .clone()
         .unwrap_or_else(Secret::generate);
+    let at = match super::write::now_checked(inner) {
+        Ok(at) => at,
+        Err(e) => {
+            // Tried again at the next change of Raft's metrics: the clock's own warning says
+            // what is wrong, once.
+            tracing::debug!(error = %e, "signing keyring not initialised");
+            return;
+        }
+    };
     let cmd = Command {
-        at: unix_now(),
+        at,
         op: Op::InitKeyring { secret },
     };
     match super::write::write(inner, cmd).await {

@@ -12,7 +12,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::duties::unix_now;
 use super::{read, write, Inner};
 use crate::proto::agent;
 use crate::registry::{Command, ConnRef, Op, Outcome};
@@ -121,12 +120,19 @@ async fn ping(conn: &quinn::Connection) -> Result<(), String> {
 
 /// Commits the eviction of `agent_id`'s session `session_id`.
 pub(super) async fn evict(inner: &Inner, agent_id: &str, session_id: u64, why: &str) {
+    let at = match write::now_checked(inner) {
+        Ok(at) => at,
+        Err(e) => {
+            tracing::warn!(agent_id, session_id, error = %e, "eviction not proposed");
+            return;
+        }
+    };
     inner
         .counters
         .evictions_proposed
         .fetch_add(1, Ordering::Relaxed);
     let cmd = Command {
-        at: unix_now(),
+        at,
         op: Op::Evict {
             agent_id: agent_id.to_owned(),
             session_id,
@@ -301,12 +307,13 @@ async fn evict_node(inner: &Inner, node_id: u64) -> Result<usize, write::WriteEr
     if !has_sessions {
         return Ok(0);
     }
+    let at = write::now_checked(inner).map_err(|e| write::WriteError::Refused(e.to_string()))?;
     inner
         .counters
         .evictions_proposed
         .fetch_add(1, Ordering::Relaxed);
     let cmd = Command {
-        at: unix_now(),
+        at,
         op: Op::EvictNode {
             node_id,
             max_session_id: applied,

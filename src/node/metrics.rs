@@ -51,6 +51,7 @@ pub(crate) struct Metrics {
     evictions_committed: Counter,
     forwarding: Forwarding,
     read_index: ReadIndex,
+    clock_offsets: super::clock::OffsetGauges,
 }
 
 /// Counters of the writes a follower forwards to the leader: calls below writes means the
@@ -173,6 +174,12 @@ impl Metrics {
                 "Rounds that fetched one for them (a leadership confirmation or a call to the leader)",
             ),
         };
+        let clock_offsets = super::clock::OffsetGauges::default();
+        registry.register(
+            "agentreg_peer_clock_offset_seconds",
+            "How far each peer's wall clock is ahead of this node's (negative: behind)",
+            clock_offsets.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -185,7 +192,13 @@ impl Metrics {
             evictions_committed,
             forwarding,
             read_index,
+            clock_offsets,
         }
+    }
+
+    /// The peers' clock offsets, for the clock probes to set.
+    pub(crate) fn clock_offsets(&self) -> super::clock::OffsetGauges {
+        self.clock_offsets.clone()
     }
 
     /// The read-index counters.

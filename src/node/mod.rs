@@ -13,6 +13,7 @@
 mod admin;
 mod agent_service;
 mod audit;
+mod clock;
 mod coalesce;
 mod connections;
 mod duties;
@@ -109,6 +110,8 @@ pub(crate) struct Inner {
     pub(crate) tasks: TaskTracker,
     /// Set once, when Raft stops on a fault of its own (see [`Node::fault`]).
     pub(crate) fault: tokio::sync::watch::Sender<Option<String>>,
+    /// The wall clock, and how far it is from the peers' (see `clock.rs`).
+    pub(crate) clock: clock::Clock,
 }
 
 impl Inner {
@@ -213,6 +216,7 @@ impl Node {
 
         let shutdown = CancellationToken::new();
         let metrics = metrics::Metrics::new();
+        let clock = clock::Clock::new(config.identity.max_clock_skew_ms, metrics.clock_offsets());
         let inner = Arc::new(Inner {
             id: config.node_id,
             proposer: propose::Proposer::start(
@@ -244,6 +248,7 @@ impl Node {
             shutdown,
             tasks: TaskTracker::new(),
             fault: tokio::sync::watch::Sender::new(None),
+            clock,
         });
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(l) = metrics_listener {
@@ -257,6 +262,7 @@ impl Node {
         node.spawn_accept_loop();
         duties::spawn(node.inner.clone());
         heartbeat::spawn(node.inner.clone());
+        clock::spawn_probes(node.inner.clone());
         agent_service::spawn_session_closer(node.inner.clone(), session_ends);
 
         if pristine && node.inner.config.initial_cluster_state == InitialClusterState::New {
@@ -414,6 +420,13 @@ impl Node {
             .await
             .expect("the node holds the sender");
         seen.clone().unwrap_or_default()
+    }
+
+    /// Moves this node's clock by `ms` from the system's: a node with a wrong clock, for
+    /// tests of what it may still do.
+    #[doc(hidden)]
+    pub fn shift_clock_for_tests(&self, ms: i64) {
+        self.inner.clock.shift(ms);
     }
 
     /// This node's view of itself and the cluster.

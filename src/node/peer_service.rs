@@ -79,6 +79,7 @@ async fn serve_stream(
             PeerResponse::ForwardBatch(futures::future::join_all(answers).await)
         }
         PeerRequest::ReadIndex => PeerResponse::ReadIndex(read::serve_read_index(inner).await),
+        PeerRequest::Clock => PeerResponse::Clock(inner.clock.unix_millis()),
     };
     let bytes = match codec::encode(&resp) {
         Ok(b) => b,

@@ -5,6 +5,7 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::time::Instant;
 
+use super::clock::ClockSkew;
 use super::Inner;
 use crate::proto::agent::{self, ErrorCode, Refusal};
 use crate::raft::network::{ForwardError, PeerError};
@@ -39,6 +40,21 @@ pub enum WriteError {
 /// How long to wait between attempts while no leader is known.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// This node's time, in seconds, to stamp a command with or to judge a certificate by,
+/// unless its clock disagrees with its peers' (see `clock.rs`).
+pub(super) fn now_checked(inner: &Inner) -> Result<u64, ClockSkew> {
+    inner.clock.checked_secs(|| {
+        let metrics = inner.raft.metrics();
+        let m = metrics.borrow();
+        m.membership_config.membership().voter_ids().count()
+    })
+}
+
+/// The refusal an agent or operator reads when this node's clock is off.
+pub(super) fn skewed(e: &ClockSkew) -> Refusal {
+    Refusal::new(ErrorCode::ClockSkew, e.to_string())
+}
+
 /// Commits `op` stamped with this node's clock; the registry's answer, or the refusal an
 /// agent or operator reads for why there is none.
 pub(super) async fn commit(
@@ -46,7 +62,7 @@ pub(super) async fn commit(
     op: crate::registry::Op,
 ) -> Result<crate::registry::Outcome, Refusal> {
     let cmd = Command {
-        at: super::duties::unix_now(),
+        at: now_checked(inner).map_err(|e| skewed(&e))?,
         op,
     };
     match write(inner, cmd).await {

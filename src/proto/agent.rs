@@ -91,6 +91,9 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The connection's session ended: nothing was done; send it on a new connection.
     ConnectionClosing,
+    /// The node's clock is too far from its peers' for it to stamp a write or judge a
+    /// certificate: nothing was done; send the request to another node.
+    ClockSkew,
     Internal,
     /// Not sent by nodes: a code this build does not know (from a newer node), or an answer
     /// without one whose text says nothing this build acts on (a node before codes).
@@ -127,6 +130,7 @@ impl ErrorCode {
         (ErrorCode::NotApplied, "not_applied"),
         (ErrorCode::ShuttingDown, "shutting_down"),
         (ErrorCode::ConnectionClosing, "connection_closing"),
+        (ErrorCode::ClockSkew, "clock_skew"),
         (ErrorCode::Internal, "internal"),
     ];
 

@@ -79,6 +79,9 @@ pub enum PeerRequest {
     /// leader to propose together; answered one result per command, in order. (Last, so
     /// that the encoding of the variants before it is the same as before it existed.)
     ForwardBatch(Vec<Command>),
+    /// The callee's wall clock, in milliseconds since the Unix epoch (node/clock.rs). A node
+    /// of a build before it refuses the request unread.
+    Clock,
 }
 
 /// Why a forwarded write was not applied by the node it was sent to.
@@ -104,6 +107,7 @@ pub enum PeerResponse {
     Forward(Result<(u64, Response), ForwardError>),
     ReadIndex(Result<u64, ForwardError>),
     ForwardBatch(Vec<Result<(u64, Response), ForwardError>>),
+    Clock(u64),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -140,6 +144,7 @@ impl PeerRequest {
             PeerRequest::Forward(_) => "forward",
             PeerRequest::ForwardBatch(_) => "forward_batch",
             PeerRequest::ReadIndex => "read_index",
+            PeerRequest::Clock => "clock",
         }
     }
 }
@@ -153,6 +158,7 @@ impl PeerResponse {
             PeerResponse::Forward(_) => "forward",
             PeerResponse::ForwardBatch(_) => "forward_batch",
             PeerResponse::ReadIndex(_) => "read_index",
+            PeerResponse::Clock(_) => "clock",
         }
     }
 }
