@@ -92,6 +92,24 @@ async fn a_node_whose_clock_is_two_days_ahead_stamps_nothing_until_it_agrees_aga
     )
     .await;
 
+    // AgentClient moves on by itself: its claim, sent to the skewed node first, is served by
+    // the next.
+    let client = cluster.agent(skewed).await;
+    assert_eq!(
+        client.current_node(),
+        Some(cluster.addrs[&skewed].to_string())
+    );
+    let moved = client
+        .claim_agent_id("moved", false)
+        .await
+        .expect("claimed elsewhere");
+    assert_eq!(moved.agent_id, "moved");
+    assert_ne!(
+        client.current_node(),
+        Some(cluster.addrs[&skewed].to_string())
+    );
+    client.close().await;
+
     // The others serve as before, and nothing changed: the id is still held, the revoked
     // certificate still revoked, no "fresh" claim.
     let a = healthy.request(claim("held")).await;

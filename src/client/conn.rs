@@ -112,8 +112,8 @@ impl Connector {
 
     /// Sends one request; returns the response object of a successful answer. A request the
     /// node did not carry out because the connection is about to close (the node is
-    /// stopping, or the connection's session ended) goes again, once, on the next connection,
-    /// all within the request timeout.
+    /// stopping, or the connection's session ended) or because the node's clock is off goes
+    /// again, once, on the next connection, all within the request timeout.
     pub(crate) async fn call(
         &self,
         command: &str,
@@ -142,6 +142,15 @@ impl Connector {
                 {
                     return Err(ClientError::Refused(e));
                 }
+                let conn = self.ensure().await?;
+                self.exchange(&conn, &bytes, id, deadline).await
+            }
+            // The node's clock is off: it does nothing until it is put right, and another
+            // node may serve. The connection is given up (its session too: the client
+            // registers again where it reconnects), and the request goes once more.
+            Err(ClientError::Refused(e)) if e.code == ErrorCode::ClockSkew => {
+                tracing::warn!(error = %e, "the node refused for its clock; moving to the next node");
+                conn.close(quinn::VarInt::from_u32(0), b"the node's clock is off");
                 let conn = self.ensure().await?;
                 self.exchange(&conn, &bytes, id, deadline).await
             }
