@@ -12,11 +12,12 @@
 //! of the voters with itself — neither stamps writes nor judges certificates until it is
 //! again ([`Clock::checked_secs`]; agents are answered `clock_skew`). A peer without a
 //! recent sample (unreachable, or of a build before clock probes) counts neither for nor
-//! against it, and a node with no sample at all judges itself fine: without a quorum it
-//! commits nothing anyway.
+//! against it, and a node with no sample at all once its first round of probes is over
+//! judges itself fine: without a quorum it commits nothing anyway. Before that round is
+//! over a node with peers vouches for nothing.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -48,15 +49,19 @@ pub(crate) struct Clock {
     max_skew_ms: u64,
     /// Each peer's clock minus this node's, in milliseconds, and when it was measured.
     samples: Mutex<BTreeMap<NodeId, (i64, Instant)>>,
+    /// Whether the first round of probes is over: until then a node that has peers does not
+    /// know whether its clock agrees with theirs (a node restarted with a wrong clock would
+    /// otherwise stamp the registrations of its agents reconnecting at once).
+    asked: AtomicBool,
     gauges: OffsetGauges,
 }
 
 /// This node's clock is too far from its peers' to stamp a write or judge a certificate.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "this node's clock is off ({0}); it stamps no writes and judges no certificates until it \
-     agrees with its peers again: check its time synchronisation, or send the request to \
-     another node"
+    "this node cannot vouch for its clock ({0}); it stamps no writes and judges no \
+     certificates until it agrees with its peers: check its time synchronisation, or send the \
+     request to another node"
 )]
 pub struct ClockSkew(String);
 
@@ -66,6 +71,7 @@ impl Clock {
             shift_ms: AtomicI64::new(0),
             max_skew_ms,
             samples: Mutex::default(),
+            asked: AtomicBool::new(false),
             gauges,
         }
     }
@@ -85,8 +91,14 @@ impl Clock {
 
     /// This node's time in seconds, to stamp a command with or to judge expiry by, unless
     /// its clock disagrees with its peers' (see the module doc). `voters`: how many voters
-    /// the cluster has, this node included (asked only when some peer disagrees).
-    pub(crate) fn checked_secs(&self, voters: impl FnOnce() -> usize) -> Result<u64, ClockSkew> {
+    /// the cluster has, this node included (asked only before the first round of probes
+    /// is over, or when some peer disagrees).
+    pub(crate) fn checked_secs(&self, voters: impl Fn() -> usize) -> Result<u64, ClockSkew> {
+        if !self.asked.load(Ordering::Acquire) && voters() > 1 {
+            return Err(ClockSkew(
+                "its peers' clocks are not known yet: it has just started".to_owned(),
+            ));
+        }
         let fresh: Vec<(NodeId, i64)> = {
             let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
             let fresh = samples
@@ -171,6 +183,7 @@ pub(super) fn spawn_probes(inner: Arc<Inner>) {
             };
             let probes = peers.iter().map(|(id, addr)| probe(&inner, *id, addr));
             futures::future::join_all(probes).await;
+            inner.clock.asked.store(true, Ordering::Release);
         }
     });
 }
@@ -189,6 +202,20 @@ async fn probe(inner: &Inner, peer: NodeId, addr: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Until its first round of probes is over, a node with peers vouches for nothing.
+    #[test]
+    fn a_node_with_peers_waits_for_its_first_round_of_probes() {
+        let clock = Clock::new(5_000, OffsetGauges::default());
+        assert!(
+            clock.checked_secs(|| 1).is_ok(),
+            "a lone voter has no one to ask"
+        );
+        let early = clock.checked_secs(|| 3).unwrap_err();
+        assert!(early.to_string().contains("not known yet"), "{early}");
+        clock.asked.store(true, Ordering::Release);
+        assert!(clock.checked_secs(|| 3).is_ok());
+    }
 
     #[test]
     fn a_clock_is_trusted_while_a_majority_of_the_voters_agree_with_it() {
