@@ -360,13 +360,20 @@ fn classify(answer: &Value) -> Ret {
 
 /// One request and its answer over a new stream.
 pub async fn request(conn: &quinn::Connection, req: &Value) -> Result<Value, String> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    // A stream's error says only "connection lost" when the connection ends under it; the
+    // connection's reason tells a node that closed it on purpose (the session ended, which
+    // the checker excuses) from a connection that was lost.
+    let failed = |e: &dyn std::fmt::Display| match conn.close_reason() {
+        Some(reason) => reason.to_string(),
+        None => e.to_string(),
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(&e))?;
     let body = req.to_string().into_bytes();
     let mut frame = (body.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(&body);
-    send.write_all(&frame).await.map_err(|e| e.to_string())?;
+    send.write_all(&frame).await.map_err(|e| failed(&e))?;
     let _ = send.finish();
-    let answer = recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())?;
+    let answer = recv.read_to_end(1 << 20).await.map_err(|e| failed(&e))?;
     if answer.len() < 4 {
         return Err("stream closed without an answer".into());
     }
