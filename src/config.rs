@@ -57,10 +57,18 @@ pub struct TlsConfig {
     /// The name peers and agents verify in this node's certificate.
     #[serde(default = "default_server_name")]
     pub server_name: String,
+    /// How often the node looks whether the three files changed, and takes up renewed
+    /// material; 0: only on SIGHUP.
+    #[serde(default = "default_reload_check_secs")]
+    pub reload_check_secs: u64,
 }
 
 fn default_server_name() -> String {
     crate::transport::tls::DEFAULT_SERVER_NAME.to_owned()
+}
+
+fn default_reload_check_secs() -> u64 {
+    60
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -329,6 +337,12 @@ impl NodeConfig {
         if ttl == 0 || ttl > 10 * 365 * 24 {
             return Err(format!(
                 "identity.certificate_ttl_hours ({ttl}) must be between 1 and 87600"
+            ));
+        }
+        if self.tls.reload_check_secs > 86_400 {
+            return Err(format!(
+                "tls.reload_check_secs ({}) must be at most 86400 (0: only on SIGHUP)",
+                self.tls.reload_check_secs
             ));
         }
         let skew = self.identity.max_clock_skew_ms;

@@ -92,6 +92,36 @@ async fn a_node_whose_clock_is_two_days_ahead_stamps_nothing_until_it_agrees_aga
     )
     .await;
 
+    // Operators see it: `status` says why the node refuses and how far off the others are,
+    // /readyz turns load balancers away, and a gauge is there to alert on. The healthy
+    // nodes' status shows them serving.
+    let clock = cluster
+        .node(skewed)
+        .status()
+        .clock
+        .expect("clock in status");
+    let why = clock.refused.as_deref().expect("refusing");
+    assert!(why.contains("ahead of node"), "{why}");
+    let widest = clock.widest_offset_secs().expect("offsets");
+    assert!((widest + 172_800.0).abs() < 5.0, "{clock:?}");
+    let (code, body) = http_get(cluster.node(skewed), "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("cannot vouch for its clock"), "{body}");
+    let (_, metrics) = http_get(cluster.node(skewed), "/metrics").await;
+    assert!(
+        metrics.contains("\nagentreg_clock_refused 1\n"),
+        "{metrics}"
+    );
+    let other_clock = cluster.node(other).status().clock.expect("clock in status");
+    assert_eq!(other_clock.refused, None);
+    let (code, body) = http_get(cluster.node(other), "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let (_, metrics) = http_get(cluster.node(other), "/metrics").await;
+    assert!(
+        metrics.contains("\nagentreg_clock_refused 0\n"),
+        "{metrics}"
+    );
+
     // AgentClient moves on by itself: its claim, sent to the skewed node first, is served by
     // the next.
     let client = cluster.agent(skewed).await;
@@ -138,4 +168,7 @@ async fn a_node_whose_clock_is_two_days_ahead_stamps_nothing_until_it_agrees_aga
     assert_eq!(a["agent_id"], "after");
     let a = raw.request(validate(&held["certificate"], "local")).await;
     assert_eq!(a["valid"], true, "{a}");
+    assert_eq!(cluster.node(skewed).status().clock.unwrap().refused, None);
+    let (code, body) = http_get(cluster.node(skewed), "/readyz").await;
+    assert_eq!(code, 200, "{body}");
 }

@@ -82,6 +82,20 @@ async fn a_fourth_node_joins_and_a_dead_one_is_removed_while_agents_stay_connect
         "the new node did not catch up"
     );
 
+    // The others know its clock (and would go on reporting it once it is removed).
+    let gauge = format!("agentreg_peer_clock_offset_seconds{{peer=\"{doomed}\"}}");
+    let reports = |metrics: &str| metrics.contains(&gauge);
+    wait_for("the others to know its clock", TIMEOUT, || async {
+        for n in &steady {
+            let (_, metrics) = http_get(cluster.node(*n), "/metrics").await;
+            if !reports(&metrics) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+
     tracing::info!("--- node {doomed} dies and is removed");
     cluster.crash(doomed).await;
     let v = admin
@@ -120,6 +134,28 @@ async fn a_fourth_node_joins_and_a_dead_one_is_removed_while_agents_stay_connect
         },
     )
     .await;
+    // Nor do the others go on reporting its clock (its last offset would stay in /metrics).
+    wait_for(
+        "the removed node's clock offset to leave /metrics",
+        TIMEOUT,
+        || async {
+            for n in cluster.nodes.keys() {
+                let (_, metrics) = http_get(cluster.node(*n), "/metrics").await;
+                if reports(&metrics) {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    for n in cluster.nodes.keys() {
+        let clock = cluster.node(*n).status().clock.expect("clock in status");
+        assert!(
+            !clock.peer_offsets_secs.contains_key(&doomed),
+            "node {n}: {clock:?}"
+        );
+    }
     // Writes go on, through the new node too, and the agents never left their sessions.
     let w = claim_ok(cluster.node(4), "after-membership-change").await;
     cluster.applied_everywhere(w.index).await;

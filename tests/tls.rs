@@ -541,3 +541,20 @@ fn a_restarted_node_resets_the_connections_of_its_previous_run() {
         "without the node's stable reset key the old connection lingers"
     );
 }
+
+/// Until when a node's certificate verifies: what `/metrics` and `agentreg status` report.
+#[test]
+fn a_certificate_is_valid_until_its_expiry() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let until = material().node_tls(1).unwrap().valid_until().unwrap();
+    // Dev certificates last ten years (365-day years).
+    let ten_years = 10 * 365 * 86_400;
+    assert!(
+        until.abs_diff(now + ten_years) < 120,
+        "valid until {until}, expected about {}",
+        now + ten_years
+    );
+}

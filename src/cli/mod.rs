@@ -316,16 +316,55 @@ async fn run_node(config: crate::config::NodeConfig) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "cannot handle SIGXFSZ");
     }
     let node = crate::node::Node::start(config, None).await?;
-    tokio::select! {
-        _ = shutdown_signal() => {
+    let mut reload = reload_signal();
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let fault = {
+        let fault = node.fault();
+        tokio::pin!(fault);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break None,
+                fault = &mut fault => break Some(fault),
+                // The outcome is logged; refused material leaves the node as it was.
+                Some(()) = reload.recv() => {
+                    let _ = node.reload_tls();
+                }
+            }
+        }
+    };
+    match fault {
+        None => {
             node.shutdown().await;
             Ok(())
         }
-        fault = node.fault() => {
+        Some(fault) => {
             node.halt().await;
             Err(anyhow::anyhow!("the node stopped on a fault: {fault}"))
         }
     }
+}
+
+/// Yields at each SIGHUP: reload the TLS files (see `Node::reload_tls`).
+fn reload_signal() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    // Signals that arrive while a reload is pending make one reload.
+                    let _ = tx.try_send(());
+                }
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP: TLS files reload only by themselves")
+        }
+    }
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
 }
 
 /// Resolves on SIGINT or SIGTERM.

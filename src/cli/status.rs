@@ -3,7 +3,7 @@
 use anyhow::Context;
 
 use super::{AdminArgs, AdminClient};
-use crate::node::{AdminRequest, NodeStatus};
+use crate::node::{AdminRequest, ClockStatus, NodeStatus};
 
 pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
     let client = AdminClient::new(args)?;
@@ -38,7 +38,7 @@ pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<4} {:<22} {:<10} {:<7} {:<6} {:>9} {:>9} {:<12} {:>7} {:>9} {:>12} {:>5} {:>7} {:>8} {:>7} {:>8}",
+        "{:<4} {:<22} {:<10} {:<7} {:<6} {:>9} {:>9} {:<12} {:>7} {:>9} {:>12} {:>5} {:>7} {:>8} {:>7} {:>8} {:>7}  CLOCK",
         "ID",
         "ADDRESS",
         "ROLE",
@@ -54,13 +54,14 @@ pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
         "AGENTS",
         "PINGS",
         "MISSED",
-        "EVICTED"
+        "EVICTED",
+        "CERT"
     );
     let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
     for (id, addr, s) in rows {
         match s {
             Ok(s) => println!(
-                "{:<4} {:<22} {:<10} {:<7} {:<6} {:>9} {:>9} {:<12} {:>7} {:>9} {:>12} {:>5} {:>7} {:>8} {:>7} {:>8}",
+                "{:<4} {:<22} {:<10} {:<7} {:<6} {:>9} {:>9} {:<12} {:>7} {:>9} {:>12} {:>5} {:>7} {:>8} {:>7} {:>8} {:>7}  {}",
                 id,
                 addr,
                 s.role,
@@ -76,10 +77,55 @@ pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
                 s.heartbeat.agents_connected,
                 s.heartbeat.pings_sent,
                 s.heartbeat.pings_missed,
-                s.heartbeat.evictions_committed
+                s.heartbeat.evictions_committed,
+                s.tls_valid_until.map_or("-".to_owned(), crate::node::time_left),
+                clock_cell(s.clock.as_ref())
             ),
             Err(e) => println!("{id:<4} {addr:<22} unreachable: {e}"),
         }
     }
     Ok(())
+}
+
+/// The CLOCK column: whether the node vouches for its clock, and its peer furthest off.
+fn clock_cell(clock: Option<&ClockStatus>) -> String {
+    let Some(clock) = clock else {
+        return "-".to_owned();
+    };
+    let widest = clock
+        .widest_offset_secs()
+        .map(|o| format!(" {o:+.3}s"))
+        .unwrap_or_default();
+    match &clock.refused {
+        None => format!("ok{widest}"),
+        Some(why) => format!("REFUSING{widest} ({why})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clock_column_says_whether_the_node_serves_and_how_far_off_its_peers_are() {
+        assert_eq!(
+            clock_cell(None),
+            "-",
+            "a node of a build before clock probes"
+        );
+        let mut clock = ClockStatus {
+            refused: None,
+            peer_offsets_secs: Default::default(),
+        };
+        assert_eq!(clock_cell(Some(&clock)), "ok");
+        clock.peer_offsets_secs.insert(2, 0.0042);
+        clock.peer_offsets_secs.insert(3, -0.0125);
+        assert_eq!(clock_cell(Some(&clock)), "ok -0.013s");
+        clock.peer_offsets_secs.insert(3, -7200.0);
+        clock.refused = Some("7200.0 s ahead of node 3's".into());
+        assert_eq!(
+            clock_cell(Some(&clock)),
+            "REFUSING -7200.000s (7200.0 s ahead of node 3's)"
+        );
+    }
 }

@@ -128,7 +128,7 @@ pub struct HeartbeatStats {
 }
 
 /// One node's view of itself and the cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub node_id: u64,
     pub cluster_id: String,
@@ -147,6 +147,13 @@ pub struct NodeStatus {
     pub members: Vec<MemberStatus>,
     pub tables: TableSizes,
     pub heartbeat: HeartbeatStats,
+    /// Its clock against its peers'; absent from nodes of builds before clock probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<super::ClockStatus>,
+    /// When its TLS certificate chain stops verifying, seconds since the Unix epoch; absent
+    /// from nodes of builds before TLS reloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_valid_until: Option<u64>,
 }
 
 pub(super) fn status(inner: &Inner) -> NodeStatus {
@@ -200,6 +207,8 @@ pub(super) fn status(inner: &Inner) -> NodeStatus {
                 evictions_committed: c.evictions_committed.load(Relaxed),
             }
         },
+        clock: Some(inner.clock.status(|| voters.len())),
+        tls_valid_until: Some(inner.tls.valid_until()),
     }
 }
 

@@ -56,6 +56,27 @@ pub(crate) struct Clock {
     gauges: OffsetGauges,
 }
 
+/// A node's clock in `agentreg status` (`NodeStatus::clock`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ClockStatus {
+    /// Why this node stamps no writes and judges no certificates (its agents are answered
+    /// `clock_skew`); absent while it does.
+    pub refused: Option<String>,
+    /// Each peer's clock minus this node's, in seconds, where a probe answered in the last
+    /// ten seconds.
+    pub peer_offsets_secs: BTreeMap<NodeId, f64>,
+}
+
+impl ClockStatus {
+    /// The peer offset furthest from zero, in seconds.
+    pub fn widest_offset_secs(&self) -> Option<f64> {
+        self.peer_offsets_secs
+            .values()
+            .copied()
+            .max_by(|a, b| a.abs().total_cmp(&b.abs()))
+    }
+}
+
 /// This node's clock is too far from its peers' to stamp a write or judge a certificate.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -114,6 +135,37 @@ impl Clock {
         };
         judge(&fresh, voters(), self.max_skew_ms)?;
         Ok(self.unix_millis() / 1000)
+    }
+
+    /// This node's clock as `agentreg status` shows it: whether it vouches for it now, and
+    /// the offsets of the peers' clocks measured in the last [`FRESH_FOR`].
+    pub(crate) fn status(&self, voters: impl Fn() -> usize) -> ClockStatus {
+        let refused = self.checked_secs(voters).err().map(|e| e.0);
+        let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        let peer_offsets_secs = samples
+            .iter()
+            .filter(|(_, (_, taken))| taken.elapsed() < FRESH_FOR)
+            .map(|(peer, (offset, _))| (*peer, *offset as f64 / 1000.0))
+            .collect();
+        ClockStatus {
+            refused,
+            peer_offsets_secs,
+        }
+    }
+
+    /// Drops what is known of peers that are no longer voters: their samples and their
+    /// gauges, which would otherwise stay in `/metrics` with their last value.
+    fn forget_all_but(&self, voters: &[NodeId]) {
+        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        samples.retain(|peer, _| {
+            let keep = voters.contains(peer);
+            if !keep {
+                self.gauges.remove(&PeerLabel {
+                    peer: peer.to_string(),
+                });
+            }
+            keep
+        });
     }
 
     fn record(&self, peer: NodeId, offset_ms: i64) {
@@ -181,6 +233,8 @@ pub(super) fn spawn_probes(inner: Arc<Inner>) {
                     .filter_map(|id| Some((id, membership.get_node(&id)?.addr.clone())))
                     .collect()
             };
+            let ids: Vec<NodeId> = peers.iter().map(|(id, _)| *id).collect();
+            inner.clock.forget_all_but(&ids);
             let probes = peers.iter().map(|(id, addr)| probe(&inner, *id, addr));
             futures::future::join_all(probes).await;
             inner.clock.asked.store(true, Ordering::Release);

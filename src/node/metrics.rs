@@ -103,6 +103,16 @@ const GAUGES: &[(&str, &str)] = &[
         "Revocations kept until their certificates expire",
     ),
     ("agentreg_signing_keys", "Keys in the signing keyring"),
+    (
+        "agentreg_tls_certificate_expiry_timestamp_seconds",
+        "When this node's TLS certificate chain stops verifying (the earliest expiry of the \
+         certificate and its intermediates), seconds since the Unix epoch",
+    ),
+    (
+        "agentreg_clock_refused",
+        "1 while this node stamps no writes and judges no certificates: its clock disagrees \
+         with its peers' (agents are answered clock_skew)",
+    ),
 ];
 
 fn latency_histogram() -> Histogram {
@@ -273,6 +283,14 @@ fn render(inner: &Inner) -> String {
     m.gauge("agentreg_sessions", sizes.sessions as u64);
     m.gauge("agentreg_revocations", sizes.revocations as u64);
     m.gauge("agentreg_signing_keys", sizes.keys as u64);
+    m.gauge(
+        "agentreg_tls_certificate_expiry_timestamp_seconds",
+        inner.tls.valid_until(),
+    );
+    m.gauge(
+        "agentreg_clock_refused",
+        u64::from(super::write::now_checked(inner).is_err()),
+    );
     let c = &inner.counters;
     Metrics::counter_to(&m.pings_sent, c.pings_sent.load(Relaxed));
     Metrics::counter_to(&m.pings_missed, c.pings_missed.load(Relaxed));
@@ -309,6 +327,11 @@ async fn readyz(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: draining for shutdown\n".to_owned(),
         );
+    }
+    // A node that cannot vouch for its clock answers its agents clock_skew: a load balancer
+    // should send them elsewhere.
+    if let Err(e) = super::write::now_checked(&inner) {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n"));
     }
     match tokio::time::timeout(Duration::from_secs(2), super::read::barrier(&inner)).await {
         Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),

@@ -23,6 +23,7 @@ mod metrics;
 mod peer_service;
 mod propose;
 mod read;
+mod tls_reload;
 mod write;
 
 use std::collections::BTreeMap;
@@ -39,8 +40,10 @@ pub use admin::{
     MemberStatus, NodeStatus, LIST_FRAME_ROWS,
 };
 pub use agent_service::close_code;
+pub use clock::ClockStatus;
 pub use duties::unix_now_f64;
 pub use read::ReadError;
+pub(crate) use tls_reload::left as time_left;
 pub use write::{WriteError, Written};
 
 use crate::config::{InitialClusterState, NodeConfig};
@@ -48,7 +51,7 @@ use crate::identity::Secret;
 use crate::raft::network::{PeerDialer, Peers};
 use crate::raft::types::{NodeId, Raft};
 use crate::raft::{DataDir, DataDirError, StateReader};
-use crate::transport::tls::{self, ConnectionKind, NodeTls, TlsFiles};
+use crate::transport::tls::{self, ConnectionKind, NodeTls, TlsError, TlsFiles};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -100,6 +103,9 @@ pub(crate) struct Inner {
     pub(crate) initial_secret: Option<Secret>,
     /// Checks that a peer connection comes from a node, not an operator.
     pub(crate) node_authority: tls::NodeAuthority,
+    /// The TLS material every connection from now on uses (see `tls_reload.rs`).
+    pub(crate) tls: Arc<tls::LiveTls>,
+    pub(crate) tls_files: tls_reload::Watched,
     /// Cancelled first when the node stops: no new agent connections or requests, in-flight
     /// requests finish (see [`Node::shutdown`]).
     pub(crate) draining: CancellationToken,
@@ -151,11 +157,16 @@ impl Node {
         socket: Option<std::net::UdpSocket>,
     ) -> Result<Node, NodeError> {
         let initial_secret = read_secret_file(&config)?;
-        let tls = NodeTls::load(&TlsFiles {
+        let files = TlsFiles {
             ca: config.tls.ca.clone(),
             cert: config.tls.cert.clone(),
             key: config.tls.key.clone(),
-        })?;
+        };
+        // Seen before they are read: a renewal written meanwhile is taken up at the first look.
+        let tls_files = tls_reload::Watched::seen(&files);
+        let tls = NodeTls::load(&files)?;
+        tls.check_node_certificate(&config.tls.server_name)?;
+        let live_tls = tls::LiveTls::new(&tls)?;
         let data = DataDir::open(&config.data_dir, &config.cluster_id, config.node_id)?;
         let pristine = data.pristine;
 
@@ -172,7 +183,7 @@ impl Node {
             // An agent may stay silent between pings for as long as it may stay silent at
             // all (agent_timeout): a large fleet need not send a keep-alive every few
             // seconds. Peers and operators ask for 10 s themselves.
-            Some(tls.server_config(config.heartbeat.agent_timeout().max(tls::IDLE_TIMEOUT))?),
+            Some(live_tls.server_config(config.heartbeat.agent_timeout().max(tls::IDLE_TIMEOUT))?),
             socket,
             Arc::new(quinn::TokioRuntime),
         )
@@ -180,10 +191,10 @@ impl Node {
             addr: config.listen,
             source,
         })?;
-        let node_authority = tls.node_authority(&config.tls.server_name)?;
+        let node_authority = live_tls.node_authority(&config.tls.server_name)?;
         let peers = Peers::new(PeerDialer {
             endpoint: endpoint.clone(),
-            client_config: tls.peer_client_config()?,
+            client_config: live_tls.peer_client_config()?,
             server_name: config.tls.server_name.clone(),
         });
 
@@ -243,6 +254,8 @@ impl Node {
             db: data.db,
             initial_secret,
             node_authority,
+            tls: live_tls,
+            tls_files,
             draining: CancellationToken::new(),
             requests: TaskTracker::new(),
             shutdown,
@@ -263,6 +276,7 @@ impl Node {
         duties::spawn(node.inner.clone());
         heartbeat::spawn(node.inner.clone());
         clock::spawn_probes(node.inner.clone());
+        tls_reload::spawn_watch(node.inner.clone());
         agent_service::spawn_session_closer(node.inner.clone(), session_ends);
 
         if pristine && node.inner.config.initial_cluster_state == InitialClusterState::New {
@@ -427,6 +441,18 @@ impl Node {
     #[doc(hidden)]
     pub fn shift_clock_for_tests(&self, ms: i64) {
         self.inner.clock.shift(ms);
+    }
+
+    /// Reads the TLS files named in the config again and uses them for every connection from
+    /// now on (what `agentreg node` does on SIGHUP); returns until when the new certificate
+    /// chain verifies, in seconds since the Unix epoch.
+    ///
+    /// # Errors
+    /// The files are unusable (see [`NodeTls::load`]) or the certificate is not a node
+    /// certificate for the cluster's server name; the node then goes on with the material
+    /// it has.
+    pub fn reload_tls(&self) -> Result<u64, TlsError> {
+        tls_reload::reload(&self.inner)
     }
 
     /// This node's view of itself and the cluster.

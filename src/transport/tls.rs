@@ -25,9 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use quinn::crypto::rustls::{
-    HandshakeData, NoInitialCipherSuite, QuicClientConfig, QuicServerConfig,
-};
+use quinn::crypto::rustls::{HandshakeData, NoInitialCipherSuite, QuicClientConfig};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
@@ -36,6 +34,9 @@ use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
 
 pub use super::devcerts::{generate_dev_material, write_dev_material, DevMaterial};
+pub use live::LiveTls;
+
+mod live;
 
 /// ALPN of agent connections (no client certificate).
 pub const ALPN_AGENT: &[u8] = b"agentreg/1";
@@ -200,6 +201,17 @@ pub enum TlsError {
         /// What the connection asked to be.
         kind: ConnectionKind,
     },
+    /// This node's own certificate would not be accepted by its peers as a node's: it
+    /// lacks serverAuth or the cluster's server name.
+    #[error("certificate in {cert} is not a node certificate for server name {name:?}: {source}")]
+    NotANodeCertificate {
+        /// Where the certificate came from.
+        cert: String,
+        /// The server name it must carry.
+        name: String,
+        /// Why verification as a server certificate failed.
+        source: rustls::Error,
+    },
     /// A peer connection presented a certificate of the cluster CA that is not a node's
     /// (an operator's, say): it lacks serverAuth or the cluster's server name.
     #[error("peer connection presented a certificate that is not a node certificate: {0}")]
@@ -224,6 +236,8 @@ pub struct NodeTls {
     roots: Arc<RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    /// Where the certificate came from, for errors.
+    cert_source: String,
 }
 
 impl Clone for NodeTls {
@@ -233,6 +247,7 @@ impl Clone for NodeTls {
             roots: self.roots.clone(),
             chain: self.chain.clone(),
             key: self.key.clone_key(),
+            cert_source: self.cert_source.clone(),
         }
     }
 }
@@ -348,7 +363,63 @@ impl NodeTls {
             roots,
             chain,
             key: private_key,
+            cert_source: cert.1.to_owned(),
         })
+    }
+
+    /// Checks that peers will take this certificate for a node's: valid as a server
+    /// certificate for `server_name` (serverAuth and the name), not only as a client's.
+    ///
+    /// # Errors
+    /// [`TlsError::NotANodeCertificate`], or [`TlsError::Config`] for an invalid name.
+    pub fn check_node_certificate(&self, server_name: &str) -> Result<(), TlsError> {
+        let authority = self.node_authority(server_name)?;
+        let (leaf, intermediates) = self.chain.split_first().expect("parse requires a leaf");
+        authority
+            .verifier
+            .verify_server_cert(leaf, intermediates, &authority.name, &[], UnixTime::now())
+            .map(|_| ())
+            .map_err(|source| TlsError::NotANodeCertificate {
+                cert: self.cert_source.clone(),
+                name: server_name.to_owned(),
+                source,
+            })
+    }
+
+    /// Until when the certificate chain verifies, in seconds since the Unix epoch: the
+    /// earliest expiry of the certificate and its intermediates (found by verifying it at
+    /// later and later times, as a peer would then). 0 if it does not verify now.
+    ///
+    /// # Errors
+    /// [`TlsError::Verifier`] if the verifier cannot be built (not expected for material
+    /// that was loaded).
+    pub fn valid_until(&self) -> Result<u64, TlsError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+                .build()?;
+        let (leaf, intermediates) = self.chain.split_first().expect("parse requires a leaf");
+        let verifies = |secs: u64| {
+            let at = UnixTime::since_unix_epoch(Duration::from_secs(secs));
+            verifier.verify_client_cert(leaf, intermediates, at).is_ok()
+        };
+        let now = UnixTime::now().as_secs();
+        if !verifies(now) {
+            return Ok(0);
+        }
+        // Valid from `now` to the expiry and not after: search the boundary.
+        let (mut valid, mut invalid) = (now, now + (1 << 32));
+        if verifies(invalid) {
+            return Ok(invalid);
+        }
+        while invalid - valid > 1 {
+            let mid = valid + (invalid - valid) / 2;
+            if verifies(mid) {
+                valid = mid;
+            } else {
+                invalid = mid;
+            }
+        }
+        Ok(valid)
     }
 
     /// What tells node certificates apart on peer connections (see [`NodeAuthority`]).
@@ -356,18 +427,12 @@ impl NodeTls {
     /// # Errors
     /// `server_name` is not a valid DNS name or IP address, or the verifier cannot be built.
     pub fn node_authority(&self, server_name: &str) -> Result<NodeAuthority, TlsError> {
-        let name =
-            rustls::pki_types::ServerName::try_from(server_name.to_owned()).map_err(|_| {
-                TlsError::Config(rustls::Error::General(format!(
-                    "invalid server name {server_name:?}"
-                )))
-            })?;
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             self.roots.clone(),
             self.provider.clone(),
         )
         .build()?;
-        Ok(NodeAuthority { verifier, name })
+        NodeAuthority::new(verifier, server_name)
     }
 
     /// Server side of a node, serving all three ALPNs.
@@ -386,26 +451,7 @@ impl NodeTls {
     /// `idle` is the longest silence the node accepts on a connection; the dialling side
     /// may ask for less (QUIC uses the smaller of the two), and peers and operators do.
     pub fn server_config(&self, idle: Duration) -> Result<quinn::ServerConfig, TlsError> {
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
-                .allow_unauthenticated()
-                .build()?;
-        let mut tls = rustls::ServerConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
-        tls.alpn_protocols = vec![ALPN_AGENT.to_vec(), ALPN_PEER.to_vec(), ALPN_ADMIN.to_vec()];
-        // `max_early_data_size` stays 0: 0-RTT data can be replayed, which is a
-        // poor fit for registry writes.
-        let quic = QuicServerConfig::try_from(tls)?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        // The node sends no keep-alives of its own: the dialling side (agent, peer,
-        // operator) keeps a connection alive. With tens of thousands of agents, a
-        // per-connection keep-alive from the node would be most of its traffic.
-        // Every connection starts with an agent's stream limit; peer and operator connections
-        // are widened once their ALPN and certificate are known (`widen_streams`).
-        config.transport_config(transport(Duration::ZERO, idle, AGENT_BIDI_STREAMS));
-        Ok(config)
+        LiveTls::new(self)?.server_config(idle)
     }
 
     /// Client config a node uses to dial peers: presents its own certificate,
@@ -418,7 +464,7 @@ impl NodeTls {
     /// [`TlsError::Config`] or [`TlsError::Quic`] if rustls or quinn refuse
     /// the material.
     pub fn peer_client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
-        self.mutual_client_config(ALPN_PEER)
+        LiveTls::new(self)?.peer_client_config()
     }
 
     /// Client config for the operator CLI: presents the operator certificate,
@@ -579,6 +625,19 @@ pub struct NodeAuthority {
 }
 
 impl NodeAuthority {
+    fn new(
+        verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+        server_name: &str,
+    ) -> Result<NodeAuthority, TlsError> {
+        let name =
+            rustls::pki_types::ServerName::try_from(server_name.to_owned()).map_err(|_| {
+                TlsError::Config(rustls::Error::General(format!(
+                    "invalid server name {server_name:?}"
+                )))
+            })?;
+        Ok(NodeAuthority { verifier, name })
+    }
+
     /// Checks that the client certificate of `conn` is a node certificate.
     ///
     /// # Errors

@@ -16,6 +16,7 @@ use agentreg::registry::{ClaimArgs, Command, Op, Outcome, Tables};
 use agentreg::transport::tls;
 
 pub mod faultnet;
+pub mod pki;
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -126,6 +127,7 @@ impl TestCluster {
                     cert: tls_dir.join(format!("node{id}.pem")),
                     key: tls_dir.join(format!("node{id}.key")),
                     server_name: tls::DEFAULT_SERVER_NAME.into(),
+                    reload_check_secs: 60,
                 },
                 raft: opts.raft.clone(),
                 identity: IdentityConfig {

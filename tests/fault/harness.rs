@@ -151,6 +151,16 @@ impl Cluster {
         }
     }
 
+    /// SIGHUP: the node reloads its TLS files.
+    pub fn hang_up(&self, id: u64) {
+        self.signal(id, "-HUP");
+    }
+
+    /// The dev TLS material every node was started with (`ca.pem`, `node<ID>.pem`, ...).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.path.join("tls")
+    }
+
     /// SIGSTOP: the process stays, silent.
     pub fn pause(&mut self, id: u64) {
         self.signal(id, "-STOP");

@@ -11,6 +11,8 @@
 mod checker;
 #[path = "../common/faultnet.rs"]
 mod faultnet;
+// Shared with tests/disk_fault.rs and tests/sighup.rs, which use parts this run does not.
+#[allow(dead_code)]
 mod harness;
 mod history;
 mod workload;
