@@ -130,6 +130,26 @@ impl Default for IdentityConfig {
     }
 }
 
+/// Limits on what one source may ask of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Claims this node accepts per hour from one address (an IPv6 /64 counts as one); 0:
+    /// no limit. Each node counts its own.
+    pub claims_per_hour_per_address: u64,
+    /// Claims one address may send at once before the hourly rate applies.
+    pub claim_burst: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            claims_per_hour_per_address: 0,
+            claim_burst: 20,
+        }
+    }
+}
+
 /// How a node watches its agents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -221,6 +241,8 @@ pub struct NodeConfig {
     pub heartbeat: HeartbeatConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// Threads of the node's async runtime; one per core when absent. Nodes that share a
     /// machine's cores (a test or dev cluster, a benchmark) waste fewer wake-ups with one.
     #[serde(default)]
@@ -343,6 +365,12 @@ impl NodeConfig {
             return Err(format!(
                 "tls.reload_check_secs ({}) must be at most 86400 (0: only on SIGHUP)",
                 self.tls.reload_check_secs
+            ));
+        }
+        let burst = self.limits.claim_burst;
+        if !(1..=1_000_000).contains(&burst) {
+            return Err(format!(
+                "limits.claim_burst ({burst}) must be between 1 and 1000000"
             ));
         }
         let skew = self.identity.max_clock_skew_ms;
@@ -509,6 +537,11 @@ key = "tls/node1.key"
         assert!(e.contains("certificate_ttl_hours"), "{e}");
         let e = err(&format!("{GOOD}\n[identity]\nmax_clock_skew_ms = 0\n"));
         assert!(e.contains("max_clock_skew_ms"), "{e}");
+        let e = err(&format!("{GOOD}\n[limits]\nclaim_burst = 0\n"));
+        assert!(e.contains("limits.claim_burst"), "{e}");
+        // GOOD ends in its [tls] table.
+        let e = err(&format!("{GOOD}reload_check_secs = 86401\n"));
+        assert!(e.contains("reload_check_secs"), "{e}");
         let e = err(&format!(
             "{GOOD}\n[heartbeat]\ninterval_ms = 1000\nagent_timeout_ms = 1000\n"
         ));

@@ -197,10 +197,9 @@ impl Connector {
                 .and_then(Value::as_str)
                 .unwrap_or("request refused");
             let code = m.get("code").and_then(Value::as_str);
-            Err(ClientError::Refused(Refusal::new(
-                ErrorCode::of_answer(code, error),
-                error,
-            )))
+            let mut refusal = Refusal::new(ErrorCode::of_answer(code, error), error);
+            refusal.retry_after_ms = m.get("retry_after_ms").and_then(Value::as_u64);
+            Err(ClientError::Refused(refusal))
         }
     }
 

@@ -11,6 +11,7 @@ use futures::{FutureExt, StreamExt};
 use serde_json::{json, Map, Value};
 use tokio_util::task::TaskTracker;
 
+use super::limits::Source;
 use super::{read, write, Inner};
 use crate::identity::Certificate;
 use crate::proto::agent::{
@@ -33,6 +34,7 @@ pub mod close_code {
 pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
     let (conn_id, conn_requests) = inner.conns.add(conn.clone());
     let remote = conn.remote_address();
+    let source = Source::of(remote.ip());
     tracing::debug!(%remote, conn_id, "agent connected");
     // The connection's requests run inside this task, side by side, not as tasks of their
     // own: a spawn per request (copying its future to the heap and scheduling it, often on
@@ -71,7 +73,8 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
             async move {
                 // A request that panics must not take its neighbours on the connection (or the
                 // cleanup below) with it, as it could not when it was a task of its own.
-                let served = AssertUnwindSafe(serve_stream(&inner, conn_id, refusal, send, recv));
+                let served =
+                    AssertUnwindSafe(serve_stream(&inner, conn_id, source, refusal, send, recv));
                 if served.catch_unwind().await.is_err() {
                     tracing::error!(conn_id, "an agent request panicked; its stream was dropped");
                 }
@@ -110,6 +113,7 @@ async fn evict_after_disconnect(inner: &Inner, conn_id: u64, agent_id: &str) {
 async fn serve_stream(
     inner: &Inner,
     conn_id: u64,
+    source: Source,
     refusal: Option<(ErrorCode, &'static str)>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -128,7 +132,7 @@ async fn serve_stream(
                         Some((code, e)) if !matches!(req, AgentRequest::PingAgent { .. }) => {
                             Err(Refusal::new(code, e))
                         }
-                        _ => handle(inner, conn_id, req).await,
+                        _ => handle(inner, conn_id, source, req).await,
                     };
                     inner
                         .metrics
@@ -173,7 +177,12 @@ fn fields(v: Value) -> Fields {
 
 use write::commit;
 
-async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields, Refusal> {
+async fn handle(
+    inner: &Inner,
+    conn_id: u64,
+    source: Source,
+    req: AgentRequest,
+) -> Result<Fields, Refusal> {
     let conn = ConnRef {
         node_id: inner.id,
         conn_id,
@@ -186,6 +195,20 @@ async fn handle(inner: &Inner, conn_id: u64, req: AgentRequest) -> Result<Fields
             certificate,
             claim_token,
         } => {
+            inner.claim_limits.admit(source).map_err(|limited| {
+                inner.metrics.claims_limited.inc();
+                let wait = limited.retry_after;
+                Refusal::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "too many claims from {source}: at most {} an hour from one address \
+                         ([limits] claims_per_hour_per_address); try again in {:.1} s",
+                        inner.config.limits.claims_per_hour_per_address,
+                        wait.as_secs_f64()
+                    ),
+                )
+                .retry_after(wait)
+            })?;
             let claim = ClaimArgs {
                 agent_id: agent_id.clone(),
                 ttl_secs: inner.config.certificate_ttl_secs(),

@@ -52,6 +52,8 @@ pub(crate) struct Metrics {
     forwarding: Forwarding,
     read_index: ReadIndex,
     clock_offsets: super::clock::OffsetGauges,
+    /// Claims refused for their source's rate (`limits.rs`).
+    pub(crate) claims_limited: Counter,
 }
 
 /// Counters of the writes a follower forwards to the leader: calls below writes means the
@@ -184,6 +186,10 @@ impl Metrics {
                 "Rounds that fetched one for them (a leadership confirmation or a call to the leader)",
             ),
         };
+        let claims_limited = counter(
+            "agentreg_claims_rate_limited",
+            "Claims refused because their source address was over [limits] claims_per_hour_per_address",
+        );
         let clock_offsets = super::clock::OffsetGauges::default();
         registry.register(
             "agentreg_peer_clock_offset_seconds",
@@ -191,6 +197,7 @@ impl Metrics {
             clock_offsets.clone(),
         );
         Metrics {
+            claims_limited,
             registry,
             requests,
             latency,

@@ -19,6 +19,7 @@ mod connections;
 mod duties;
 mod forward;
 mod heartbeat;
+mod limits;
 mod metrics;
 mod peer_service;
 mod propose;
@@ -118,6 +119,8 @@ pub(crate) struct Inner {
     pub(crate) fault: tokio::sync::watch::Sender<Option<String>>,
     /// The wall clock, and how far it is from the peers' (see `clock.rs`).
     pub(crate) clock: clock::Clock,
+    /// Claims per source address (see `limits.rs`).
+    pub(crate) claim_limits: limits::ClaimLimits,
 }
 
 impl Inner {
@@ -228,6 +231,7 @@ impl Node {
         let shutdown = CancellationToken::new();
         let metrics = metrics::Metrics::new();
         let clock = clock::Clock::new(config.identity.max_clock_skew_ms, metrics.clock_offsets());
+        let claim_limits = limits::ClaimLimits::new(&config.limits);
         let inner = Arc::new(Inner {
             id: config.node_id,
             proposer: propose::Proposer::start(
@@ -262,6 +266,7 @@ impl Node {
             tasks: TaskTracker::new(),
             fault: tokio::sync::watch::Sender::new(None),
             clock,
+            claim_limits,
         });
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(l) = metrics_listener {

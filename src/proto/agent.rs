@@ -94,6 +94,9 @@ pub enum ErrorCode {
     /// The node's clock is too far from its peers' for it to stamp a write or judge a
     /// certificate: nothing was done; send the request to another node.
     ClockSkew,
+    /// Too many claims from this address (`[limits]`): nothing was done; wait
+    /// `retry_after_ms`.
+    RateLimited,
     Internal,
     /// Not sent by nodes: a code this build does not know (from a newer node), or an answer
     /// without one whose text says nothing this build acts on (a node before codes).
@@ -131,6 +134,7 @@ impl ErrorCode {
         (ErrorCode::ShuttingDown, "shutting_down"),
         (ErrorCode::ConnectionClosing, "connection_closing"),
         (ErrorCode::ClockSkew, "clock_skew"),
+        (ErrorCode::RateLimited, "rate_limited"),
         (ErrorCode::Internal, "internal"),
     ];
 
@@ -215,6 +219,8 @@ impl std::fmt::Display for ErrorCode {
 pub struct Refusal {
     pub code: ErrorCode,
     pub error: String,
+    /// How long to wait before sending the request again (`rate_limited`), milliseconds.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl Refusal {
@@ -222,7 +228,16 @@ impl Refusal {
         Refusal {
             code,
             error: error.into(),
+            retry_after_ms: None,
         }
+    }
+
+    /// The refusal, saying when the request may be sent again.
+    #[must_use]
+    pub fn retry_after(mut self, wait: std::time::Duration) -> Refusal {
+        // Rounded up: an agent that waits as long as it is told is not refused again.
+        self.retry_after_ms = Some(wait.as_micros().div_ceil(1000) as u64);
+        self
     }
 }
 
@@ -576,6 +591,9 @@ pub fn error_response(
     let mut m = response(command, request_id, false);
     m.insert("code".into(), refusal.code.as_str().into());
     m.insert("error".into(), refusal.error.as_str().into());
+    if let Some(ms) = refusal.retry_after_ms {
+        m.insert("retry_after_ms".into(), ms.into());
+    }
     Value::Object(m).to_string().into_bytes()
 }
 

@@ -52,6 +52,7 @@ pub struct Options {
     /// Extra nodes prepared (certificate, port, config with initial_cluster_state =
     /// "existing") but not started: see `start_spare`.
     pub spares: u64,
+    pub limits: agentreg::config::LimitsConfig,
 }
 
 impl Default for Options {
@@ -74,6 +75,7 @@ impl Default for Options {
             faults: false,
             hmac_secret: None,
             spares: 0,
+            limits: Default::default(),
         }
     }
 }
@@ -138,6 +140,7 @@ impl TestCluster {
                 metrics: agentreg::config::MetricsConfig {
                     listen: Some("127.0.0.1:0".parse().unwrap()),
                 },
+                limits: opts.limits.clone(),
                 worker_threads: None,
             };
             c.validate().expect("valid test config");
@@ -435,7 +438,12 @@ impl TestCluster {
 
     /// A raw QUIC connection to node `id` speaking ALPN agentreg/1.
     pub async fn raw(&self, id: u64) -> RawAgent {
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        self.raw_from(id, "127.0.0.1").await
+    }
+
+    /// [`TestCluster::raw`] from the loopback address `from` (a node sees another source).
+    pub async fn raw_from(&self, id: u64, from: &str) -> RawAgent {
+        let mut endpoint = quinn::Endpoint::client(format!("{from}:0").parse().unwrap()).unwrap();
         endpoint.set_default_client_config(tls::agent_client_config(&self.ca_pem()).unwrap());
         let conn = endpoint
             .connect(self.addrs[&id], tls::DEFAULT_SERVER_NAME)
