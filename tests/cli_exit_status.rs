@@ -157,3 +157,69 @@ async fn lists_print_every_row_as_a_table_or_one_json_array() {
     assert_eq!(out.status.code(), Some(0), "{}", said(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "[]\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_names_the_member_that_does_not_serve_and_exits_5() {
+    let (mut cluster, _) = TestCluster::ready(Options::default()).await;
+    let admin = cluster.admin_args();
+    let endpoints = admin.endpoints.join(",");
+    let tls = operator_tls(&admin);
+    let health = [&["health", "--json", "--endpoints", &endpoints][..], &tls].concat();
+    // The verdict on member `id` in a `health --json` answer.
+    let row = |out: &Output, id: u64| -> serde_json::Value {
+        let rows: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", said(out)));
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no row for node {id}: {}", said(out)))
+    };
+
+    let out = agentreg(&health).await;
+    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+    for id in 1..=3 {
+        assert_eq!(row(&out, id)["healthy"], true, "{}", said(&out));
+    }
+
+    // A node whose clock is off does not serve: it is named, with why, and the others are
+    // healthy.
+    let skewed = cluster.follower().await;
+    cluster.node(skewed).shift_clock_for_tests(2 * 86_400_000);
+    let out = wait_for("health to see the clock", TIMEOUT, || async {
+        let out = agentreg(&health).await;
+        (out.status.code() == Some(5)).then_some(out)
+    })
+    .await;
+    let bad = row(&out, skewed);
+    assert_eq!(bad["healthy"], false);
+    assert!(
+        bad["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("cannot vouch for its clock"),
+        "{}",
+        said(&out)
+    );
+    for id in cluster.others(skewed) {
+        assert_eq!(row(&out, id)["healthy"], true, "{}", said(&out));
+    }
+    cluster.node(skewed).shift_clock_for_tests(0);
+
+    // A node down is named unreachable; the table says so too.
+    cluster.crash(skewed).await;
+    let table = [&["health", "--endpoints", &endpoints][..], &tls].concat();
+    let out = agentreg(&table).await;
+    assert_eq!(out.status.code(), Some(5), "{}", said(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(&skewed.to_string()))
+        .unwrap_or_else(|| panic!("{}", said(&out)));
+    assert!(
+        line.contains("unhealthy") && line.contains("unreachable"),
+        "{}",
+        said(&out)
+    );
+}

@@ -4,6 +4,7 @@
 mod admin_client;
 mod agent;
 mod dev;
+mod health;
 mod keys;
 pub mod logging;
 mod members;
@@ -139,6 +140,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check every member serves (quorum, clock, certificate) and their tables agree; exit
+    /// status 5 if not.
+    Health {
+        #[command(flatten)]
+        conn: AdminArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// How the operator reaches the cluster.
@@ -198,6 +208,8 @@ pub mod exit {
     /// The cluster could not answer: no node reachable, no quorum, stopping, or the outcome
     /// of a write is unknown. Worth retrying later.
     pub const UNAVAILABLE: i32 = 4;
+    /// `health`: some member does not serve, or the members' tables disagree.
+    pub const UNHEALTHY: i32 = 5;
 }
 
 /// The exit status for a command that failed with `e`.
@@ -274,6 +286,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             base_port,
         } => dev::cluster(&dir, nodes, base_port),
         Command::Status { conn, json } => status::run(&conn, json).await,
+        Command::Health { conn, json } => health::run(&conn, json).await,
         Command::Snapshot { command } => snapshot::run(command).await,
         Command::Agent { conn, command } => agent::run(&conn, command).await,
         Command::Keys {

@@ -5,14 +5,18 @@ use anyhow::Context;
 use super::{AdminArgs, AdminClient};
 use crate::node::{AdminRequest, ClockStatus, NodeStatus};
 
-pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
-    let client = AdminClient::new(args)?;
+/// Every member's status, or why it gave none: (id, address, status), in id order. The
+/// members are those of the first endpoint that answers.
+pub(super) async fn members(
+    client: &AdminClient,
+    args: &AdminArgs,
+) -> anyhow::Result<Vec<(u64, String, Result<NodeStatus, String>)>> {
     let (_, first) = client
         .call_any(&args.endpoints, &AdminRequest::Status)
         .await?;
     let first: NodeStatus =
         serde_json::from_value(first["status"].clone()).context("malformed status")?;
-    let mut rows: Vec<(u64, String, Result<NodeStatus, String>)> = Vec::new();
+    let mut rows = Vec::new();
     for m in &first.members {
         let status = if m.id == first.node_id {
             Ok(first.clone())
@@ -25,7 +29,14 @@ pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
         };
         rows.push((m.id, m.addr.clone(), status));
     }
+    Ok(rows)
+}
+
+pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
+    let client = AdminClient::new(args)?;
+    let rows = members(&client, args).await;
     client.close().await;
+    let rows = rows?;
     if json {
         let out: Vec<serde_json::Value> = rows
             .iter()

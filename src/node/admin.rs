@@ -30,6 +30,8 @@ pub const MAX_ADMIN_FRAME: usize = 4 * 1024 * 1024;
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum AdminRequest {
     Status,
+    /// Whether the node serves, and what an operator should look at (`agentreg health`).
+    Health,
     /// The signing keys: id, state, creation time (never the secrets).
     KeysList,
     /// Make a fresh key (from the OS random source) the active signing key.
@@ -154,6 +156,48 @@ pub struct NodeStatus {
     /// from nodes of builds before TLS reloads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_valid_until: Option<u64>,
+}
+
+/// What `agentreg health` reports of one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHealth {
+    /// Whether it serves agents: part of a quorum and caught up, its clock trusted, not
+    /// stopping (what `/readyz` answers).
+    pub ready: bool,
+    /// Why not, and what will soon stop it (a certificate about to expire), in words.
+    pub problems: Vec<String>,
+}
+
+/// Whether the node serves agents (see [`NodeHealth::ready`]); why not, if not.
+pub(super) async fn readiness(inner: &Inner) -> Result<(), String> {
+    if inner.draining.is_cancelled() {
+        return Err("draining for shutdown".to_owned());
+    }
+    // A node that cannot vouch for its clock answers its agents clock_skew.
+    super::write::now_checked(inner).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        super::read::barrier(inner),
+    )
+    .await
+    {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no quorum within 2s".to_owned()),
+    }
+}
+
+async fn health(inner: &Inner) -> NodeHealth {
+    let mut problems = Vec::new();
+    let ready = readiness(inner).await.map_err(|e| problems.push(e)).is_ok();
+    let until = inner.tls.valid_until();
+    if super::tls_reload::expires_soon(until) {
+        problems.push(format!(
+            "its TLS certificate expires in {}",
+            super::time_left(until)
+        ));
+    }
+    NodeHealth { ready, problems }
 }
 
 pub(super) fn status(inner: &Inner) -> NodeStatus {
@@ -344,6 +388,7 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
     }
     match req {
         AdminRequest::Status => json!({"success": true, "status": status(inner)}),
+        AdminRequest::Health => json!({"success": true, "health": health(inner).await}),
         AdminRequest::AgentsList { only, .. } => {
             let tables = tables(inner);
             let (agents, more) = only.pick(&tables.sessions, agent_info);

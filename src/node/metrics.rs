@@ -329,24 +329,9 @@ async fn healthz(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
 }
 
 async fn readyz(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
-    if inner.draining.is_cancelled() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: draining for shutdown\n".to_owned(),
-        );
-    }
-    // A node that cannot vouch for its clock answers its agents clock_skew: a load balancer
-    // should send them elsewhere.
-    if let Err(e) = super::write::now_checked(&inner) {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n"));
-    }
-    match tokio::time::timeout(Duration::from_secs(2), super::read::barrier(&inner)).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),
-        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no quorum within 2s\n".to_owned(),
-        ),
+    match super::admin::readiness(&inner).await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
     }
 }
 

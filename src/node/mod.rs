@@ -38,7 +38,7 @@ use tokio_util::task::TaskTracker;
 
 pub use admin::{
     admin_code, AdminRequest, AgentInfo, ClaimInfo, HeartbeatStats, KeyInfo, ListFilter, ListFrame,
-    MemberStatus, NodeStatus, LIST_FRAME_ROWS,
+    MemberStatus, NodeHealth, NodeStatus, LIST_FRAME_ROWS,
 };
 pub use agent_service::close_code;
 pub use clock::ClockStatus;

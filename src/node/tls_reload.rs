@@ -118,9 +118,7 @@ pub(super) fn spawn_watch(inner: Arc<Inner>) {
                 }
             }
             let until = inner.tls.valid_until();
-            let soon =
-                until.saturating_sub(super::duties::unix_now_f64() as u64) < WARN_BEFORE_SECS;
-            if soon && warned.is_none_or(|w| w.elapsed() >= WARN_EVERY) {
+            if expires_soon(until) && warned.is_none_or(|w| w.elapsed() >= WARN_EVERY) {
                 warned = Some(tokio::time::Instant::now());
                 tracing::warn!(
                     cert = %inner.config.tls.cert.display(),
@@ -131,6 +129,11 @@ pub(super) fn spawn_watch(inner: Arc<Inner>) {
             }
         }
     });
+}
+
+/// Whether a certificate valid until `until` (seconds since the Unix epoch) is warned about.
+pub(super) fn expires_soon(until: u64) -> bool {
+    until.saturating_sub(super::duties::unix_now_f64() as u64) < WARN_BEFORE_SECS
 }
 
 /// How long until `until` (seconds since the Unix epoch), as an operator reads it.
