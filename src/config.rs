@@ -139,6 +139,11 @@ pub struct LimitsConfig {
     pub claims_per_hour_per_address: u64,
     /// Claims one address may send at once before the hourly rate applies.
     pub claim_burst: u64,
+    /// Agent connections this node holds at most; 0: no limit.
+    pub max_agent_connections: u64,
+    /// Agent connections this node holds at most from one address (an IPv6 /64 counts as
+    /// one); 0: no limit.
+    pub max_agent_connections_per_address: u64,
 }
 
 impl Default for LimitsConfig {
@@ -146,6 +151,8 @@ impl Default for LimitsConfig {
         LimitsConfig {
             claims_per_hour_per_address: 0,
             claim_burst: 20,
+            max_agent_connections: 200_000,
+            max_agent_connections_per_address: 0,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The `agentreg` command as scripts read it (docs/operations.md): its exit status (0 done,
 //! 1 refused on its merits, 3 `agent validate` found the certificate invalid, 4 the cluster
-//! could not answer, worth retrying later) and its lists, as a table or JSON. The binary
-//! runs against an in-process cluster.
+//! could not answer, worth retrying later, 5 `health` found a member that does not serve)
+//! and its lists, as a table or JSON. The binary runs against an in-process cluster.
 
 mod common;
 

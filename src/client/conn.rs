@@ -128,9 +128,9 @@ impl Connector {
         };
         let bytes = agent::request(command, Some(json!(id)), fields);
         match self.exchange(&conn, &bytes, id, deadline).await {
-            // The node was draining when this connection arrived and closed it unread.
+            // The node was draining or full when this connection arrived and closed it unread.
             Err(ClientError::Failed(_)) if closed_unread(&conn) => {
-                tracing::debug!("the node closed the connection unread (stopping); sending the request on the next connection");
+                tracing::debug!("the node closed the connection unread (stopping or full); sending the request on the next connection");
                 let conn = self.ensure().await?;
                 self.exchange(&conn, &bytes, id, deadline).await
             }
@@ -212,14 +212,16 @@ impl Connector {
     }
 }
 
-/// Whether a stopping node closed `conn` before reading anything on it (see
-/// [`agent::NOT_SERVED_REASON`]).
+/// Whether the node closed `conn` before reading anything on it: it was stopping (see
+/// [`agent::NOT_SERVED_REASON`]) or at its limit of agent connections (`BUSY`).
 fn closed_unread(conn: &quinn::Connection) -> bool {
+    use crate::node::close_code::{BUSY, SHUTTING_DOWN};
     matches!(
         conn.close_reason(),
         Some(quinn::ConnectionError::ApplicationClosed(c))
-            if c.error_code == quinn::VarInt::from_u32(crate::node::close_code::SHUTTING_DOWN)
-                && c.reason.as_ref() == agent::NOT_SERVED_REASON.as_bytes()
+            if (c.error_code == quinn::VarInt::from_u32(SHUTTING_DOWN)
+                && c.reason.as_ref() == agent::NOT_SERVED_REASON.as_bytes())
+                || c.error_code == quinn::VarInt::from_u32(BUSY)
     )
 }
 

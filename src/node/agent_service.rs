@@ -29,12 +29,28 @@ pub mod close_code {
     pub const REVOKED: u32 = 0x101;
     pub const EVICTED: u32 = 0x102;
     pub const SHUTTING_DOWN: u32 = 0x103;
+    /// The node holds as many agent connections as it may (in all, or from the agent's
+    /// address): nothing on the connection was read; connect to another node.
+    pub const BUSY: u32 = 0x104;
 }
 
 pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
-    let (conn_id, conn_requests) = inner.conns.add(conn.clone());
     let remote = conn.remote_address();
     let source = Source::of(remote.ip());
+    // Held while the connection is served: it counts against the limits until then.
+    let _admitted = match inner.conn_limits.admit(source) {
+        Ok(admitted) => admitted,
+        Err(full) => {
+            inner.metrics.connections_refused.inc();
+            tracing::debug!(%remote, reason = full.reason(), "agent connection refused");
+            conn.close(
+                quinn::VarInt::from_u32(close_code::BUSY),
+                full.reason().as_bytes(),
+            );
+            return;
+        }
+    };
+    let (conn_id, conn_requests) = inner.conns.add(conn.clone());
     tracing::debug!(%remote, conn_id, "agent connected");
     // The connection's requests run inside this task, side by side, not as tasks of their
     // own: a spawn per request (copying its future to the heap and scheduling it, often on

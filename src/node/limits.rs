@@ -1,4 +1,7 @@
-//! Claims per source address: `[limits] claims_per_hour_per_address`.
+//! What one source may ask of a node (`[limits]`): claims per hour, and agent connections
+//! (see [`ConnectionLimits`]).
+//!
+//! Claims per source address: `claims_per_hour_per_address`.
 //!
 //! Every claim is an entry in the log and, for a new id, a row kept for the certificate's
 //! lifetime (a day by default), so one client that claims ids as fast as it can grows every
@@ -136,6 +139,117 @@ impl ClaimLimits {
     }
 }
 
+/// Agent connections this node holds, in all (`max_agent_connections`) and per source
+/// address (`max_agent_connections_per_address`). Each connection costs tens of kilobytes
+/// (quinn's state, its streams), so without a bound a flood of connections, from one
+/// address or many, would take the node's memory and every agent on it with it. A
+/// connection over a limit is closed unread with `close_code::BUSY`, and the agent connects
+/// to another node.
+pub(crate) struct ConnectionLimits {
+    max_total: usize,
+    max_per_source: usize,
+    held: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    total: usize,
+    /// Only while a limit per source is set; sources with no connection are removed.
+    per_source: HashMap<Source, usize>,
+    /// Whether the node is at its total limit (warned once per time it gets there).
+    full: bool,
+}
+
+/// Why a connection was refused; its text is the close reason the agent reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Full {
+    Node,
+    Source,
+}
+
+impl Full {
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Full::Node => {
+                "node at its limit of agent connections; nothing on this connection was read; \
+                 connect to another node"
+            }
+            Full::Source => {
+                "too many connections from this address; nothing on this connection was read; \
+                 connect to another node"
+            }
+        }
+    }
+}
+
+/// A connection counted against the limits until dropped.
+pub(crate) struct Admitted<'a> {
+    limits: &'a ConnectionLimits,
+    source: Source,
+}
+
+impl ConnectionLimits {
+    pub(crate) fn new(config: &LimitsConfig) -> ConnectionLimits {
+        let limit = |n: u64| match n {
+            0 => usize::MAX,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        ConnectionLimits {
+            max_total: limit(config.max_agent_connections),
+            max_per_source: limit(config.max_agent_connections_per_address),
+            held: Mutex::default(),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a new connection from `source`, unless a limit is reached.
+    pub(crate) fn admit(&self, source: Source) -> Result<Admitted<'_>, Full> {
+        let mut held = self.held();
+        if held.total >= self.max_total {
+            if !held.full {
+                held.full = true;
+                tracing::warn!(
+                    max_agent_connections = self.max_total,
+                    "refusing new agent connections: the node holds as many as it may"
+                );
+            }
+            return Err(Full::Node);
+        }
+        if self.max_per_source != usize::MAX {
+            let n = held.per_source.entry(source).or_insert(0);
+            if *n >= self.max_per_source {
+                return Err(Full::Source);
+            }
+            *n += 1;
+        }
+        held.total += 1;
+        Ok(Admitted {
+            limits: self,
+            source,
+        })
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        let limits = self.limits;
+        let mut held = limits.held();
+        held.total -= 1;
+        if held.total < limits.max_total {
+            held.full = false;
+        }
+        if let Some(n) = held.per_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                held.per_source.remove(&self.source);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,7 +258,42 @@ mod tests {
         ClaimLimits::new(&LimitsConfig {
             claims_per_hour_per_address: per_hour,
             claim_burst: burst,
+            ..LimitsConfig::default()
         })
+    }
+
+    fn connections(total: u64, per_address: u64) -> ConnectionLimits {
+        ConnectionLimits::new(&LimitsConfig {
+            max_agent_connections: total,
+            max_agent_connections_per_address: per_address,
+            ..LimitsConfig::default()
+        })
+    }
+
+    #[test]
+    fn connections_count_until_dropped_in_all_and_per_address() {
+        let l = connections(3, 2);
+        let a1 = l.admit(v4("10.0.0.1")).unwrap();
+        let a2 = l.admit(v4("10.0.0.1")).unwrap();
+        assert_eq!(l.admit(v4("10.0.0.1")).err(), Some(Full::Source));
+        let b1 = l.admit(v4("10.0.0.2")).unwrap();
+        assert_eq!(l.admit(v4("10.0.0.3")).err(), Some(Full::Node));
+        drop(a1);
+        // A place again, for the address too.
+        let a3 = l.admit(v4("10.0.0.1")).unwrap();
+        drop((a2, a3, b1));
+        assert_eq!(l.held().total, 0);
+        assert!(
+            l.held().per_source.is_empty(),
+            "nothing kept for gone sources"
+        );
+        // 0: no limit, and nothing kept per source.
+        let open = connections(0, 0);
+        let many: Vec<_> = (0..1000)
+            .map(|_| open.admit(v4("10.0.0.1")).unwrap())
+            .collect();
+        assert!(open.held().per_source.is_empty());
+        drop(many);
     }
 
     fn v4(s: &str) -> Source {

@@ -54,6 +54,8 @@ pub(crate) struct Metrics {
     clock_offsets: super::clock::OffsetGauges,
     /// Claims refused for their source's rate (`limits.rs`).
     pub(crate) claims_limited: Counter,
+    /// Agent connections closed unread at a connection limit (`limits.rs`).
+    pub(crate) connections_refused: Counter,
 }
 
 /// Counters of the writes a follower forwards to the leader: calls below writes means the
@@ -190,6 +192,10 @@ impl Metrics {
             "agentreg_claims_rate_limited",
             "Claims refused because their source address was over [limits] claims_per_hour_per_address",
         );
+        let connections_refused = counter(
+            "agentreg_agent_connections_refused",
+            "Agent connections closed unread because the node was at [limits] max_agent_connections or max_agent_connections_per_address",
+        );
         let clock_offsets = super::clock::OffsetGauges::default();
         registry.register(
             "agentreg_peer_clock_offset_seconds",
@@ -198,6 +204,7 @@ impl Metrics {
         );
         Metrics {
             claims_limited,
+            connections_refused,
             registry,
             requests,
             latency,

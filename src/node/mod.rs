@@ -121,6 +121,8 @@ pub(crate) struct Inner {
     pub(crate) clock: clock::Clock,
     /// Claims per source address (see `limits.rs`).
     pub(crate) claim_limits: limits::ClaimLimits,
+    /// Agent connections, in all and per source address (see `limits.rs`).
+    pub(crate) conn_limits: limits::ConnectionLimits,
 }
 
 impl Inner {
@@ -232,6 +234,7 @@ impl Node {
         let metrics = metrics::Metrics::new();
         let clock = clock::Clock::new(config.identity.max_clock_skew_ms, metrics.clock_offsets());
         let claim_limits = limits::ClaimLimits::new(&config.limits);
+        let conn_limits = limits::ConnectionLimits::new(&config.limits);
         let inner = Arc::new(Inner {
             id: config.node_id,
             proposer: propose::Proposer::start(
@@ -267,6 +270,7 @@ impl Node {
             fault: tokio::sync::watch::Sender::new(None),
             clock,
             claim_limits,
+            conn_limits,
         });
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(l) = metrics_listener {

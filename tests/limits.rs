@@ -1,0 +1,170 @@
+//! `[limits]`: an address that claims faster than the node allows is refused with
+//! `rate_limited` and the time to wait, nothing is written for the refused claims, and other
+//! addresses and other nodes are not held up; a node at its limit of agent connections (in
+//! all, or from one address) closes new ones unread and the agents go to another node.
+
+mod common;
+
+use agentreg::client::{ClientError, ErrorCode};
+use agentreg::config::LimitsConfig;
+use common::*;
+use serde_json::{json, Value};
+
+fn claim(agent_id: &str) -> Value {
+    json!({"type": "system_request", "command": "claim_agent_id", "agent_id": agent_id})
+}
+
+async fn with_limits(limits: LimitsConfig) -> (TestCluster, u64) {
+    TestCluster::ready(Options {
+        limits,
+        ..Options::default()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_address_that_claims_too_fast_waits_and_nothing_is_written_for_it() {
+    // A burst of 3, then one a second.
+    let (cluster, _) = with_limits(LimitsConfig {
+        claims_per_hour_per_address: 3_600,
+        claim_burst: 3,
+        ..LimitsConfig::default()
+    })
+    .await;
+    let flooder = cluster.raw_from(1, "127.0.0.1").await;
+    for i in 0..3 {
+        let a = flooder.request(claim(&format!("burst-{i}"))).await;
+        assert_eq!(a["success"], true, "{a}");
+    }
+    let refused = flooder.request(claim("one-too-many")).await;
+    assert_eq!(
+        (refused["success"].clone(), refused["code"].clone()),
+        (json!(false), json!("rate_limited")),
+        "{refused}"
+    );
+    let wait = refused["retry_after_ms"]
+        .as_u64()
+        .expect("how long to wait");
+    assert!((1..=1_000).contains(&wait), "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("127.0.0.1"),
+        "{refused}"
+    );
+
+    // Another address on the same node, and the same address on another node, claim.
+    let neighbour = cluster.raw_from(1, "127.0.0.2").await;
+    assert_eq!(neighbour.request(claim("neighbour")).await["success"], true);
+    let elsewhere = cluster.raw_from(2, "127.0.0.1").await;
+    assert_eq!(elsewhere.request(claim("elsewhere")).await["success"], true);
+
+    // Nothing was written for the refused claim.
+    let w = claim_ok(cluster.node(1), "barrier").await;
+    cluster.applied_everywhere(w.index).await;
+    for id in 1..=3 {
+        assert!(
+            !cluster.tables(id).claims.contains_key("one-too-many"),
+            "node {id}"
+        );
+    }
+    let (_, metrics) = http_get(cluster.node(1), "/metrics").await;
+    assert!(
+        metrics.contains("\nagentreg_claims_rate_limited_total 1\n"),
+        "{metrics}"
+    );
+
+    // Once the bucket has refilled (a second), the address claims again.
+    let again = wait_for("the address to claim again", TIMEOUT, || async {
+        let a = flooder.request(claim("one-too-many")).await;
+        (a["success"] == true).then_some(a)
+    })
+    .await;
+    assert_eq!(again["agent_id"], "one-too-many");
+
+    // AgentClient hands the refusal and the wait to its caller (it does not try the id on
+    // another node: the limit is the operator's).
+    let client = cluster.agent(1).await;
+    let refusal = loop {
+        match client.claim_agent_id("client-claim", false).await {
+            Ok(cert) => client.release_agent_id(&cert).await.expect("release"),
+            Err(ClientError::Refused(r)) => break r,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(refusal.code, ErrorCode::RateLimited, "{refusal}");
+    assert!(refusal.retry_after_ms.is_some(), "{refusal:?}");
+    client.close().await;
+}
+
+/// How the node closed `agent`'s connection: (code, reason).
+async fn closed(agent: &RawAgent) -> (u64, String) {
+    let reason = tokio::time::timeout(TIMEOUT, agent.conn.closed())
+        .await
+        .expect("the node closes the connection");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => (
+            c.error_code.into_inner(),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        ),
+        other => panic!("closed otherwise: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_at_its_connection_limits_sends_new_agents_to_another_node() {
+    let (cluster, _) = with_limits(LimitsConfig {
+        max_agent_connections: 3,
+        max_agent_connections_per_address: 2,
+        ..LimitsConfig::default()
+    })
+    .await;
+    let busy = u64::from(agentreg::node::close_code::BUSY);
+
+    // Two connections from one address are served; a third from it is closed unread.
+    let first = cluster.raw_from(1, "127.0.0.1").await;
+    assert_eq!(first.request(claim("first")).await["success"], true);
+    let second = cluster.raw_from(1, "127.0.0.1").await;
+    assert_eq!(second.request(claim("second")).await["success"], true);
+    let third = cluster.raw_from(1, "127.0.0.1").await;
+    let (code, reason) = closed(&third).await;
+    assert_eq!(code, busy, "{reason}");
+    assert!(
+        reason.contains("too many connections from this address"),
+        "{reason}"
+    );
+
+    // Another address is served, up to the node's limit of three.
+    let other = cluster.raw_from(1, "127.0.0.2").await;
+    assert_eq!(other.request(claim("other")).await["success"], true);
+    let over = cluster.raw_from(1, "127.0.0.3").await;
+    let (code, reason) = closed(&over).await;
+    assert_eq!(code, busy, "{reason}");
+    assert!(reason.contains("node at its limit"), "{reason}");
+    let (_, metrics) = http_get(cluster.node(1), "/metrics").await;
+    assert!(
+        metrics.contains("\nagentreg_agent_connections_refused_total 2\n"),
+        "{metrics}"
+    );
+    // The connections served were not disturbed.
+    assert_eq!(first.request(claim("first-again")).await["success"], true);
+
+    // A connection that ends frees its place.
+    first.conn.close(0u32.into(), b"done");
+    let back = wait_for("a place on node 1", TIMEOUT, || async {
+        let agent = cluster.raw_from(1, "127.0.0.1").await;
+        let (mut send, mut recv) = agent.conn.open_bi().await.ok()?;
+        send.write_all(&frame(&claim("back"))).await.ok()?;
+        let _ = send.finish();
+        read_answer(&mut recv).await.map(|a| (agent, a))
+    })
+    .await;
+    assert_eq!(back.1["success"], true, "{}", back.1);
+
+    // Node 1 is full again: AgentClient, told to try it first, claims through the next.
+    let client = cluster.agent(1).await;
+    client
+        .claim_agent_id("moved-on", false)
+        .await
+        .expect("claimed through another node");
+    assert_ne!(client.current_node(), Some(cluster.addrs[&1].to_string()));
+    client.close().await;
+}
