@@ -28,6 +28,10 @@ async fn status_names_every_member_and_the_leader() {
         assert_eq!(s.members.len(), 3);
         assert_eq!(s.tables.keys, 1);
         assert_eq!(s.role, if *id == leader { "leader" } else { "follower" });
+        // The data dir's size (its log and tables) and the room left beside it.
+        let disk = s.disk.expect("disk in status");
+        assert!(disk.used_bytes > 0, "{disk:?}");
+        assert!(disk.available_bytes.is_some_and(|a| a > 0), "{disk:?}");
     }
     // A node that is down is skipped with a message; the next one answers.
     let mut endpoints = vec!["127.0.0.1:9".to_owned()];
@@ -158,6 +162,8 @@ async fn metrics_health_and_readiness_over_http() {
         "agentreg_requests_total{command=\"claim_agent_id\",outcome=\"ok\"} 1",
         "agentreg_requests_total{command=\"claim_agent_id\",outcome=\"error\"} 1",
         "agentreg_request_duration_seconds_bucket{le=",
+        "agentreg_data_dir_bytes ",
+        "agentreg_data_dir_available_bytes ",
     ] {
         assert!(body.contains(needle), "missing {needle:?} in\n{body}");
     }

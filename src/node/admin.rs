@@ -156,6 +156,9 @@ pub struct NodeStatus {
     /// from nodes of builds before TLS reloads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_valid_until: Option<u64>,
+    /// Its data dir's size and the room left beside it; absent from nodes of earlier builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<super::DiskUsage>,
 }
 
 /// What `agentreg health` reports of one node.
@@ -197,6 +200,7 @@ async fn health(inner: &Inner) -> NodeHealth {
             super::time_left(until)
         ));
     }
+    problems.extend(super::DiskUsage::of(&inner.config.data_dir).problem());
     NodeHealth { ready, problems }
 }
 
@@ -253,6 +257,7 @@ pub(super) fn status(inner: &Inner) -> NodeStatus {
         },
         clock: Some(inner.clock.status(|| voters.len())),
         tls_valid_until: Some(inner.tls.valid_until()),
+        disk: Some(super::DiskUsage::of(&inner.config.data_dir)),
     }
 }
 

@@ -113,6 +113,14 @@ const GAUGES: &[(&str, &str)] = &[
          certificate and its intermediates), seconds since the Unix epoch",
     ),
     (
+        "agentreg_data_dir_bytes",
+        "Bytes in the files under this node's data dir",
+    ),
+    (
+        "agentreg_data_dir_available_bytes",
+        "Bytes the node may still write on its data dir's filesystem",
+    ),
+    (
         "agentreg_clock_refused",
         "1 while this node stamps no writes and judges no certificates: its clock disagrees \
          with its peers' (agents are answered clock_skew)",
@@ -301,6 +309,11 @@ fn render(inner: &Inner) -> String {
         "agentreg_tls_certificate_expiry_timestamp_seconds",
         inner.tls.valid_until(),
     );
+    let disk = super::DiskUsage::of(&inner.config.data_dir);
+    m.gauge("agentreg_data_dir_bytes", disk.used_bytes);
+    if let Some(available) = disk.available_bytes {
+        m.gauge("agentreg_data_dir_available_bytes", available);
+    }
     m.gauge(
         "agentreg_clock_refused",
         u64::from(super::write::now_checked(inner).is_err()),

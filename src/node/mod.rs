@@ -16,6 +16,7 @@ mod audit;
 mod clock;
 mod coalesce;
 mod connections;
+mod disk;
 mod duties;
 mod forward;
 mod heartbeat;
@@ -42,6 +43,7 @@ pub use admin::{
 };
 pub use agent_service::close_code;
 pub use clock::ClockStatus;
+pub use disk::DiskUsage;
 pub use duties::unix_now_f64;
 pub use read::ReadError;
 pub(crate) use tls_reload::left as time_left;
