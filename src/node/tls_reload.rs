@@ -23,7 +23,6 @@ const WARN_BEFORE_SECS: u64 = 7 * 86_400;
 const WARN_EVERY: Duration = Duration::from_secs(3_600);
 
 /// What the node knows of its TLS files: a digest of their contents at the last look.
-#[derive(Default)]
 pub(crate) struct Watched {
     digest: Mutex<Option<[u8; 32]>>,
 }
