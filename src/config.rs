@@ -63,6 +63,17 @@ pub struct TlsConfig {
     pub reload_check_secs: u64,
 }
 
+impl TlsConfig {
+    /// The three files, as the TLS layer loads them.
+    pub fn files(&self) -> crate::transport::tls::TlsFiles {
+        crate::transport::tls::TlsFiles {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
 fn default_server_name() -> String {
     crate::transport::tls::DEFAULT_SERVER_NAME.to_owned()
 }

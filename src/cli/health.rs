@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use super::status::short_digest;
 use super::{AdminArgs, AdminClient};
 use crate::node::{AdminRequest, NodeHealth, NodeStatus};
 
@@ -113,18 +114,14 @@ fn diverged(statuses: &[NodeStatus]) -> Vec<(u64, String)> {
                          (digest {} against {}): one of them diverged; replace it (docs/operations.md, \
                          \"Add or replace a node\")",
                         other.node_id,
-                        short(&s.state_digest),
-                        short(&other.state_digest)
+                        short_digest(&s.state_digest),
+                        short_digest(&other.state_digest)
                     ),
                 ));
             }
         }
     }
     out
-}
-
-fn short(digest: &str) -> &str {
-    &digest[..12.min(digest.len())]
 }
 
 #[cfg(test)]

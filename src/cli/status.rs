@@ -80,7 +80,7 @@ pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
                 s.term,
                 opt(s.last_log_index),
                 opt(s.applied_index),
-                &s.state_digest[..12.min(s.state_digest.len())],
+                short_digest(&s.state_digest),
                 s.tables.claims,
                 s.tables.sessions,
                 s.tables.revocations,
@@ -96,6 +96,11 @@ pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The first 12 hex digits of a tables digest, as the DIGEST column shows it.
+pub(super) fn short_digest(digest: &str) -> &str {
+    &digest[..12.min(digest.len())]
 }
 
 /// The CLOCK column: whether the node vouches for its clock, and its peer furthest off.

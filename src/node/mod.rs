@@ -54,7 +54,7 @@ use crate::identity::Secret;
 use crate::raft::network::{PeerDialer, Peers};
 use crate::raft::types::{NodeId, Raft};
 use crate::raft::{DataDir, DataDirError, StateReader};
-use crate::transport::tls::{self, ConnectionKind, NodeTls, TlsError, TlsFiles};
+use crate::transport::tls::{self, ConnectionKind, NodeTls, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -164,11 +164,7 @@ impl Node {
         socket: Option<std::net::UdpSocket>,
     ) -> Result<Node, NodeError> {
         let initial_secret = read_secret_file(&config)?;
-        let files = TlsFiles {
-            ca: config.tls.ca.clone(),
-            cert: config.tls.cert.clone(),
-            key: config.tls.key.clone(),
-        };
+        let files = config.tls.files();
         // Seen before they are read: a renewal written meanwhile is taken up at the first look.
         let tls_files = tls_reload::Watched::seen(&files);
         let tls = NodeTls::load(&files)?;

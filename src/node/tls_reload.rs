@@ -36,14 +36,6 @@ impl Watched {
     }
 }
 
-pub(super) fn files(inner: &Inner) -> TlsFiles {
-    TlsFiles {
-        ca: inner.config.tls.ca.clone(),
-        cert: inner.config.tls.cert.clone(),
-        key: inner.config.tls.key.clone(),
-    }
-}
-
 /// Digest of the three files' contents; a file that cannot be read counts as its error.
 fn digest(files: &TlsFiles) -> [u8; 32] {
     let mut h = Sha256::new();
@@ -62,7 +54,7 @@ fn digest(files: &TlsFiles) -> [u8; 32] {
 /// Loads the TLS files and takes them up (see the module doc); returns until when the new
 /// certificate chain verifies (seconds since the Unix epoch).
 pub(super) fn reload(inner: &Inner) -> Result<u64, TlsError> {
-    let files = files(inner);
+    let files = inner.config.tls.files();
     *inner
         .tls_files
         .digest
@@ -103,8 +95,7 @@ pub(super) fn spawn_watch(inner: Arc<Inner>) {
                 _ = tick.tick() => {}
             }
             if every > 0 {
-                let files = files(&inner);
-                let now = digest(&files);
+                let now = digest(&inner.config.tls.files());
                 let before = *inner
                     .tls_files
                     .digest

@@ -70,12 +70,6 @@ impl LiveTls {
         self.current().valid_until
     }
 
-    /// The certificate chain in use, leaf first.
-    #[must_use]
-    pub fn cert_chain(&self) -> Vec<CertificateDer<'static>> {
-        self.current().certified.cert.clone()
-    }
-
     fn current(&self) -> Arc<Loaded> {
         self.current
             .read()
