@@ -5,7 +5,9 @@
 
 mod common;
 
-use agentreg::client::{ClientError, ErrorCode};
+use std::time::Duration;
+
+use agentreg::client::{AgentClient, ClientError, ClientEvent, ErrorCode};
 use agentreg::config::LimitsConfig;
 use common::*;
 use serde_json::{json, Value};
@@ -92,6 +94,55 @@ async fn an_address_that_claims_too_fast_waits_and_nothing_is_written_for_it() {
     };
     assert_eq!(refusal.code, ErrorCode::RateLimited, "{refusal}");
     assert!(refusal.retry_after_ms.is_some(), "{refusal:?}");
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_renewal_refused_for_the_rate_waits_as_long_as_the_node_says() {
+    // One claim every two seconds from an address, no burst beyond that.
+    let (cluster, _) = with_limits(LimitsConfig {
+        claims_per_hour_per_address: 1_800,
+        claim_burst: 1,
+        ..LimitsConfig::default()
+    })
+    .await;
+    let mut config = cluster.client_config(1);
+    // Retries after other failures come fast; the renewal is due about a second into the
+    // day-long certificate, before the bucket the claim emptied has refilled.
+    const LIFETIME: u64 = 24 * 3600;
+    config.reconnect_max = Duration::from_millis(50);
+    config.renew_fraction = 1.0 / LIFETIME as f64;
+    let client = AgentClient::connect(config).await.expect("connect");
+    let mut events = client.events();
+    let first = client
+        .claim_agent_id("renewer", false)
+        .await
+        .expect("claim");
+    assert_eq!(first.expires_at - first.issued_at, LIFETIME);
+    client.set_certificate(first.clone());
+
+    let mut refusals = Vec::new();
+    let renewed = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            match events.recv().await {
+                Ok(ClientEvent::Renewed { serial, .. }) => break serial,
+                Ok(ClientEvent::Trouble { error }) => refusals.push(error),
+                Ok(_) => {}
+                Err(e) => refusals.push(format!("events lost: {e}")),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("renewed; troubles: {refusals:?}"));
+    assert_ne!(renewed, first.serial);
+    // Refused once, then sent again when the node said, not every 50 ms.
+    assert_eq!(refusals.len(), 1, "{refusals:#?}");
+    assert!(refusals[0].contains("too many claims"), "{refusals:?}");
+    let (_, metrics) = http_get(cluster.node(1), "/metrics").await;
+    assert!(
+        metrics.contains("\nagentreg_claims_rate_limited_total 1\n"),
+        "{metrics}"
+    );
     client.close().await;
 }
 

@@ -3,7 +3,8 @@
 //! Built with the nodes' addresses and the cluster CA. It claims, validates, registers; it
 //! answers the node's pings by itself; when its node goes away it reconnects to another node
 //! and registers again with its certificate (backoff with jitter), without the caller doing
-//! anything; and it renews its certificate at half its lifetime. A request a node refuses
+//! anything; and it renews its certificate at half its lifetime (a renewal refused
+//! `rate_limited` goes again after the node's `retry_after_ms`). A request a node refuses
 //! only because the connection is about to close (the node is stopping, or the connection's
 //! session ended), which the node did not carry out, goes once more on the next connection.
 //! Every claim (and renewal) carries a claim token of its own and goes again with it, on the

@@ -168,13 +168,25 @@ async fn keep_renewed(shared: Arc<Shared>) {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "certificate renewal failed; retrying");
+                // A node that limits claims says when the next one goes through: sooner would
+                // be refused again (and counted), so the wait is the node's when it gave one.
+                let pause = match &e {
+                    ClientError::Refused(r) => r.retry_after_ms.map(Duration::from_millis),
+                    _ => None,
+                }
+                .unwrap_or(shared.config.reconnect_max);
+                tracing::warn!(
+                    error = %e,
+                    retry_in_ms = pause.as_millis() as u64,
+                    "certificate renewal failed; retrying"
+                );
                 shared.emit(ClientEvent::Trouble {
                     error: e.to_string(),
                 });
                 tokio::select! {
                     _ = shared.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(shared.config.reconnect_max) => {}
+                    _ = shared.cert_changed.notified() => {}
+                    _ = tokio::time::sleep(pause) => {}
                 }
             }
         }
