@@ -155,6 +155,17 @@ pub struct LimitsConfig {
     /// Agent connections this node holds at most from one address (an IPv6 /64 counts as
     /// one); 0: no limit.
     pub max_agent_connections_per_address: u64,
+    /// QUIC handshakes (of any connection: agents, peers, operators) in progress at most;
+    /// more are refused before any TLS work. 0: no limit.
+    pub max_handshakes: u64,
+    /// QUIC handshakes in progress at most from one validated address (an IPv6 /64 counts
+    /// as one); 0: no limit.
+    pub max_handshakes_per_address: u64,
+    /// With this many handshakes in progress, a new connection from an address not yet
+    /// validated is sent a QUIC Retry first (a spoofed source never answers). 0: always.
+    pub retry_after_handshakes: u64,
+    /// A handshake not done by then is dropped.
+    pub handshake_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -164,6 +175,10 @@ impl Default for LimitsConfig {
             claim_burst: 20,
             max_agent_connections: 200_000,
             max_agent_connections_per_address: 0,
+            max_handshakes: 1_024,
+            max_handshakes_per_address: 0,
+            retry_after_handshakes: 64,
+            handshake_timeout_ms: 10_000,
         }
     }
 }
@@ -391,6 +406,12 @@ impl NodeConfig {
                 "limits.claim_burst ({burst}) must be between 1 and 1000000"
             ));
         }
+        let handshake = self.limits.handshake_timeout_ms;
+        if !(100..=600_000).contains(&handshake) {
+            return Err(format!(
+                "limits.handshake_timeout_ms ({handshake}) must be between 100 and 600000"
+            ));
+        }
         let skew = self.identity.max_clock_skew_ms;
         if !(100..=3_600_000).contains(&skew) {
             return Err(format!(
@@ -555,6 +576,8 @@ key = "tls/node1.key"
         assert!(e.contains("certificate_ttl_hours"), "{e}");
         let e = err(&format!("{GOOD}\n[identity]\nmax_clock_skew_ms = 0\n"));
         assert!(e.contains("max_clock_skew_ms"), "{e}");
+        let e = err(&format!("{GOOD}\n[limits]\nhandshake_timeout_ms = 50\n"));
+        assert!(e.contains("limits.handshake_timeout_ms (50)"), "{e}");
         let e = err(&format!("{GOOD}\n[limits]\nclaim_burst = 0\n"));
         assert!(e.contains("limits.claim_burst"), "{e}");
         // GOOD ends in its [tls] table.

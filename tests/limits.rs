@@ -1,14 +1,18 @@
 //! `[limits]`: an address that claims faster than the node allows is refused with
 //! `rate_limited` and the time to wait, nothing is written for the refused claims, and other
 //! addresses and other nodes are not held up; a node at its limit of agent connections (in
-//! all, or from one address) closes new ones unread and the agents go to another node.
+//! all, or from one address) closes new ones unread and the agents go to another node; a
+//! flood of handshakes' first packets costs the node a Retry each, not a handshake.
 
 mod common;
 
-use std::time::Duration;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use agentreg::client::{AgentClient, ClientError, ClientEvent, ErrorCode};
 use agentreg::config::LimitsConfig;
+use agentreg::transport::tls;
 use common::*;
 use serde_json::{json, Value};
 
@@ -218,4 +222,183 @@ async fn a_node_at_its_connection_limits_sends_new_agents_to_another_node() {
         .expect("claimed through another node");
     assert_ne!(client.current_node(), Some(cluster.addrs[&1].to_string()));
     client.close().await;
+}
+
+/// Sends the first packets of `n` handshakes to `to` from one socket that never answers what
+/// comes back, as a flood from spoofed addresses would. The socket is kept open (dropped, it
+/// would have the kernel answer for it).
+fn flood_first_packets(ca_pem: &str, to: SocketAddr, n: usize) -> UdpSocket {
+    flood(ca_pem, to, n, false)
+}
+
+/// As [`flood_first_packets`], but each handshake answers the node's Retry (as a flooder at
+/// its own address can) before it stalls.
+fn flood_validated(ca_pem: &str, to: SocketAddr, n: usize) -> UdpSocket {
+    flood(ca_pem, to, n, true)
+}
+
+fn flood(ca_pem: &str, to: SocketAddr, n: usize, answer_retry: bool) -> UdpSocket {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut endpoint = quinn_proto::Endpoint::new(
+        Arc::new(quinn_proto::EndpointConfig::default()),
+        None,
+        false,
+        None,
+    );
+    let config = tls::agent_client_config(ca_pem).unwrap();
+    let mut packet = Vec::new();
+    let send = |conn: &mut quinn_proto::Connection, packet: &mut Vec<u8>| {
+        packet.clear();
+        let sent = conn
+            .poll_transmit(Instant::now(), 1, packet)
+            .expect("a packet to send");
+        socket.send_to(&packet[..sent.size], to).unwrap();
+    };
+    for _ in 0..n {
+        let (handle, mut conn) = endpoint
+            .connect(Instant::now(), config.clone(), to, tls::DEFAULT_SERVER_NAME)
+            .unwrap();
+        send(&mut conn, &mut packet);
+        // The Retry comes among the packets the node sends the earlier, stalled handshakes.
+        if !answer_retry {
+            continue;
+        }
+        loop {
+            let mut datagram = vec![0; 2048];
+            let (len, from) = socket.recv_from(&mut datagram).expect("the node's Retry");
+            let event = endpoint.handle(
+                Instant::now(),
+                from,
+                None,
+                None,
+                bytes::BytesMut::from(&datagram[..len]),
+                &mut packet,
+            );
+            if let Some(quinn_proto::DatagramEvent::ConnectionEvent(h, event)) = event {
+                if h == handle {
+                    conn.handle_event(event);
+                    send(&mut conn, &mut packet);
+                    break;
+                }
+            }
+        }
+    }
+    socket
+}
+
+/// The value of the metric `name` (without labels) on node `id`.
+async fn metric(cluster: &TestCluster, id: u64, name: &str) -> u64 {
+    let (_, text) = http_get(cluster.node(id), "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_first_packets_costs_a_retry_each_and_agents_still_connect() {
+    let (cluster, _) = with_limits(LimitsConfig {
+        retry_after_handshakes: 8,
+        max_handshakes: 16,
+        handshake_timeout_ms: 3_000,
+        ..LimitsConfig::default()
+    })
+    .await;
+    let _flooder = flood_first_packets(&cluster.ca_pem(), cluster.addrs[&1], 200);
+
+    // The first eight are taken on (and never finished); the other 192 are sent a Retry,
+    // which the flooder never answers: nothing of them is kept. (A peer dialling node 1
+    // meanwhile is retried too, and its handshake is in progress for a moment.)
+    wait_for("the flood's packets handled", TIMEOUT, || async {
+        (metric(&cluster, 1, "agentreg_handshakes_retried_total").await >= 192).then_some(())
+    })
+    .await;
+    let in_progress = metric(&cluster, 1, "agentreg_handshakes_in_progress").await;
+    assert!((8..=10).contains(&in_progress), "{in_progress}");
+    assert_eq!(
+        metric(&cluster, 1, "agentreg_handshakes_refused_total").await,
+        0
+    );
+
+    // An agent meanwhile answers its Retry and is served by the node.
+    let client = cluster.agent(1).await;
+    client
+        .claim_agent_id("through-the-flood", false)
+        .await
+        .expect("claim");
+    assert_eq!(client.current_node(), Some(cluster.addrs[&1].to_string()));
+    assert!(metric(&cluster, 1, "agentreg_handshakes_retried_total").await >= 193);
+    client.close().await;
+
+    // The unfinished handshakes are dropped after the timeout.
+    wait_for("the flood's handshakes dropped", TIMEOUT, || async {
+        (metric(&cluster, 1, "agentreg_handshakes_in_progress").await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(&cluster, 1, "agentreg_handshakes_timed_out_total").await,
+        8
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn handshakes_beyond_the_maximum_are_refused_and_agents_go_to_another_node() {
+    // Retry off in effect: the flood holds every place until its handshakes time out.
+    let (cluster, _) = with_limits(LimitsConfig {
+        retry_after_handshakes: 1_000,
+        max_handshakes: 16,
+        handshake_timeout_ms: 5_000,
+        ..LimitsConfig::default()
+    })
+    .await;
+    let _flooder = flood_first_packets(&cluster.ca_pem(), cluster.addrs[&1], 40);
+    wait_for("the flood's packets handled", TIMEOUT, || async {
+        (metric(&cluster, 1, "agentreg_handshakes_refused_total").await >= 24).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(&cluster, 1, "agentreg_handshakes_in_progress").await,
+        16
+    );
+
+    // Told to try node 1 first, the agent is refused there at once and claims elsewhere.
+    let client = cluster.agent(1).await;
+    client
+        .claim_agent_id("moved-on", false)
+        .await
+        .expect("claim");
+    assert_ne!(client.current_node(), Some(cluster.addrs[&1].to_string()));
+    // (Peers dialling node 1 meanwhile are refused too.)
+    assert!(metric(&cluster, 1, "agentreg_handshakes_refused_total").await >= 25);
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_validated_address_gets_its_share_of_handshakes_and_others_theirs() {
+    // Every new connection proves its address; four handshakes at once from one.
+    let (cluster, _) = with_limits(LimitsConfig {
+        retry_after_handshakes: 0,
+        max_handshakes_per_address: 4,
+        handshake_timeout_ms: 5_000,
+        ..LimitsConfig::default()
+    })
+    .await;
+    let (ca, node) = (cluster.ca_pem(), cluster.addrs[&1]);
+    let _flooder = tokio::task::spawn_blocking(move || flood_validated(&ca, node, 10))
+        .await
+        .unwrap();
+    // (Peers dial from 127.0.0.1 too, and are retried and counted like anyone.)
+    wait_for("the flood's handshakes handled", TIMEOUT, || async {
+        (metric(&cluster, 1, "agentreg_handshakes_refused_total").await >= 6).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(&cluster, 1, "agentreg_handshakes_in_progress").await,
+        4
+    );
+    assert!(metric(&cluster, 1, "agentreg_handshakes_retried_total").await >= 10);
+
+    // Another address is served meanwhile.
+    let neighbour = cluster.raw_from(1, "127.0.0.2").await;
+    assert_eq!(neighbour.request(claim("neighbour")).await["success"], true);
 }

@@ -56,6 +56,8 @@ pub(crate) struct Metrics {
     pub(crate) claims_limited: Counter,
     /// Agent connections closed unread at a connection limit (`limits.rs`).
     pub(crate) connections_refused: Counter,
+    /// Handshakes in progress, retried, refused, given up (`handshakes.rs`).
+    pub(crate) handshakes: super::handshakes::HandshakeMetrics,
 }
 
 /// Counters of the writes a follower forwards to the leader: calls below writes means the
@@ -204,6 +206,26 @@ impl Metrics {
             "agentreg_agent_connections_refused",
             "Agent connections closed unread because the node was at [limits] max_agent_connections or max_agent_connections_per_address",
         );
+        let handshakes = super::handshakes::HandshakeMetrics {
+            retried: counter(
+                "agentreg_handshakes_retried",
+                "New connections sent a QUIC Retry to prove their address (handshakes at [limits] retry_after_handshakes)",
+            ),
+            refused: counter(
+                "agentreg_handshakes_refused",
+                "New connections refused before their handshake (handshakes at [limits] max_handshakes)",
+            ),
+            timed_out: counter(
+                "agentreg_handshakes_timed_out",
+                "Handshakes dropped unfinished after [limits] handshake_timeout_ms",
+            ),
+            in_progress: Gauge::default(),
+        };
+        registry.register(
+            "agentreg_handshakes_in_progress",
+            "QUIC handshakes this node has accepted and not yet finished",
+            handshakes.in_progress.clone(),
+        );
         let clock_offsets = super::clock::OffsetGauges::default();
         registry.register(
             "agentreg_peer_clock_offset_seconds",
@@ -213,6 +235,7 @@ impl Metrics {
         Metrics {
             claims_limited,
             connections_refused,
+            handshakes,
             registry,
             requests,
             latency,

@@ -19,6 +19,7 @@ mod connections;
 mod disk;
 mod duties;
 mod forward;
+mod handshakes;
 mod heartbeat;
 mod limits;
 mod metrics;
@@ -125,6 +126,8 @@ pub(crate) struct Inner {
     pub(crate) claim_limits: limits::ClaimLimits,
     /// Agent connections, in all and per source address (see `limits.rs`).
     pub(crate) conn_limits: limits::ConnectionLimits,
+    /// QUIC handshakes in progress (see `handshakes.rs`).
+    pub(crate) handshakes: handshakes::Handshakes,
 }
 
 impl Inner {
@@ -233,6 +236,7 @@ impl Node {
         let clock = clock::Clock::new(config.identity.max_clock_skew_ms, metrics.clock_offsets());
         let claim_limits = limits::ClaimLimits::new(&config.limits);
         let conn_limits = limits::ConnectionLimits::new(&config.limits);
+        let handshakes = handshakes::Handshakes::new(&config.limits, metrics.handshakes.clone());
         let inner = Arc::new(Inner {
             id: config.node_id,
             proposer: propose::Proposer::start(
@@ -269,6 +273,7 @@ impl Node {
             clock,
             claim_limits,
             conn_limits,
+            handshakes,
         });
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(l) = metrics_listener {
@@ -336,16 +341,26 @@ impl Node {
                         None => break,
                     },
                 };
+                let Some((incoming, handshake)) = inner.handshakes.admit(incoming) else {
+                    continue;
+                };
                 let inner = inner.clone();
                 inner.tasks.clone().spawn(async move {
                     let remote = incoming.remote_address();
-                    let conn = match incoming.await {
-                        Ok(c) => c,
-                        Err(e) => {
+                    let timeout = inner.handshakes.timeout();
+                    let conn = match tokio::time::timeout(timeout, incoming).await {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => {
                             tracing::debug!(%remote, error = %e, "handshake failed");
                             return;
                         }
+                        Err(_) => {
+                            inner.handshakes.timed_out();
+                            tracing::debug!(%remote, "handshake unfinished in time; dropped");
+                            return;
+                        }
                     };
+                    drop(handshake);
                     match tls::classify(&conn) {
                         Ok(ConnectionKind::Peer) => match inner.node_authority.check(&conn) {
                             Ok(()) => {

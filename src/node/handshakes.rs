@@ -1,0 +1,223 @@
+//! QUIC handshakes in progress (`[limits] max_handshakes`, `retry_after_handshakes`,
+//! `handshake_timeout_ms`).
+//!
+//! A connection costs the node before it is anything: the first packet of a handshake
+//! (1200 bytes, sent from any address, spoofed or not) makes the node build TLS state,
+//! sign, and send up to three times as much back, and the half-done handshake is kept until
+//! it finishes or times out. The connection limits (`limits.rs`) count connections only once
+//! they are made, so a flood of first packets gets past them. Here, before any TLS work:
+//!
+//! - once `retry_after_handshakes` handshakes are in progress, a new one from an address
+//!   not yet validated is sent a QUIC Retry (a token bound to the address, no state kept):
+//!   a client at a real address answers it at the cost of a round trip, a spoofed one never
+//!   does;
+//! - at `max_handshakes` in progress, a new one is refused outright (the client learns at
+//!   once and tries another node), and so is one from a validated address that already has
+//!   `max_handshakes_per_address` in progress (validated only: a spoofed source could
+//!   otherwise use up another address's share);
+//! - a handshake not done within `handshake_timeout_ms` is dropped, rather than kept for the
+//!   idle timeout (agents' is `agent_timeout_ms`, a minute and a half by default).
+//!
+//! Peers' and operators' connections pass through the same gate: they too answer Retries,
+//! and reconnect if refused.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
+use super::limits::Source;
+use crate::config::LimitsConfig;
+
+/// What becomes of a new connection's first packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    Accept,
+    /// Ask the client to prove its address first (QUIC Retry).
+    Retry,
+    Refuse,
+}
+
+/// The handshake gauges and counters in /metrics.
+#[derive(Clone, Default)]
+pub(crate) struct HandshakeMetrics {
+    pub(crate) in_progress: Gauge,
+    pub(crate) retried: Counter,
+    pub(crate) refused: Counter,
+    pub(crate) timed_out: Counter,
+}
+
+pub(crate) struct Handshakes {
+    max: usize,
+    max_per_source: usize,
+    retry_after: usize,
+    timeout: Duration,
+    metrics: HandshakeMetrics,
+    /// Handshakes in progress from validated addresses, when there is a limit per address.
+    per_source: PerSource,
+}
+
+/// Handshakes in progress per validated address.
+type PerSource = Arc<Mutex<HashMap<Source, usize>>>;
+
+/// A handshake counted as in progress until dropped.
+pub(crate) struct InProgress {
+    gauge: Gauge,
+    /// Where it is counted per address too.
+    source: Option<(Source, PerSource)>,
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.gauge.dec();
+        if let Some((source, per_source)) = &self.source {
+            let mut per_source = per_source.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = per_source.get_mut(source) {
+                *n -= 1;
+                if *n == 0 {
+                    per_source.remove(source);
+                }
+            }
+        }
+    }
+}
+
+impl Handshakes {
+    pub(crate) fn new(config: &LimitsConfig, metrics: HandshakeMetrics) -> Handshakes {
+        let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        let limit = |n: u64| match n {
+            0 => usize::MAX,
+            n => count(n),
+        };
+        Handshakes {
+            max: limit(config.max_handshakes),
+            max_per_source: limit(config.max_handshakes_per_address),
+            retry_after: count(config.retry_after_handshakes),
+            timeout: Duration::from_millis(config.handshake_timeout_ms),
+            metrics,
+            per_source: Arc::default(),
+        }
+    }
+
+    /// How long a handshake may take before it is dropped.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// `from_source`: handshakes in progress from the same validated address (None: the
+    /// address is not validated).
+    fn decide(&self, in_progress: usize, from_source: Option<usize>) -> Admission {
+        match from_source {
+            None if in_progress >= self.retry_after => Admission::Retry,
+            _ if in_progress >= self.max => Admission::Refuse,
+            Some(n) if n >= self.max_per_source => Admission::Refuse,
+            _ => Admission::Accept,
+        }
+    }
+
+    /// Sends the Retry or the refusal `incoming` gets, or hands it back to be accepted,
+    /// counted as in progress. Called from the one accept loop, so the count it reads is
+    /// not raised behind its back.
+    pub(crate) fn admit(&self, incoming: quinn::Incoming) -> Option<(quinn::Incoming, InProgress)> {
+        let in_progress = usize::try_from(self.metrics.in_progress.get()).unwrap_or(0);
+        // Counted per address only where there is a limit, and only once validated.
+        let source = (self.max_per_source != usize::MAX && incoming.remote_address_validated())
+            .then(|| Source::of(incoming.remote_address().ip()));
+        let mut per_source = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
+        let from_source = match source {
+            Some(s) => Some(per_source.get(&s).copied().unwrap_or(0)),
+            None if incoming.remote_address_validated() => Some(0),
+            None => None,
+        };
+        match self.decide(in_progress, from_source) {
+            Admission::Accept => {
+                self.metrics.in_progress.inc();
+                if let Some(s) = source {
+                    *per_source.entry(s).or_insert(0) += 1;
+                }
+                Some((
+                    incoming,
+                    InProgress {
+                        gauge: self.metrics.in_progress.clone(),
+                        source: source.map(|s| (s, self.per_source.clone())),
+                    },
+                ))
+            }
+            Admission::Retry => {
+                self.metrics.retried.inc();
+                // Not validated means a Retry may be sent (quinn guarantees it); refused if not.
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+                None
+            }
+            Admission::Refuse => {
+                self.metrics.refused.inc();
+                tracing::debug!(
+                    remote = %incoming.remote_address(),
+                    in_progress,
+                    from_address = from_source,
+                    "handshake refused: as many in progress as the node takes (in all or from the address)"
+                );
+                incoming.refuse();
+                None
+            }
+        }
+    }
+
+    /// Counts a handshake given up for taking longer than the timeout.
+    pub(crate) fn timed_out(&self) {
+        self.metrics.timed_out.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handshakes(max: u64, retry_after: u64, per_address: u64) -> Handshakes {
+        Handshakes::new(
+            &LimitsConfig {
+                max_handshakes: max,
+                retry_after_handshakes: retry_after,
+                max_handshakes_per_address: per_address,
+                ..LimitsConfig::default()
+            },
+            HandshakeMetrics::default(),
+        )
+    }
+
+    #[test]
+    fn unvalidated_addresses_are_retried_under_load_and_all_refused_at_the_maximum() {
+        use Admission::*;
+        let h = handshakes(10, 4, 0);
+        let at = |n: usize| (h.decide(n, None), h.decide(n, Some(n)));
+        assert_eq!(at(0), (Accept, Accept));
+        assert_eq!(at(3), (Accept, Accept));
+        // From the threshold on, an address must prove itself; one that has is accepted.
+        assert_eq!(at(4), (Retry, Accept));
+        assert_eq!(at(9), (Retry, Accept));
+        // At the maximum a validated address is refused; an unvalidated one still only
+        // costs a Retry (no state), and comes back validated to be refused or accepted.
+        assert_eq!(at(10), (Retry, Refuse));
+        assert_eq!(at(1_000_000), (Retry, Refuse));
+
+        // 0: every new address proves itself; no maximum.
+        let h = handshakes(0, 0, 0);
+        assert_eq!(h.decide(0, None), Retry);
+        assert_eq!(h.decide(usize::MAX - 1, Some(usize::MAX - 1)), Accept);
+    }
+
+    #[test]
+    fn a_validated_address_is_refused_at_its_share_and_an_unvalidated_one_is_not_counted() {
+        use Admission::*;
+        let h = handshakes(100, 10, 3);
+        assert_eq!(h.decide(5, Some(2)), Accept);
+        assert_eq!(h.decide(5, Some(3)), Refuse);
+        // Not validated, under the Retry threshold: taken on (the threshold bounds them all).
+        assert_eq!(h.decide(5, None), Accept);
+        assert_eq!(h.decide(10, None), Retry);
+    }
+}
