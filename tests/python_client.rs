@@ -1,8 +1,8 @@
 //! A second implementation of the agent protocol: clients/python/agentreg_client.py, written
 //! from docs/protocol.md alone, walks through an agent's life against a cluster (claim with
 //! a token and sent again, a rival claim, validation, registration, answering the node's
-//! pings, a tampered certificate, the error codes, release). It checks every answer itself;
-//! this test runs it and reads its result.
+//! pings, a tampered certificate, the error codes, release), each connection first sent a
+//! QUIC Retry. It checks every answer itself; this test runs it and reads its result.
 //!
 //! It needs python3 with aioquic. Where that is missing the test says so and passes, unless
 //! AGENTREG_PYTHON_CLIENT=required (CI sets it, after installing aioquic): then it fails.
@@ -45,7 +45,16 @@ async fn the_python_client_written_from_the_protocol_document_walks_an_agents_li
     if !python_with_aioquic() {
         return;
     }
-    let (cluster, _) = TestCluster::ready(Options::default()).await;
+    // Every connection is first sent a QUIC Retry, as a node under load does (docs/protocol.md,
+    // "Transport"): another QUIC stack must answer it by itself.
+    let (cluster, _) = TestCluster::ready(Options {
+        limits: agentreg::config::LimitsConfig {
+            retry_after_handshakes: 0,
+            ..Default::default()
+        },
+        ..Options::default()
+    })
+    .await;
     // Through a follower: its writes are forwarded to the leader.
     let node = cluster.follower().await;
     let ca = cluster.dir.path().join("python-ca.pem");
@@ -94,4 +103,16 @@ async fn the_python_client_written_from_the_protocol_document_walks_an_agents_li
         );
     }
     assert!(!cluster.tables(node).claims.contains_key("snake"));
+
+    // Retries were sent (to every connection, the Python client's included).
+    let (_, metrics) = http_get(cluster.node(node), "/metrics").await;
+    let retried: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("agentreg_handshakes_retried_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(retried >= 1, "{metrics}");
 }
