@@ -166,6 +166,9 @@ pub struct LimitsConfig {
     pub retry_after_handshakes: u64,
     /// A handshake not done by then is dropped.
     pub handshake_timeout_ms: u64,
+    /// An agent request whose frame has not arrived in full by then (from its stream's
+    /// opening) is answered `bad_request` and its stream stopped.
+    pub request_read_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -179,6 +182,7 @@ impl Default for LimitsConfig {
             max_handshakes_per_address: 0,
             retry_after_handshakes: 64,
             handshake_timeout_ms: 10_000,
+            request_read_timeout_ms: 10_000,
         }
     }
 }
@@ -412,6 +416,12 @@ impl NodeConfig {
                 "limits.handshake_timeout_ms ({handshake}) must be between 100 and 600000"
             ));
         }
+        let read = self.limits.request_read_timeout_ms;
+        if !(100..=600_000).contains(&read) {
+            return Err(format!(
+                "limits.request_read_timeout_ms ({read}) must be between 100 and 600000"
+            ));
+        }
         let skew = self.identity.max_clock_skew_ms;
         if !(100..=3_600_000).contains(&skew) {
             return Err(format!(
@@ -578,6 +588,8 @@ key = "tls/node1.key"
         assert!(e.contains("max_clock_skew_ms"), "{e}");
         let e = err(&format!("{GOOD}\n[limits]\nhandshake_timeout_ms = 50\n"));
         assert!(e.contains("limits.handshake_timeout_ms (50)"), "{e}");
+        let e = err(&format!("{GOOD}\n[limits]\nrequest_read_timeout_ms = 0\n"));
+        assert!(e.contains("limits.request_read_timeout_ms (0)"), "{e}");
         let e = err(&format!("{GOOD}\n[limits]\nclaim_burst = 0\n"));
         assert!(e.contains("limits.claim_burst"), "{e}");
         // GOOD ends in its [tls] table.

@@ -2,7 +2,9 @@
 //! `rate_limited` and the time to wait, nothing is written for the refused claims, and other
 //! addresses and other nodes are not held up; a node at its limit of agent connections (in
 //! all, or from one address) closes new ones unread and the agents go to another node; a
-//! flood of handshakes' first packets costs the node a Retry each, not a handshake.
+//! flood of handshakes' first packets costs the node a Retry each, not a handshake; a request
+//! that never arrives in full is answered at a deadline, and an agent connection parks little
+//! on its node behind slow requests.
 
 mod common;
 
@@ -401,4 +403,66 @@ async fn a_validated_address_gets_its_share_of_handshakes_and_others_theirs() {
     // Another address is served meanwhile.
     let neighbour = cluster.raw_from(1, "127.0.0.2").await;
     assert_eq!(neighbour.request(claim("neighbour")).await["success"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_that_never_arrives_in_full_is_answered_at_the_deadline() {
+    let (cluster, _) = with_limits(LimitsConfig {
+        request_read_timeout_ms: 500,
+        ..LimitsConfig::default()
+    })
+    .await;
+    let agent = cluster.raw(1).await;
+    // A frame announced at 1,000 bytes, ten of them sent, the stream left open.
+    let (mut send, mut recv) = agent.conn.open_bi().await.unwrap();
+    send.write_all(&1000u32.to_be_bytes()).await.unwrap();
+    send.write_all(&[b' '; 10]).await.unwrap();
+    let answer = read_answer(&mut recv).await.expect("an answer");
+    assert_eq!(
+        (answer["success"].clone(), answer["code"].clone()),
+        (json!(false), json!("bad_request")),
+        "{answer}"
+    );
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("frame not received in full within 500 ms"),
+        "{answer}"
+    );
+    // The connection goes on serving.
+    assert_eq!(agent.request(claim("after")).await["success"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_parks_little_on_its_node_behind_slow_requests() {
+    let (cluster, leader) = TestCluster::ready_with_faults().await;
+    let agent = cluster.raw(leader).await;
+    // Cut off from its followers, the leader's claims wait (for the write timeout, 10 s).
+    cluster.net().isolate(leader);
+    // Eight claims, each followed on its stream by as much as the node takes in: it reads
+    // no further while the claim waits, so what it takes stays in its buffers. All of it
+    // is sent within the claims' wait (a stream stalled for 0.3 s is done).
+    let mut taken = 0;
+    let mut streams = Vec::new();
+    for i in 0..8 {
+        let (mut send, recv) = agent.conn.open_bi().await.unwrap();
+        let mut data = frame(&claim(&format!("slow-{i}")));
+        data.resize(data.len() + (2 << 20), b' ');
+        let mut sent = 0;
+        while sent < data.len() {
+            // Stalled: flow control has run out (the window is the node's to give).
+            match tokio::time::timeout(Duration::from_millis(300), send.write(&data[sent..])).await
+            {
+                Ok(Ok(n)) => sent += n,
+                Ok(Err(e)) => panic!("{e}"),
+                Err(_) => break,
+            }
+        }
+        taken += sent;
+        streams.push((send, recv));
+    }
+    // The connection's window (256 KiB), not 1.25 MB for each stream.
+    assert!(taken <= 256 * 1024, "the node took in {taken} bytes");
+    drop(streams);
 }

@@ -4,6 +4,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -134,7 +135,13 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let answer = match read_stream_frame(&mut recv, MAX_AGENT_FRAME).await {
+    // A request trickled in (or announced and never sent) holds its stream, and what has
+    // arrived of it, only this long.
+    let deadline = Duration::from_millis(inner.config.limits.request_read_timeout_ms);
+    let read = tokio::time::timeout(deadline, read_stream_frame(&mut recv, MAX_AGENT_FRAME))
+        .await
+        .unwrap_or(Err(FrameError::TimedOut(deadline)));
+    let answer = match read {
         Ok(bytes) => {
             let started = std::time::Instant::now();
             inner.conns.touch(conn_id);

@@ -1,5 +1,7 @@
 //! Length-prefixed frames: a 4-byte big-endian length N, then N bytes.
 
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest frame of the agent protocol.
@@ -13,6 +15,8 @@ pub enum FrameError {
     TooLarge { len: usize, max: usize },
     #[error("stream ended inside a frame")]
     Truncated,
+    #[error("frame not received in full within {} ms", .0.as_millis())]
+    TimedOut(Duration),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -52,10 +56,18 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
-    let mut body = vec![0u8; len];
-    read_exact(r, &mut body).await?;
+    // Grown as the body arrives, not sized by the length announced: a sender that announces
+    // a large frame and sends little (on many streams at once) holds only what it sent.
+    let mut body = Vec::with_capacity(len.min(FIRST_READ));
+    (&mut *r).take(len as u64).read_to_end(&mut body).await?;
+    if body.len() < len {
+        return Err(FrameError::Truncated);
+    }
     Ok(body)
 }
+
+/// What a frame's body buffer starts at (most frames fit; bigger ones grow as they arrive).
+const FIRST_READ: usize = 4096;
 
 /// Reads the one frame a QUIC stream carries (a request or its answer), then the end of the
 /// stream if it has arrived with it (see [`read_end_if_there`]). Only for streams that carry
@@ -112,4 +124,36 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     }
     w.write_all(&encode_frame(payload)).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_arrive_whole_in_pieces_and_are_refused_when_cut_or_too_long() {
+        // A big frame, written in small pieces while it is read.
+        let payload: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let (mut w, mut r) = tokio::io::duplex(1000);
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move { write_frame(&mut w, &sent).await });
+        assert_eq!(read_frame(&mut r, 1 << 20).await.unwrap(), payload);
+        writer.await.unwrap().unwrap();
+
+        // The stream ends inside the body.
+        let mut cut = encode_frame(b"0123456789");
+        cut.truncate(9);
+        let e = read_frame(&mut &cut[..], 100).await.unwrap_err();
+        assert!(matches!(e, FrameError::Truncated), "{e}");
+        // Longer than allowed: refused on its length, before the body.
+        let e = read_frame(&mut &encode_frame(&[7; 101])[..], 100)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, FrameError::TooLarge { len: 101, max: 100 }),
+            "{e}"
+        );
+        let e = read_frame(&mut &[0u8, 0, 0, 0][..], 100).await.unwrap_err();
+        assert!(matches!(e, FrameError::Empty), "{e}");
+    }
 }

@@ -65,6 +65,12 @@ const MAX_BIDI_STREAMS: u32 = 1024;
 pub const AGENT_BIDI_STREAMS: u32 = 64;
 /// Streams a node may open towards an agent: one ping at a time.
 const AGENT_INCOMING_STREAMS: u32 = 8;
+/// Bytes an agent may have in flight to a node on one connection, unread by the node (QUIC
+/// connection-level flow control). The node reads each request as it comes, so this only
+/// binds what arrives while a stream's request is being served: without it quinn's default
+/// (no connection limit, 1.25 MB per stream) let one agent connection park some 80 MB on
+/// its node behind 64 slow requests. Four largest requests fit at once.
+const AGENT_RECEIVE_WINDOW: u32 = 256 * 1024;
 
 /// Errors from loading TLS material, building configurations, generating dev
 /// material and classifying connections.
@@ -679,26 +685,28 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
 /// (about 146 million years) are capped.
 #[must_use]
 pub fn client_transport(keep_alive: Duration, idle: Duration) -> Arc<quinn::TransportConfig> {
-    transport(keep_alive, idle, MAX_BIDI_STREAMS)
+    Arc::new(transport(keep_alive, idle, MAX_BIDI_STREAMS))
 }
 
 /// Transport of an agent's connection: like [`client_transport`], but the node may open
 /// only a few streams towards it (pings), which keeps the agent's memory small.
 #[must_use]
 pub fn agent_transport(keep_alive: Duration, idle: Duration) -> Arc<quinn::TransportConfig> {
-    transport(keep_alive, idle, AGENT_INCOMING_STREAMS)
+    Arc::new(transport(keep_alive, idle, AGENT_INCOMING_STREAMS))
 }
 
-/// Lets a peer or operator connection open as many concurrent streams as Raft needs (the
-/// node accepts every connection with an agent's limit).
+/// Lets a peer or operator connection open as many concurrent streams as Raft needs, and
+/// send without a connection-wide flow-control limit (the node accepts every connection
+/// with an agent's limits).
 pub fn widen_streams(conn: &quinn::Connection) {
     conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(MAX_BIDI_STREAMS));
+    conn.set_receive_window(quinn::VarInt::MAX);
 }
 
 /// Ack-eliciting packets the other side may receive before it must acknowledge.
 const ACK_ELICITING_THRESHOLD: u32 = 8;
 
-fn transport(keep_alive: Duration, idle: Duration, bidi: u32) -> Arc<quinn::TransportConfig> {
+fn transport(keep_alive: Duration, idle: Duration, bidi: u32) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval((!keep_alive.is_zero()).then_some(keep_alive));
     let idle = quinn::IdleTimeout::try_from(idle)
@@ -714,7 +722,7 @@ fn transport(keep_alive: Duration, idle: Duration, bidi: u32) -> Arc<quinn::Tran
     let mut ack = quinn::AckFrequencyConfig::default();
     ack.ack_eliciting_threshold(quinn::VarInt::from_u32(ACK_ELICITING_THRESHOLD));
     transport.ack_frequency_config(Some(ack));
-    Arc::new(transport)
+    transport
 }
 
 /// HMAC-SHA256 key for QUIC stateless-reset tokens (see [`NodeTls::endpoint_config`]).

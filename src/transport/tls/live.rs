@@ -20,7 +20,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use super::{quic_client_config, transport, NodeAuthority, NodeTls, TlsError};
-use super::{AGENT_BIDI_STREAMS, ALPN_ADMIN, ALPN_AGENT, ALPN_PEER};
+use super::{AGENT_BIDI_STREAMS, AGENT_RECEIVE_WINDOW, ALPN_ADMIN, ALPN_AGENT, ALPN_PEER};
 
 /// The TLS identity a node serves and dials with; see the module doc.
 pub struct LiveTls {
@@ -98,9 +98,12 @@ impl LiveTls {
         // The node sends no keep-alives of its own: the dialling side (agent, peer,
         // operator) keeps a connection alive. With tens of thousands of agents, a
         // per-connection keep-alive from the node would be most of its traffic.
-        // Every connection starts with an agent's stream limit; peer and operator connections
-        // are widened once their ALPN and certificate are known (`widen_streams`).
-        config.transport_config(transport(Duration::ZERO, idle, AGENT_BIDI_STREAMS));
+        // Every connection starts with an agent's stream limit and flow-control window; peer
+        // and operator connections are widened once their ALPN and certificate are known
+        // (`widen_streams`).
+        let mut transport = transport(Duration::ZERO, idle, AGENT_BIDI_STREAMS);
+        transport.receive_window(quinn::VarInt::from_u32(AGENT_RECEIVE_WINDOW));
+        config.transport_config(Arc::new(transport));
         Ok(config)
     }
 
