@@ -122,20 +122,20 @@ impl Handshakes {
     /// not raised behind its back.
     pub(crate) fn admit(&self, incoming: quinn::Incoming) -> Option<(quinn::Incoming, InProgress)> {
         let in_progress = usize::try_from(self.metrics.in_progress.get()).unwrap_or(0);
-        // Counted per address only where there is a limit, and only once validated.
-        let source = (self.max_per_source != usize::MAX && incoming.remote_address_validated())
+        let validated = incoming.remote_address_validated();
+        // Counted per address only where there is a limit, and only once validated. Only
+        // this loop adds to the counts, so they cannot rise between the check and the add.
+        let source = (validated && self.max_per_source != usize::MAX)
             .then(|| Source::of(incoming.remote_address().ip()));
-        let mut per_source = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
         let from_source = match source {
-            Some(s) => Some(per_source.get(&s).copied().unwrap_or(0)),
-            None if incoming.remote_address_validated() => Some(0),
-            None => None,
+            Some(s) => Some(self.per_source().get(&s).copied().unwrap_or(0)),
+            None => validated.then_some(0),
         };
         match self.decide(in_progress, from_source) {
             Admission::Accept => {
                 self.metrics.in_progress.inc();
                 if let Some(s) = source {
-                    *per_source.entry(s).or_insert(0) += 1;
+                    *self.per_source().entry(s).or_insert(0) += 1;
                 }
                 Some((
                     incoming,
@@ -165,6 +165,10 @@ impl Handshakes {
                 None
             }
         }
+    }
+
+    fn per_source(&self) -> std::sync::MutexGuard<'_, HashMap<Source, usize>> {
+        self.per_source.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Counts a handshake given up for taking longer than the timeout.
