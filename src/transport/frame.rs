@@ -56,9 +56,15 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
-    // Grown as the body arrives, not sized by the length announced: a sender that announces
-    // a large frame and sends little (on many streams at once) holds only what it sent.
-    let mut body = Vec::with_capacity(len.min(FIRST_READ));
+    if len <= SMALL_FRAME {
+        let mut body = vec![0u8; len];
+        read_exact(r, &mut body).await?;
+        return Ok(body);
+    }
+    // A bigger one is grown as it arrives, not sized by the length announced: a sender that
+    // announces large frames and sends little (on many streams at once) holds only what it
+    // sent.
+    let mut body = Vec::with_capacity(SMALL_FRAME);
     (&mut *r).take(len as u64).read_to_end(&mut body).await?;
     if body.len() < len {
         return Err(FrameError::Truncated);
@@ -66,8 +72,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Ok(body)
 }
 
-/// What a frame's body buffer starts at (most frames fit; bigger ones grow as they arrive).
-const FIRST_READ: usize = 4096;
+/// Frames up to this size are read into a buffer of their announced size at once (most
+/// frames; an agent's requests are a few hundred bytes).
+const SMALL_FRAME: usize = 4096;
 
 /// Reads the one frame a QUIC stream carries (a request or its answer), then the end of the
 /// stream if it has arrived with it (see [`read_end_if_there`]). Only for streams that carry
