@@ -262,10 +262,10 @@ fn flood(ca_pem: &str, to: SocketAddr, n: usize, answer_retry: bool) -> UdpSocke
             .connect(Instant::now(), config.clone(), to, tls::DEFAULT_SERVER_NAME)
             .unwrap();
         send(&mut conn, &mut packet);
-        // The Retry comes among the packets the node sends the earlier, stalled handshakes.
         if !answer_retry {
             continue;
         }
+        // The Retry comes among the packets the node sends the earlier, stalled handshakes.
         loop {
             let mut datagram = vec![0; 2048];
             let (len, from) = socket.recv_from(&mut datagram).expect("the node's Retry");
