@@ -289,6 +289,15 @@ fn flood(ca_pem: &str, to: SocketAddr, n: usize, answer_retry: bool) -> UdpSocke
     socket
 }
 
+/// Waits until node 1's metric `name` has a value `ok` takes.
+async fn wait_for_metric(cluster: &TestCluster, name: &str, ok: impl Fn(u64) -> bool) {
+    let ok = &ok;
+    wait_for(name, TIMEOUT, || async move {
+        ok(metric(cluster, 1, name).await).then_some(())
+    })
+    .await
+}
+
 /// The value of the metric `name` (without labels) on node `id`.
 async fn metric(cluster: &TestCluster, id: u64, name: &str) -> u64 {
     let (_, text) = http_get(cluster.node(id), "/metrics").await;
@@ -311,10 +320,7 @@ async fn a_flood_of_first_packets_costs_a_retry_each_and_agents_still_connect() 
     // The first eight are taken on (and never finished); the other 192 are sent a Retry,
     // which the flooder never answers: nothing of them is kept. (A peer dialling node 1
     // meanwhile is retried too, and its handshake is in progress for a moment.)
-    wait_for("the flood's packets handled", TIMEOUT, || async {
-        (metric(&cluster, 1, "agentreg_handshakes_retried_total").await >= 192).then_some(())
-    })
-    .await;
+    wait_for_metric(&cluster, "agentreg_handshakes_retried_total", |v| v >= 192).await;
     let in_progress = metric(&cluster, 1, "agentreg_handshakes_in_progress").await;
     assert!((8..=10).contains(&in_progress), "{in_progress}");
     assert_eq!(
@@ -333,10 +339,7 @@ async fn a_flood_of_first_packets_costs_a_retry_each_and_agents_still_connect() 
     client.close().await;
 
     // The unfinished handshakes are dropped after the timeout.
-    wait_for("the flood's handshakes dropped", TIMEOUT, || async {
-        (metric(&cluster, 1, "agentreg_handshakes_in_progress").await == 0).then_some(())
-    })
-    .await;
+    wait_for_metric(&cluster, "agentreg_handshakes_in_progress", |v| v == 0).await;
     assert_eq!(
         metric(&cluster, 1, "agentreg_handshakes_timed_out_total").await,
         8
@@ -354,10 +357,7 @@ async fn handshakes_beyond_the_maximum_are_refused_and_agents_go_to_another_node
     })
     .await;
     let _flooder = flood_first_packets(&cluster.ca_pem(), cluster.addrs[&1], 40);
-    wait_for("the flood's packets handled", TIMEOUT, || async {
-        (metric(&cluster, 1, "agentreg_handshakes_refused_total").await >= 24).then_some(())
-    })
-    .await;
+    wait_for_metric(&cluster, "agentreg_handshakes_refused_total", |v| v >= 24).await;
     assert_eq!(
         metric(&cluster, 1, "agentreg_handshakes_in_progress").await,
         16
@@ -390,10 +390,7 @@ async fn a_validated_address_gets_its_share_of_handshakes_and_others_theirs() {
         .await
         .unwrap();
     // (Peers dial from 127.0.0.1 too, and are retried and counted like anyone.)
-    wait_for("the flood's handshakes handled", TIMEOUT, || async {
-        (metric(&cluster, 1, "agentreg_handshakes_refused_total").await >= 6).then_some(())
-    })
-    .await;
+    wait_for_metric(&cluster, "agentreg_handshakes_refused_total", |v| v >= 6).await;
     assert_eq!(
         metric(&cluster, 1, "agentreg_handshakes_in_progress").await,
         4

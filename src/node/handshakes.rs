@@ -21,14 +21,13 @@
 //! Peers' and operators' connections pass through the same gate: they too answer Retries,
 //! and reconnect if refused.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::limits::Source;
+use super::limits::{limit, PerSource, Source};
 use crate::config::LimitsConfig;
 
 /// What becomes of a new connection's first packet.
@@ -56,45 +55,35 @@ pub(crate) struct Handshakes {
     timeout: Duration,
     metrics: HandshakeMetrics,
     /// Handshakes in progress from validated addresses, when there is a limit per address.
-    per_source: PerSource,
+    per_source: Arc<Mutex<PerSource>>,
 }
-
-/// Handshakes in progress per validated address.
-type PerSource = Arc<Mutex<HashMap<Source, usize>>>;
 
 /// A handshake counted as in progress until dropped.
 pub(crate) struct InProgress {
     gauge: Gauge,
     /// Where it is counted per address too.
-    source: Option<(Source, PerSource)>,
+    source: Option<(Source, Arc<Mutex<PerSource>>)>,
 }
 
 impl Drop for InProgress {
     fn drop(&mut self) {
         self.gauge.dec();
         if let Some((source, per_source)) = &self.source {
-            let mut per_source = per_source.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = per_source.get_mut(source) {
-                *n -= 1;
-                if *n == 0 {
-                    per_source.remove(source);
-                }
-            }
+            per_source
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release(*source);
         }
     }
 }
 
 impl Handshakes {
     pub(crate) fn new(config: &LimitsConfig, metrics: HandshakeMetrics) -> Handshakes {
-        let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
-        let limit = |n: u64| match n {
-            0 => usize::MAX,
-            n => count(n),
-        };
         Handshakes {
             max: limit(config.max_handshakes),
             max_per_source: limit(config.max_handshakes_per_address),
-            retry_after: count(config.retry_after_handshakes),
+            // 0 here is "always", not "no limit".
+            retry_after: usize::try_from(config.retry_after_handshakes).unwrap_or(usize::MAX),
             timeout: Duration::from_millis(config.handshake_timeout_ms),
             metrics,
             per_source: Arc::default(),
@@ -128,14 +117,14 @@ impl Handshakes {
         let source = (validated && self.max_per_source != usize::MAX)
             .then(|| Source::of(incoming.remote_address().ip()));
         let from_source = match source {
-            Some(s) => Some(self.per_source().get(&s).copied().unwrap_or(0)),
+            Some(s) => Some(self.per_source().get(s)),
             None => validated.then_some(0),
         };
         match self.decide(in_progress, from_source) {
             Admission::Accept => {
                 self.metrics.in_progress.inc();
                 if let Some(s) = source {
-                    *self.per_source().entry(s).or_insert(0) += 1;
+                    self.per_source().add(s);
                 }
                 Some((
                     incoming,
@@ -167,7 +156,7 @@ impl Handshakes {
         }
     }
 
-    fn per_source(&self) -> std::sync::MutexGuard<'_, HashMap<Source, usize>> {
+    fn per_source(&self) -> std::sync::MutexGuard<'_, PerSource> {
         self.per_source.lock().unwrap_or_else(|e| e.into_inner())
     }
 

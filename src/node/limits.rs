@@ -139,6 +139,44 @@ impl ClaimLimits {
     }
 }
 
+/// A count limit of `[limits]`: 0 means none.
+pub(crate) fn limit(n: u64) -> usize {
+    match n {
+        0 => usize::MAX,
+        n => usize::try_from(n).unwrap_or(usize::MAX),
+    }
+}
+
+/// How many of something (connections, handshakes) each source holds; a source that holds
+/// none is not kept, so the map is as large as the sources holding something.
+#[derive(Default)]
+pub(crate) struct PerSource(HashMap<Source, usize>);
+
+impl PerSource {
+    pub(crate) fn get(&self, source: Source) -> usize {
+        self.0.get(&source).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn add(&mut self, source: Source) {
+        *self.0.entry(source).or_insert(0) += 1;
+    }
+
+    /// Gives back one that [`PerSource::add`] counted.
+    pub(crate) fn release(&mut self, source: Source) {
+        if let Some(n) = self.0.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(&source);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Agent connections this node holds, in all (`max_agent_connections`) and per source
 /// address (`max_agent_connections_per_address`). Each connection costs tens of kilobytes
 /// (quinn's state, its streams), so without a bound a flood of connections, from one
@@ -155,7 +193,7 @@ pub(crate) struct ConnectionLimits {
 struct Held {
     total: usize,
     /// Only while a limit per source is set; sources with no connection are removed.
-    per_source: HashMap<Source, usize>,
+    per_source: PerSource,
     /// Whether the node is at its total limit (warned once per time it gets there).
     full: bool,
 }
@@ -190,10 +228,6 @@ pub(crate) struct Admitted<'a> {
 
 impl ConnectionLimits {
     pub(crate) fn new(config: &LimitsConfig) -> ConnectionLimits {
-        let limit = |n: u64| match n {
-            0 => usize::MAX,
-            n => usize::try_from(n).unwrap_or(usize::MAX),
-        };
         ConnectionLimits {
             max_total: limit(config.max_agent_connections),
             max_per_source: limit(config.max_agent_connections_per_address),
@@ -219,11 +253,10 @@ impl ConnectionLimits {
             return Err(Full::Node);
         }
         if self.max_per_source != usize::MAX {
-            let n = held.per_source.entry(source).or_insert(0);
-            if *n >= self.max_per_source {
+            if held.per_source.get(source) >= self.max_per_source {
                 return Err(Full::Source);
             }
-            *n += 1;
+            held.per_source.add(source);
         }
         held.total += 1;
         Ok(Admitted {
@@ -241,12 +274,7 @@ impl Drop for Admitted<'_> {
         if held.total < limits.max_total {
             held.full = false;
         }
-        if let Some(n) = held.per_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                held.per_source.remove(&self.source);
-            }
-        }
+        held.per_source.release(self.source);
     }
 }
 
