@@ -44,6 +44,57 @@ fn data_dir_of_another_cluster_or_node_is_refused_and_left_alone() {
     DataDir::open(dir.path(), "alpha", 1).unwrap();
 }
 
+/// A node's QUIC endpoint secret is written the first time and read back ever after,
+/// whatever the node offers later (its TLS key, from which the first one is derived, may be
+/// renewed); one of the wrong size is refused and left as it was.
+#[test]
+fn the_endpoint_secret_is_written_once_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::open(dir.path(), "alpha", 1).unwrap();
+    assert_eq!(
+        data.endpoint_secret(dir.path(), || [1u8; 40]).unwrap(),
+        [1u8; 40]
+    );
+    assert_eq!(
+        data.endpoint_secret(dir.path(), || [2u8; 40]).unwrap(),
+        [1u8; 40]
+    );
+    drop(data);
+    // Reopened (open waits for the lock this process held a moment ago).
+    let data = DataDir::open(dir.path(), "alpha", 1).unwrap();
+    assert_eq!(
+        data.endpoint_secret(dir.path(), || [3u8; 40]).unwrap(),
+        [1u8; 40]
+    );
+
+    data.db
+        .open_tree("identity")
+        .unwrap()
+        .insert("quic_endpoint_secret", &[9u8; 7][..])
+        .unwrap();
+    let err = data
+        .endpoint_secret(dir.path(), || [4u8; 40])
+        .expect_err("a secret of 7 bytes taken");
+    assert!(
+        matches!(
+            err,
+            DataDirError::EndpointSecret {
+                len: 7,
+                expected: 40,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let kept = data
+        .db
+        .open_tree("identity")
+        .unwrap()
+        .get("quic_endpoint_secret")
+        .unwrap();
+    assert_eq!(kept.as_deref(), Some(&[9u8; 7][..]), "left as it was");
+}
+
 /// sled releases its lock on a closed database only once its background threads let go of
 /// it, a moment after the last handle is dropped: a data dir closed a moment ago (here, held
 /// 200 ms more) opens once the lock is free instead of failing (it failed once in CI, right

@@ -464,6 +464,11 @@ fn node_endpoint(
     })
 }
 
+/// The endpoint config of a node with the endpoint secret derived from its key.
+fn stable(node: &NodeTls) -> quinn::EndpointConfig {
+    agentreg::transport::tls::endpoint_config(&node.endpoint_secret())
+}
+
 /// How the connection a client opened to a node's previous run ends once the node is back
 /// on the same port with `restarted`, and the client sends on the old connection.
 fn old_connection_after_restart(
@@ -483,7 +488,7 @@ fn old_connection_after_restart(
     let first_run = tokio::runtime::Runtime::new().unwrap();
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = socket.local_addr().unwrap();
-    let endpoint = node_endpoint(&first_run, node.endpoint_config(), &node, socket);
+    let endpoint = node_endpoint(&first_run, stable(&node), &node, socket);
 
     let client_rt = tokio::runtime::Runtime::new().unwrap();
     let conn = client_rt.block_on(async {
@@ -528,7 +533,7 @@ fn old_connection_after_restart(
 
 #[test]
 fn a_restarted_node_resets_the_connections_of_its_previous_run() {
-    let ended = old_connection_after_restart(NodeTls::endpoint_config)
+    let ended = old_connection_after_restart(stable)
         .expect("the old connection ends at once, not at the idle timeout");
     assert!(
         matches!(ended, quinn::ConnectionError::Reset),

@@ -49,7 +49,7 @@ fn bind(dir: &Path) -> anyhow::Result<quinn::Endpoint> {
     s.set_recv_buffer_size(4 << 20)?;
     s.set_send_buffer_size(4 << 20)?;
     let endpoint = quinn::Endpoint::new(
-        node.endpoint_config(),
+        tls::endpoint_config(&node.endpoint_secret()),
         Some(node.server_config(tls::IDLE_TIMEOUT)?),
         socket,
         Arc::new(quinn::TokioRuntime),

@@ -184,8 +184,9 @@ impl Node {
             })?,
         };
         tune_socket(&socket);
+        let endpoint_secret = data.endpoint_secret(&config.data_dir, || tls.endpoint_secret())?;
         let endpoint = quinn::Endpoint::new(
-            tls.endpoint_config(),
+            tls::endpoint_config(&endpoint_secret),
             // An agent may stay silent between pings for as long as it may stay silent at
             // all (agent_timeout): a large fleet need not send a keep-alive every few
             // seconds. Peers and operators ask for 10 s themselves.

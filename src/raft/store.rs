@@ -43,6 +43,15 @@ pub enum DataDirError {
         path: PathBuf,
         source: log_store::OpenError,
     },
+    #[error(
+        "data dir {path} holds a QUIC endpoint secret of {len} bytes, not {expected}; \
+         refusing to start (nothing was changed)"
+    )]
+    EndpointSecret {
+        path: PathBuf,
+        len: usize,
+        expected: usize,
+    },
 }
 
 /// How long [`open_sled`] waits for sled's lock on the directory.
@@ -70,6 +79,7 @@ fn open_sled(path: &Path) -> sled::Result<sled::Db> {
 
 const CLUSTER_ID: &[u8] = b"cluster_id";
 const NODE_ID: &[u8] = b"node_id";
+const ENDPOINT_SECRET: &[u8] = b"quic_endpoint_secret";
 
 impl DataDir {
     /// Opens (or creates) the data directory of `node_id` in `cluster_id`.
@@ -139,5 +149,41 @@ impl DataDir {
             state_machine,
             pristine,
         })
+    }
+
+    /// The secret of the node's QUIC endpoint (its stateless-reset and connection-id keys),
+    /// which must be the same in every run of the node and so is kept here: written once,
+    /// from `first`, when the directory has none yet, and read back ever after. Kept apart
+    /// from the TLS key, which a renewal may replace while the node runs.
+    ///
+    /// # Errors
+    /// sled cannot read or write it, or what is kept is not `N` bytes (then nothing is
+    /// changed).
+    pub fn endpoint_secret<const N: usize>(
+        &self,
+        path: &Path,
+        first: impl FnOnce() -> [u8; N],
+    ) -> Result<[u8; N], DataDirError> {
+        let open_err = |source| DataDirError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let identity = self.db.open_tree("identity").map_err(open_err)?;
+        if let Some(kept) = identity.get(ENDPOINT_SECRET).map_err(open_err)? {
+            return kept
+                .as_ref()
+                .try_into()
+                .map_err(|_| DataDirError::EndpointSecret {
+                    path: path.to_owned(),
+                    len: kept.len(),
+                    expected: N,
+                });
+        }
+        let secret = first();
+        identity
+            .insert(ENDPOINT_SECRET, &secret[..])
+            .map_err(open_err)?;
+        self.db.flush().map_err(open_err)?;
+        Ok(secret)
     }
 }

@@ -270,13 +270,13 @@ impl fmt::Debug for NodeTls {
 }
 
 impl NodeTls {
-    /// The QUIC endpoint config of this node: its stateless-reset key is derived from the
-    /// node's private key, so it is the same in every run of the node. A restarted node then
-    /// answers packets of its previous run's connections with a stateless reset, and peers
-    /// and agents drop those connections at once instead of sending into them until the
-    /// idle timeout (a peer that keeps talking to a dead connection cannot even vote).
+    /// A QUIC endpoint secret derived from the node's private key (see [`endpoint_config`]).
+    /// A node writes it into a new data dir and uses the one kept there from then on, since
+    /// the key may be renewed (daily, with some CAs) and the secret must not change with it.
+    /// Nodes of earlier builds derived it at every start: an upgraded node writes the one
+    /// its previous run used, and so still resets that run's connections.
     #[must_use]
-    pub fn endpoint_config(&self) -> quinn::EndpointConfig {
+    pub fn endpoint_secret(&self) -> [u8; ENDPOINT_SECRET_LEN] {
         use sha2::{Digest, Sha256};
         let derive = |label: &[u8]| -> [u8; 32] {
             let mut h = Sha256::new();
@@ -284,17 +284,10 @@ impl NodeTls {
             h.update(self.key.secret_der());
             h.finalize().into()
         };
-        let mut config = quinn::EndpointConfig::new(Arc::new(ResetKey(derive(
-            b"agentreg/quic-stateless-reset/v1\0",
-        ))));
-        // The endpoint only resets packets whose connection id it could have issued, so the
-        // connection-id generator's key must outlive the process too.
-        let cid_key = derive(b"agentreg/quic-connection-id/v1\0");
-        let cid_key = u64::from_le_bytes(cid_key[..8].try_into().expect("8 bytes"));
-        config.cid_generator(move || {
-            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-        });
-        config
+        let mut secret = [0u8; ENDPOINT_SECRET_LEN];
+        secret[..32].copy_from_slice(&derive(b"agentreg/quic-stateless-reset/v1\0"));
+        secret[32..].copy_from_slice(&derive(b"agentreg/quic-connection-id/v1\0")[..8]);
+        secret
     }
 
     /// Loads and checks the PEM files named in `files`.
@@ -725,7 +718,30 @@ fn transport(keep_alive: Duration, idle: Duration, bidi: u32) -> quinn::Transpor
     transport
 }
 
-/// HMAC-SHA256 key for QUIC stateless-reset tokens (see [`NodeTls::endpoint_config`]).
+/// The length of a QUIC endpoint secret: a stateless-reset key (32 bytes) and a
+/// connection-id key (8).
+pub const ENDPOINT_SECRET_LEN: usize = 40;
+
+/// The QUIC endpoint config of a node whose endpoint secret is `secret` (see
+/// [`NodeTls::endpoint_secret`]). With the same secret in every run, a restarted node
+/// answers packets of its previous run's connections with a stateless reset, and peers and
+/// agents drop those connections at once instead of sending into them until the idle
+/// timeout (a peer that keeps talking to a dead connection cannot even vote).
+#[must_use]
+pub fn endpoint_config(secret: &[u8; ENDPOINT_SECRET_LEN]) -> quinn::EndpointConfig {
+    let (reset, cid) = secret.split_at(32);
+    let mut config =
+        quinn::EndpointConfig::new(Arc::new(ResetKey(reset.try_into().expect("32 bytes"))));
+    // The endpoint only resets packets whose connection id it could have issued, so the
+    // connection-id generator's key must outlive the process too.
+    let cid_key = u64::from_le_bytes(cid.try_into().expect("8 bytes"));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
+}
+
+/// HMAC-SHA256 key for QUIC stateless-reset tokens (see [`endpoint_config`]).
 struct ResetKey([u8; 32]);
 
 impl ResetKey {
