@@ -4,7 +4,7 @@
 //! all, or from one address) closes new ones unread and the agents go to another node; a
 //! flood of handshakes' first packets costs the node a Retry each, not a handshake; a request
 //! that never arrives in full is answered at a deadline, and an agent connection parks little
-//! on its node behind slow requests.
+//! on its node, behind slow requests or in large requests it sends slowly.
 
 mod common;
 
@@ -462,4 +462,77 @@ async fn an_agent_parks_little_on_its_node_behind_slow_requests() {
     // The connection's window (256 KiB), not 1.25 MB for each stream.
     assert!(taken <= 256 * 1024, "the node took in {taken} bytes");
     drop(streams);
+}
+
+/// How many bytes the node takes in of `streams` requests sent at once on `conn`, each
+/// announced at the largest size (64 KiB) and sent in full but for its last byte: what
+/// the node holds for the connection until its request deadline.
+async fn taken_by_unfinished_requests(conn: &quinn::Connection, streams: usize) -> usize {
+    let mut writers = Vec::new();
+    for _ in 0..streams {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        writers.push(tokio::spawn(async move {
+            let mut data = 65_536u32.to_be_bytes().to_vec();
+            data.resize(4 + 65_535, b' ');
+            let mut sent = 0;
+            while sent < data.len() {
+                // Stalled: flow control has run out (the window is the node's to give).
+                let write = send.write(&data[sent..]);
+                match tokio::time::timeout(Duration::from_millis(500), write).await {
+                    Ok(Ok(n)) => sent += n,
+                    Ok(Err(e)) => panic!("{e}"),
+                    Err(_) => break,
+                }
+            }
+            (sent, send, recv)
+        }));
+    }
+    // The streams are kept open until all are measured (quinn finishes a dropped stream).
+    let mut streams = Vec::new();
+    for w in writers {
+        streams.push(w.await.unwrap());
+    }
+    streams.iter().map(|(sent, ..)| sent).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_requests_sent_slowly_hold_little_and_large_requests_sent_whole_are_served() {
+    let (cluster, _) = with_limits(LimitsConfig::default()).await;
+    let agent = cluster.raw(1).await;
+    // On all 64 streams: what the node reads of four (256 KiB), and the connection's
+    // window of what it has not read (256 KiB), not 64 times 64 KiB.
+    let taken = taken_by_unfinished_requests(&agent.conn, 64).await;
+    assert!(
+        taken <= 512 * 1024 + 64 * 4,
+        "the node took in {taken} bytes"
+    );
+    // Another agent is served meanwhile.
+    assert_eq!(
+        cluster.raw(1).await.request(claim("other")).await["success"],
+        true
+    );
+
+    // Sixteen requests of 60 KiB sent at once, whole: they take turns, and all are answered.
+    let agent = cluster.raw(1).await;
+    let mut pings = Vec::new();
+    for i in 0..16 {
+        let pad = " ".repeat(60 * 1024);
+        let ping =
+            json!({"type": "system_request", "command": "ping_agent", "timestamp": i, "pad": pad});
+        let agent = agent.conn.clone();
+        pings.push(tokio::spawn(async move {
+            let (mut send, mut recv) = agent.open_bi().await.unwrap();
+            send.write_all(&frame(&ping)).await.unwrap();
+            send.finish().unwrap();
+            read_answer(&mut recv).await.expect("an answer")
+        }));
+    }
+    for (i, ping) in pings.into_iter().enumerate() {
+        let answer = ping.await.unwrap();
+        assert_eq!(
+            (&answer["success"], &answer["timestamp"]),
+            (&json!(true), &json!(i)),
+            "{answer}"
+        );
+    }
 }

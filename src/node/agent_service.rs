@@ -20,7 +20,8 @@ use crate::proto::agent::{
 };
 use crate::registry::{ClaimArgs, ConnRef, EndCause, Op, Outcome, SessionEnd, TokenHash};
 use crate::transport::frame::{
-    read_end_if_there, read_stream_frame, write_frame, FrameError, MAX_AGENT_FRAME,
+    read_end_if_there, read_stream_frame_within, write_frame, FrameBudget, FrameError,
+    MAX_AGENT_FRAME,
 };
 
 /// QUIC close codes a node uses on agent connections (documented in docs/protocol.md).
@@ -52,6 +53,7 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
         }
     };
     let (conn_id, conn_requests) = inner.conns.add(conn.clone());
+    let partial = Arc::new(FrameBudget::new(PARTIAL_REQUEST_BYTES));
     tracing::debug!(%remote, conn_id, "agent connected");
     // The connection's requests run inside this task, side by side, not as tasks of their
     // own: a spawn per request (copying its future to the heap and scheduling it, often on
@@ -86,12 +88,14 @@ pub(super) async fn serve(inner: Arc<Inner>, conn: quinn::Connection) {
             None
         };
         let inner = inner.clone();
+        let partial = partial.clone();
         running.push(
             async move {
                 // A request that panics must not take its neighbours on the connection (or the
                 // cleanup below) with it, as it could not when it was a task of its own.
-                let served =
-                    AssertUnwindSafe(serve_stream(&inner, conn_id, source, refusal, send, recv));
+                let served = AssertUnwindSafe(serve_stream(
+                    &inner, conn_id, source, &partial, refusal, send, recv,
+                ));
                 if served.catch_unwind().await.is_err() {
                     tracing::error!(conn_id, "an agent request panicked; its stream was dropped");
                 }
@@ -125,12 +129,20 @@ async fn evict_after_disconnect(inner: &Inner, conn_id: u64, agent_id: &str) {
     }
 }
 
+/// What a connection's partial requests over 4 KiB may hold between them while they arrive
+/// (one of the largest has 64 KiB): a request that would take more is not read until others
+/// are whole, so its bytes stay with QUIC, within the connection's flow-control window,
+/// which stops the agent. Without it, an agent announcing large requests on its 64 streams
+/// and trickling them in made its node hold up to 4 MiB per connection.
+const PARTIAL_REQUEST_BYTES: usize = 256 * 1024;
+
 /// Serves one request; `refusal` is the answer to anything but a ping when the request
 /// arrived after the node began to drain or the connection began to close.
 async fn serve_stream(
     inner: &Inner,
     conn_id: u64,
     source: Source,
+    partial: &FrameBudget,
     refusal: Option<(ErrorCode, &'static str)>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -140,7 +152,11 @@ async fn serve_stream(
     // stream is accepted: then no timer is set (one per request cost measurably at 64 in
     // flight).
     let read = {
-        let mut reading = std::pin::pin!(read_stream_frame(&mut recv, MAX_AGENT_FRAME));
+        let mut reading = std::pin::pin!(read_stream_frame_within(
+            &mut recv,
+            MAX_AGENT_FRAME,
+            partial
+        ));
         match futures::poll!(reading.as_mut()) {
             std::task::Poll::Ready(read) => read,
             std::task::Poll::Pending => {

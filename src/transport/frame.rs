@@ -47,6 +47,31 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> Result<Vec<u8>, FrameError> {
+    read_frame_within(r, max, None).await
+}
+
+/// Bytes that the frames over 4 KiB being read from one sender may hold at once
+/// (see [`read_stream_frame_within`]).
+pub struct FrameBudget {
+    bytes: tokio::sync::Semaphore,
+    total: usize,
+}
+
+impl FrameBudget {
+    #[must_use]
+    pub fn new(total: usize) -> FrameBudget {
+        FrameBudget {
+            bytes: tokio::sync::Semaphore::new(total),
+            total,
+        }
+    }
+}
+
+async fn read_frame_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    budget: Option<&FrameBudget>,
+) -> Result<Vec<u8>, FrameError> {
     let mut header = [0u8; 4];
     read_exact(r, &mut header).await?;
     let len = u32::from_be_bytes(header) as usize;
@@ -61,6 +86,15 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         read_exact(r, &mut body).await?;
         return Ok(body);
     }
+    // Its share of the budget, held until it has arrived whole (waited for in turn: the
+    // semaphore is fair). Never more than the whole budget, so a frame always fits.
+    let _share = match budget {
+        Some(b) => {
+            let share = u32::try_from(len.min(b.total)).unwrap_or(u32::MAX);
+            b.bytes.acquire_many(share).await.ok()
+        }
+        None => None,
+    };
     // A bigger one is grown as it arrives, not sized by the length announced: a sender that
     // announces large frames and sends little (on many streams at once) holds only what it
     // sent.
@@ -86,7 +120,24 @@ pub async fn read_stream_frame(
     recv: &mut quinn::RecvStream,
     max: usize,
 ) -> Result<Vec<u8>, FrameError> {
-    let body = read_frame(recv, max).await?;
+    let body = read_frame_within(recv, max, None).await?;
+    read_end_if_there(recv);
+    Ok(body)
+}
+
+/// As [`read_stream_frame`], where the frames over 4 KiB read at once with
+/// the same `budget` (an agent connection's requests) hold at most its bytes between them
+/// while they arrive: a frame that would take more waits, unread, until others are whole.
+/// Waiting, it leaves its bytes with QUIC, whose flow control then stops the sender.
+///
+/// # Errors
+/// As [`read_frame`].
+pub async fn read_stream_frame_within(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    budget: &FrameBudget,
+) -> Result<Vec<u8>, FrameError> {
+    let body = read_frame_within(recv, max, Some(budget)).await?;
     read_end_if_there(recv);
     Ok(body)
 }
