@@ -2,7 +2,8 @@
 //! `rate_limited` and the time to wait, nothing is written for the refused claims, and other
 //! addresses and other nodes are not held up; a node at its limit of agent connections (in
 //! all, or from one address) closes new ones unread and the agents go to another node; a
-//! flood of handshakes' first packets costs the node a Retry each, not a handshake; a request
+//! flood of handshakes' first packets costs the node a Retry each, not a handshake, and a
+//! node full of handshakes still takes its peers' connections; a request
 //! that never arrives in full is answered at a deadline, and an agent connection parks little
 //! on its node, behind slow requests or in large requests it sends slowly.
 
@@ -22,13 +23,18 @@ fn claim(agent_id: &str) -> Value {
     json!({"type": "system_request", "command": "claim_agent_id", "agent_id": agent_id})
 }
 
+/// A cluster with `limits`, its nodes on 127.0.0.5: agents and floods come from other
+/// addresses (127.0.0.1 and up), not from a node's, which a full node lets through.
 async fn with_limits(limits: LimitsConfig) -> (TestCluster, u64) {
     TestCluster::ready(Options {
         limits,
+        host: NODES_HOST,
         ..Options::default()
     })
     .await
 }
+
+const NODES_HOST: &str = "127.0.0.5";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_address_that_claims_too_fast_waits_and_nothing_is_written_for_it() {
@@ -248,7 +254,12 @@ fn flood(ca_pem: &str, to: SocketAddr, n: usize, answer_retry: bool) -> UdpSocke
         false,
         None,
     );
-    let config = tls::agent_client_config(ca_pem).unwrap();
+    let mut config = tls::agent_client_config(ca_pem).unwrap();
+    // A stalled handshake lasts until the smaller of this and the node's idle timeout.
+    config.transport_config(tls::client_transport(
+        Duration::ZERO,
+        Duration::from_secs(60),
+    ));
     let mut packet = Vec::new();
     let send = |conn: &mut quinn_proto::Connection, packet: &mut Vec<u8>| {
         packet.clear();
@@ -289,11 +300,11 @@ fn flood(ca_pem: &str, to: SocketAddr, n: usize, answer_retry: bool) -> UdpSocke
     socket
 }
 
-/// Waits until node 1's metric `name` has a value `ok` takes.
-async fn wait_for_metric(cluster: &TestCluster, name: &str, ok: impl Fn(u64) -> bool) {
+/// Waits until node `id`'s metric `name` has a value `ok` takes.
+async fn wait_for_metric(cluster: &TestCluster, id: u64, name: &str, ok: impl Fn(u64) -> bool) {
     let ok = &ok;
     wait_for(name, TIMEOUT, || async move {
-        ok(metric(cluster, 1, name).await).then_some(())
+        ok(metric(cluster, id, name).await).then_some(())
     })
     .await
 }
@@ -320,7 +331,10 @@ async fn a_flood_of_first_packets_costs_a_retry_each_and_agents_still_connect() 
     // The first eight are taken on (and never finished); the other 192 are sent a Retry,
     // which the flooder never answers: nothing of them is kept. (A peer dialling node 1
     // meanwhile is retried too, and its handshake is in progress for a moment.)
-    wait_for_metric(&cluster, "agentreg_handshakes_retried_total", |v| v >= 192).await;
+    wait_for_metric(&cluster, 1, "agentreg_handshakes_retried_total", |v| {
+        v >= 192
+    })
+    .await;
     let in_progress = metric(&cluster, 1, "agentreg_handshakes_in_progress").await;
     assert!((8..=10).contains(&in_progress), "{in_progress}");
     assert_eq!(
@@ -339,7 +353,7 @@ async fn a_flood_of_first_packets_costs_a_retry_each_and_agents_still_connect() 
     client.close().await;
 
     // The unfinished handshakes are dropped after the timeout.
-    wait_for_metric(&cluster, "agentreg_handshakes_in_progress", |v| v == 0).await;
+    wait_for_metric(&cluster, 1, "agentreg_handshakes_in_progress", |v| v == 0).await;
     assert_eq!(
         metric(&cluster, 1, "agentreg_handshakes_timed_out_total").await,
         8
@@ -357,7 +371,10 @@ async fn handshakes_beyond_the_maximum_are_refused_and_agents_go_to_another_node
     })
     .await;
     let _flooder = flood_first_packets(&cluster.ca_pem(), cluster.addrs[&1], 40);
-    wait_for_metric(&cluster, "agentreg_handshakes_refused_total", |v| v >= 24).await;
+    wait_for_metric(&cluster, 1, "agentreg_handshakes_refused_total", |v| {
+        v >= 24
+    })
+    .await;
     assert_eq!(
         metric(&cluster, 1, "agentreg_handshakes_in_progress").await,
         16
@@ -370,9 +387,66 @@ async fn handshakes_beyond_the_maximum_are_refused_and_agents_go_to_another_node
         .await
         .expect("claim");
     assert_ne!(client.current_node(), Some(cluster.addrs[&1].to_string()));
-    // (Peers dialling node 1 meanwhile are refused too.)
     assert!(metric(&cluster, 1, "agentreg_handshakes_refused_total").await >= 25);
     client.close().await;
+}
+
+/// A node full of handshakes still takes its peers' connections: a flood must not keep a
+/// restarted node from reaching the leader (here, to forward an agent's claim to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_full_of_handshakes_still_takes_its_peers_connections() {
+    let defaults = Options::default();
+    let (mut cluster, leader) = TestCluster::ready(Options {
+        limits: LimitsConfig {
+            retry_after_handshakes: 0,
+            max_handshakes: 4,
+            handshake_timeout_ms: 60_000,
+            ..LimitsConfig::default()
+        },
+        host: NODES_HOST,
+        // The node's idle timeout for agents: the flood holds the leader that long (60 s).
+        heartbeat: agentreg::config::HeartbeatConfig {
+            agent_timeout_ms: 60_000,
+            ..defaults.heartbeat.clone()
+        },
+        ..defaults
+    })
+    .await;
+    let follower = cluster.follower().await;
+    cluster.crash(follower).await;
+    // The leader full: four handshakes from 127.0.0.1 that proved their address and stall.
+    let (ca, to) = (cluster.ca_pem(), cluster.addrs[&leader]);
+    let _flooder = tokio::task::spawn_blocking(move || flood_validated(&ca, to, 4))
+        .await
+        .unwrap();
+    wait_for_metric(&cluster, leader, "agentreg_handshakes_in_progress", |v| {
+        v == 4
+    })
+    .await;
+    let mut agent = quinn::Endpoint::client("127.0.0.2:0".parse().unwrap()).unwrap();
+    agent.set_default_client_config(tls::agent_client_config(&cluster.ca_pem()).unwrap());
+    let refused = agent.connect(to, tls::DEFAULT_SERVER_NAME).unwrap().await;
+    assert!(refused.is_err(), "an agent is refused by the full leader");
+
+    // The follower comes back: its first forward dials the leader, which takes it.
+    cluster.restart(follower).await;
+    wait_for(
+        "the follower ready (its clock compared)",
+        TIMEOUT,
+        || async { (http_get(cluster.node(follower), "/readyz").await.0 == 200).then_some(()) },
+    )
+    .await;
+    let answer = cluster
+        .raw(follower)
+        .await
+        .request(claim("forwarded"))
+        .await;
+    assert_eq!(answer["success"], true, "{answer}");
+    assert_eq!(
+        metric(&cluster, leader, "agentreg_handshakes_in_progress").await,
+        4,
+        "the flood still fills the leader"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -389,8 +463,8 @@ async fn a_validated_address_gets_its_share_of_handshakes_and_others_theirs() {
     let _flooder = tokio::task::spawn_blocking(move || flood_validated(&ca, node, 10))
         .await
         .unwrap();
-    // (Peers dial from 127.0.0.1 too, and are retried and counted like anyone.)
-    wait_for_metric(&cluster, "agentreg_handshakes_refused_total", |v| v >= 6).await;
+    // (Peers dialling meanwhile are retried too.)
+    wait_for_metric(&cluster, 1, "agentreg_handshakes_refused_total", |v| v >= 6).await;
     assert_eq!(
         metric(&cluster, 1, "agentreg_handshakes_in_progress").await,
         4

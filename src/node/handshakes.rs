@@ -19,7 +19,12 @@
 //!   idle timeout (agents' is `agent_timeout_ms`, a minute and a half by default).
 //!
 //! Peers' and operators' connections pass through the same gate: they too answer Retries,
-//! and reconnect if refused.
+//! and reconnect if refused. But a validated address at which this node has met another node
+//! (see `NodeAddresses`) is taken on even when the node is full, and one not yet validated is
+//! sent a Retry there rather than refused: a flood of handshakes must not keep a node's peers
+//! from reconnecting, which would split the cluster. An address is not an identity (the
+//! peer's certificate is known only once the handshake is done), so this lets through
+//! whoever shares a node's address, and only once it has proved it receives there.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +34,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use super::limits::{limit, PerSource, Source};
 use crate::config::LimitsConfig;
+use crate::raft::network::NodeAddresses;
 
 /// What becomes of a new connection's first packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,10 +102,12 @@ impl Handshakes {
     }
 
     /// `from_source`: handshakes in progress from the same validated address (None: the
-    /// address is not validated).
-    fn decide(&self, in_progress: usize, from_source: Option<usize>) -> Admission {
+    /// address is not validated); `from_node`: the address is one of a node's.
+    fn decide(&self, in_progress: usize, from_source: Option<usize>, from_node: bool) -> Admission {
         match from_source {
+            Some(_) if from_node => Admission::Accept,
             None if in_progress >= self.retry_after => Admission::Retry,
+            None if from_node && in_progress >= self.max => Admission::Retry,
             _ if in_progress >= self.max => Admission::Refuse,
             Some(n) if n >= self.max_per_source => Admission::Refuse,
             _ => Admission::Accept,
@@ -109,9 +117,14 @@ impl Handshakes {
     /// Sends the Retry or the refusal `incoming` gets, or hands it back to be accepted,
     /// counted as in progress. Called from the one accept loop, so the count it reads is
     /// not raised behind its back.
-    pub(crate) fn admit(&self, incoming: quinn::Incoming) -> Option<(quinn::Incoming, InProgress)> {
+    pub(crate) fn admit(
+        &self,
+        incoming: quinn::Incoming,
+        nodes: &NodeAddresses,
+    ) -> Option<(quinn::Incoming, InProgress)> {
         let in_progress = usize::try_from(self.metrics.in_progress.get()).unwrap_or(0);
         let validated = incoming.remote_address_validated();
+        let from_node = nodes.contains(incoming.remote_address().ip());
         // Counted per address only where there is a limit, and only once validated. Only
         // this loop adds to the counts, so they cannot rise between the check and the add.
         let source = (validated && self.max_per_source != usize::MAX)
@@ -120,7 +133,7 @@ impl Handshakes {
             Some(s) => Some(self.per_source().get(s)),
             None => validated.then_some(0),
         };
-        match self.decide(in_progress, from_source) {
+        match self.decide(in_progress, from_source, from_node) {
             Admission::Accept => {
                 self.metrics.in_progress.inc();
                 if let Some(s) = source {
@@ -186,7 +199,7 @@ mod tests {
     fn unvalidated_addresses_are_retried_under_load_and_all_refused_at_the_maximum() {
         use Admission::*;
         let h = handshakes(10, 4, 0);
-        let at = |n: usize| (h.decide(n, None), h.decide(n, Some(n)));
+        let at = |n: usize| (h.decide(n, None, false), h.decide(n, Some(n), false));
         assert_eq!(at(0), (Accept, Accept));
         assert_eq!(at(3), (Accept, Accept));
         // From the threshold on, an address must prove itself; one that has is accepted.
@@ -199,18 +212,36 @@ mod tests {
 
         // 0: every new address proves itself; no maximum.
         let h = handshakes(0, 0, 0);
-        assert_eq!(h.decide(0, None), Retry);
-        assert_eq!(h.decide(usize::MAX - 1, Some(usize::MAX - 1)), Accept);
+        assert_eq!(h.decide(0, None, false), Retry);
+        assert_eq!(
+            h.decide(usize::MAX - 1, Some(usize::MAX - 1), false),
+            Accept
+        );
     }
 
     #[test]
     fn a_validated_address_is_refused_at_its_share_and_an_unvalidated_one_is_not_counted() {
         use Admission::*;
         let h = handshakes(100, 10, 3);
-        assert_eq!(h.decide(5, Some(2)), Accept);
-        assert_eq!(h.decide(5, Some(3)), Refuse);
+        assert_eq!(h.decide(5, Some(2), false), Accept);
+        assert_eq!(h.decide(5, Some(3), false), Refuse);
         // Not validated, under the Retry threshold: taken on (the threshold bounds them all).
-        assert_eq!(h.decide(5, None), Accept);
-        assert_eq!(h.decide(10, None), Retry);
+        assert_eq!(h.decide(5, None, false), Accept);
+        assert_eq!(h.decide(10, None, false), Retry);
+    }
+
+    #[test]
+    fn a_nodes_address_is_taken_on_when_full_once_validated() {
+        use Admission::*;
+        let h = handshakes(10, 4, 3);
+        // Validated: taken on past the maximum and past its address's share.
+        assert_eq!(h.decide(1_000, Some(1_000), true), Accept);
+        // Not validated: a Retry first,
+        assert_eq!(h.decide(1_000, None, true), Retry);
+        // also where anyone else would be refused (no Retry before the maximum here).
+        let h = handshakes(10, 100, 0);
+        assert_eq!(h.decide(10, None, true), Retry);
+        assert_eq!(h.decide(10, None, false), Refuse);
+        assert_eq!(h.decide(5, None, true), Accept);
     }
 }

@@ -342,7 +342,8 @@ impl Node {
                         None => break,
                     },
                 };
-                let Some((incoming, handshake)) = inner.handshakes.admit(incoming) else {
+                let nodes = inner.peers.node_addresses();
+                let Some((incoming, handshake)) = inner.handshakes.admit(incoming, nodes) else {
                     continue;
                 };
                 let inner = inner.clone();
@@ -365,6 +366,7 @@ impl Node {
                     match tls::classify(&conn) {
                         Ok(ConnectionKind::Peer) => match inner.node_authority.check(&conn) {
                             Ok(()) => {
+                                inner.peers.node_addresses().note(remote.ip());
                                 tls::widen_streams(&conn);
                                 peer_service::serve(inner, conn).await
                             }

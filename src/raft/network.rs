@@ -23,8 +23,8 @@
 //! afresh: QUIC's retransmission backoff would keep it mute for seconds after a partition
 //! heals.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -181,11 +181,43 @@ pub enum Newer {
     ClaimTokens = 2,
 }
 
+/// The IP addresses at which this node has met other nodes: dialled one there, or been
+/// dialled from there by one (certificate checked either way). A node's handshake gate lets
+/// a connection from such an address through when it is full (`handshakes.rs`), so that a
+/// flood of handshakes cannot keep a node's peers from reconnecting. Only a node's
+/// certificate adds an address, and there are at most [`NodeAddresses::MAX`].
+#[derive(Clone, Default)]
+pub struct NodeAddresses(Arc<Mutex<HashSet<IpAddr>>>);
+
+impl NodeAddresses {
+    /// Addresses kept; past this many (nodes moved often), the set starts again.
+    pub const MAX: usize = 64;
+
+    pub fn note(&self, ip: IpAddr) {
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !set.contains(&ip) {
+            if set.len() >= Self::MAX {
+                set.clear();
+            }
+            set.insert(ip);
+        }
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&ip)
+    }
+}
+
 /// One peer: its address and the connection to it, kept for reuse.
 pub struct PeerClient {
     target: NodeId,
     addr: String,
     dialer: PeerDialer,
+    /// Where the peer's address is noted once dialled.
+    met: NodeAddresses,
     conn: tokio::sync::Mutex<Option<quinn::Connection>>,
     /// When a call to this peer last succeeded.
     last_ok: Mutex<Option<tokio::time::Instant>>,
@@ -212,6 +244,7 @@ impl PeerClient {
             target,
             addr,
             dialer,
+            met: NodeAddresses::default(),
             conn: tokio::sync::Mutex::new(None),
             last_ok: Mutex::new(None),
             refuses: std::sync::atomic::AtomicU8::new(0),
@@ -272,6 +305,7 @@ impl PeerClient {
             )
             .map_err(|e| self.unreachable(e))?;
         let conn = connecting.await.map_err(|e| self.unreachable(e))?;
+        self.met.note(addr.ip());
         self.refuses.store(0, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(target_node = self.target, addr = %self.addr, "connected to peer");
         *slot = Some(conn.clone());
@@ -430,6 +464,7 @@ async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
 pub struct Peers {
     dialer: PeerDialer,
     clients: Arc<Mutex<HashMap<NodeId, Arc<PeerClient>>>>,
+    met: NodeAddresses,
 }
 
 impl Peers {
@@ -437,7 +472,13 @@ impl Peers {
         Peers {
             dialer,
             clients: Arc::default(),
+            met: NodeAddresses::default(),
         }
+    }
+
+    /// Where this node has met other nodes (its clients note the addresses they dial).
+    pub fn node_addresses(&self) -> &NodeAddresses {
+        &self.met
     }
 
     /// The client for `target` at `addr`; a changed address replaces the old client.
@@ -448,11 +489,9 @@ impl Peers {
                 return c.clone();
             }
         }
-        let c = Arc::new(PeerClient::new(
-            target,
-            addr.to_owned(),
-            self.dialer.clone(),
-        ));
+        let mut c = PeerClient::new(target, addr.to_owned(), self.dialer.clone());
+        c.met = self.met.clone();
+        let c = Arc::new(c);
         clients.insert(target, c.clone());
         c
     }

@@ -53,6 +53,8 @@ pub struct Options {
     /// "existing") but not started: see `start_spare`.
     pub spares: u64,
     pub limits: agentreg::config::LimitsConfig,
+    /// The loopback address the nodes listen (and dial their peers) on.
+    pub host: &'static str,
 }
 
 impl Default for Options {
@@ -76,6 +78,7 @@ impl Default for Options {
             hmac_secret: None,
             spares: 0,
             limits: Default::default(),
+            host: "127.0.0.1",
         }
     }
 }
@@ -88,7 +91,7 @@ impl TestCluster {
         tls::write_dev_material(&dir.path().join("tls"), &ids, &[], false).expect("dev tls");
         let mut sockets: BTreeMap<u64, UdpSocket> = ids
             .iter()
-            .map(|id| (*id, UdpSocket::bind("127.0.0.1:0").expect("bind")))
+            .map(|id| (*id, UdpSocket::bind((opts.host, 0)).expect("bind")))
             .collect();
         let addrs: BTreeMap<u64, SocketAddr> = sockets
             .iter()
