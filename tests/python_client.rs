@@ -1,8 +1,10 @@
 //! A second implementation of the agent protocol: clients/python/agentreg_client.py, written
 //! from docs/protocol.md alone, walks through an agent's life against a cluster (claim with
 //! a token and sent again, a rival claim, validation, registration, answering the node's
-//! pings, a tampered certificate, the error codes, release), each connection first sent a
-//! QUIC Retry. It checks every answer itself; this test runs it and reads its result.
+//! pings, its node stopped and the agent registered again at another, a tampered
+//! certificate, the error codes, release), each connection first sent a QUIC Retry. It
+//! checks every answer itself; this test runs it, stops its node when it waits for that,
+//! and reads its result.
 //!
 //! It needs python3 with aioquic. Where that is missing the test says so and passes, unless
 //! AGENTREG_PYTHON_CLIENT=required (CI sets it, after installing aioquic): then it fails.
@@ -11,6 +13,8 @@ mod common;
 
 use std::process::Stdio;
 use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt;
 
 use agentreg::client::ErrorCode;
 use common::*;
@@ -47,7 +51,7 @@ async fn the_python_client_written_from_the_protocol_document_walks_an_agents_li
     }
     // Every connection is first sent a QUIC Retry, as a node under load does (docs/protocol.md,
     // "Transport"): another QUIC stack must answer it by itself.
-    let (cluster, _) = TestCluster::ready(Options {
+    let (mut cluster, _) = TestCluster::ready(Options {
         limits: agentreg::config::LimitsConfig {
             retry_after_handshakes: 0,
             ..Default::default()
@@ -60,19 +64,42 @@ async fn the_python_client_written_from_the_protocol_document_walks_an_agents_li
     let ca = cluster.dir.path().join("python-ca.pem");
     std::fs::write(&ca, cluster.ca_pem()).unwrap();
 
-    let run = tokio::process::Command::new("python3")
-        .arg(SCRIPT)
-        .arg("--ca")
-        .arg(&ca)
-        .args(["--node", &cluster.addrs[&node].to_string()])
-        .args(["--agent-id", "snake"])
+    // It is told every node, its own first, and to wait after registering for its node to
+    // go; the test then stops that node (0x103) and the walk carries on at the next.
+    let order = [node]
+        .into_iter()
+        .chain(cluster.others(node))
+        .map(|id| cluster.addrs[&id].to_string());
+    let mut command = tokio::process::Command::new("python3");
+    command.arg(SCRIPT).arg("--ca").arg(&ca);
+    for addr in order {
+        command.args(["--node", &addr]);
+    }
+    let mut walk = command
+        .args(["--agent-id", "snake", "--move"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("the walk ends within 60 s")
+        .spawn()
         .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut out = tokio::io::BufReader::new(walk.stdout.take().unwrap()).lines();
+    let mut stdout = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while let Some(line) = tokio::time::timeout_at(deadline, out.next_line())
+        .await
+        .expect("the walk ends within 90 s")
+        .expect("its output")
+    {
+        if line.contains("for the node to go") {
+            cluster.stop(node).await;
+        }
+        stdout.push_str(&line);
+        stdout.push('\n');
+    }
+    let out = tokio::time::timeout_at(deadline, walk.wait_with_output())
+        .await
+        .expect("the walk ends within 90 s")
+        .expect("python3 runs");
     let said = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the walk failed:\n{said}");
 
@@ -81,15 +108,17 @@ async fn the_python_client_written_from_the_protocol_document_walks_an_agents_li
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
     let steps: Vec<&str> = lines.iter().filter_map(|l| l["step"].as_str()).collect();
-    assert_eq!(steps.len(), 11, "{said}");
+    assert_eq!(steps.len(), 13, "{said}");
     assert!(steps.contains(&"answer the node's pings"), "{said}");
+    assert!(steps.contains(&"register on another node"), "{said}");
     let result = lines.last().unwrap();
     assert_eq!(result["failures"], serde_json::json!([]), "{said}");
 
     // What the Python client did is what the cluster holds: the certificate it was issued
-    // and released is refused by every node, as Rust's client sees it.
+    // and released is refused by every node left, as Rust's client sees it.
     let cert = agentreg::proto::agent::parse_certificate(&result["certificate"]).unwrap();
-    for id in 1..=3 {
+    let left = cluster.others(node);
+    for &id in &left {
         let v = cluster
             .agent(id)
             .await
@@ -102,10 +131,10 @@ async fn the_python_client_written_from_the_protocol_document_walks_an_agents_li
             "node {id}: {v:?}"
         );
     }
-    assert!(!cluster.tables(node).claims.contains_key("snake"));
+    assert!(!cluster.tables(left[0]).claims.contains_key("snake"));
 
     // Retries were sent (to every connection, the Python client's included).
-    let (_, metrics) = http_get(cluster.node(node), "/metrics").await;
+    let (_, metrics) = http_get(cluster.node(left[0]), "/metrics").await;
     let retried: u64 = metrics
         .lines()
         .find_map(|l| {

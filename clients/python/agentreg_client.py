@@ -10,12 +10,16 @@ Needs Python 3.9+ and aioquic (pip install aioquic).
 runs a conformance walk through one agent's life against a node: claim (with a claim token),
 the same claim sent again, a rival claim, validation, registration, answering the node's
 pings, a tampered certificate, release. It prints one JSON object per step and exits 0 when
-every answer is the one the protocol promises, 1 otherwise. AgentConnection is the part to
-reuse in an agent of your own.
+every answer is the one the protocol promises, 1 otherwise. With --move and more than one
+--node, it also waits after registering for its node to go (stop it: the node closes the
+connection with 0x103) and carries on at the next node: it reconnects there and registers
+again with its certificate. AgentConnection and connect_any are the parts to reuse in an
+agent of your own.
 """
 
 import argparse
 import asyncio
+import contextlib
 import json
 import secrets
 import struct
@@ -72,14 +76,19 @@ class AgentConnection(QuicConnectionProtocol):
         self._incoming = {}  # the node's streams: id -> bytes so far
         self._next_request_id = 1
         self.pings_answered = 0
+        # (QUIC error code, reason) once the connection has ended.
+        self.ended = asyncio.get_running_loop().create_future()
 
     async def keep_alive(self, every=1.0):
         """Sends a QUIC PING every `every` seconds, for as long as it runs: the node sends no
         keep-alives and closes a connection it hears nothing on for its agent timeout. Run
-        it as a task beside a long-lived registration."""
-        while True:
+        it as a task beside a long-lived registration. It ends with the connection."""
+        while not self.ended.done():
             await asyncio.sleep(every)
-            await self.ping()
+            try:
+                await self.ping()
+            except ConnectionError:
+                return
 
     async def request(self, command, **fields):
         """Sends one request and returns its answer; raises Refused on success: false."""
@@ -110,6 +119,8 @@ class AgentConnection(QuicConnectionProtocol):
                 if not answer.done():
                     answer.set_exception(ConnectionError(f"connection closed: {event.error_code:#x} {event.reason_phrase}"))
             self._pending.clear()
+            if not self.ended.done():
+                self.ended.set_result((event.error_code, event.reason_phrase))
 
     def _answer_arrived(self, event):
         buf, answer = self._pending[event.stream_id]
@@ -146,6 +157,33 @@ class AgentConnection(QuicConnectionProtocol):
         self.transmit()
 
 
+# Close codes after which an agent goes to another node (docs/protocol.md, "Close codes"):
+# the node is shutting down (0x103) or holds as many agents as it may (0x104).
+MOVE_ON = (0x103, 0x104)
+
+
+async def connect_any(stack, nodes, config):
+    """Connects to the first of `nodes` ("host:port") that takes the connection, and returns
+    (node, AgentConnection); the connection closes with `stack` (a contextlib.AsyncExitStack).
+    A node may refuse a connection (past its handshake limit: QUIC CONNECTION_REFUSED) or
+    close it unread (0x103 while it drains, 0x104 when full): then the next is tried."""
+    failures = []
+    for node in nodes:
+        host, port = node.rsplit(":", 1)
+        try:
+            conn = await stack.enter_async_context(
+                connect(host, int(port), configuration=config, create_protocol=AgentConnection)
+            )
+        except (ConnectionError, OSError) as e:
+            failures.append(f"{node}: {e}")
+            continue
+        if conn.ended.done() and conn.ended.result()[0] in MOVE_ON:
+            failures.append(f"{node}: closed {conn.ended.result()[0]:#x}")
+            continue
+        return node, conn
+    raise ConnectionError("no node took the connection: " + "; ".join(failures))
+
+
 def configuration(ca_file, server_name):
     config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name=server_name)
     config.load_verify_locations(cafile=ca_file)
@@ -179,24 +217,23 @@ class Walk:
 
 
 async def walk(args):
-    host, port = args.node.rsplit(":", 1)
     w = Walk()
-    async with connect(
-        host,
-        int(port),
-        configuration=configuration(args.ca, args.server_name),
-        create_protocol=AgentConnection,
-    ) as conn:
-        keep_alive = asyncio.ensure_future(conn.keep_alive(0.2))
-        try:
-            cert = await agents_life(conn, args, w)
-        finally:
-            keep_alive.cancel()
+    config = configuration(args.ca, args.server_name)
+    async with contextlib.AsyncExitStack() as stack:
+        node, conn = await connect_any(stack, args.node, config)
+        stack.push_async_callback(cancelled, asyncio.ensure_future(conn.keep_alive(0.2)))
+        cert = await agents_life(stack, config, node, conn, args, w)
     print(json.dumps({"certificate": cert, "failures": w.failures}), flush=True)
     return 0 if not w.failures else 1
 
 
-async def agents_life(conn, args, w):
+async def cancelled(task):
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def agents_life(stack, config, node, conn, args, w):
     """The walk's steps; returns the certificate it was issued (and released)."""
     agent_id = args.agent_id
     token = secrets.token_hex(16)
@@ -227,6 +264,9 @@ async def agents_life(conn, args, w):
     if conn.pings_answered < 2:
         w.failures.append(f"answered {conn.pings_answered} pings in {args.ping_patience} s, not 2")
 
+    if args.move:
+        conn = await move(stack, config, node, conn, args, w, agent_id, cert)
+
     tampered = dict(cert, serial=cert["serial"] + 1)
     bad = await conn.request("validate_certificate", certificate=tampered, consistency="local")
     w.step("validate a tampered certificate", bad, valid=False, code="certificate_bad_signature")
@@ -242,13 +282,41 @@ async def agents_life(conn, args, w):
     return cert
 
 
+async def move(stack, config, node, conn, args, w, agent_id, cert):
+    """Waits for the node to close the connection, then registers at the next node with the
+    certificate: a node that stops hands its sessions back, so the id is free to register
+    elsewhere at once. Returns the new connection."""
+    print(json.dumps({"waiting": "for the node to go", "node": node}), flush=True)
+    try:
+        code, reason = await asyncio.wait_for(asyncio.shield(conn.ended), args.move_patience)
+    except asyncio.TimeoutError:
+        w.failures.append(f"{node} did not close the connection within {args.move_patience} s")
+        return conn
+    w.step("the node goes", {"code": code, "reason": reason}, code=0x103)
+    others = [n for n in args.node if n != node]
+    node, conn = await connect_any(stack, others, config)
+    stack.push_async_callback(cancelled, asyncio.ensure_future(conn.keep_alive(0.2)))
+    # took_over is true if the old node's hand-back has not been committed yet: the
+    # certificate then takes the session over.
+    reg = await conn.request("register_agent", agent_id=agent_id, certificate=cert)
+    w.step("register on another node", reg, success=True, agent_id=agent_id)
+    return conn
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ca", required=True, help="the cluster CA, PEM")
-    p.add_argument("--node", required=True, help="host:port of a node's agent endpoint")
+    p.add_argument(
+        "--node",
+        required=True,
+        action="append",
+        help="host:port of a node's agent endpoint; give it once per node, the first tried first",
+    )
     p.add_argument("--agent-id", default="python-agent")
     p.add_argument("--server-name", default=SERVER_NAME)
     p.add_argument("--ping-patience", type=float, default=10.0, help="seconds to wait for two pings")
+    p.add_argument("--move", action="store_true", help="after registering, wait for the node to go, then go on at the next")
+    p.add_argument("--move-patience", type=float, default=30.0, help="seconds to wait for the node to go")
     args = p.parse_args()
     sys.exit(asyncio.run(walk(args)))
 
