@@ -11,12 +11,14 @@ mod faultnet;
 #[path = "fault/harness.rs"]
 #[allow(dead_code)]
 mod harness;
+#[path = "common/wait.rs"]
+mod wait;
 
 use std::time::Duration;
 
 use agentreg::client::{AgentClient, ClientConfig, ClientEvent};
 use agentreg::proto::agent::Consistency;
-use harness::{wait_until, Cluster, NODES};
+use harness::{wait_for, Cluster, NODES};
 
 /// An agent client that tries node `first` first, then the others.
 async fn client(cluster: &Cluster, first: u64) -> AgentClient {
@@ -36,11 +38,11 @@ async fn client(cluster: &Cluster, first: u64) -> AgentClient {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_whose_disk_fails_stops_and_its_agents_move() {
     let mut cluster = Cluster::start().await;
-    let leader = wait_until("a leader", Duration::from_secs(30), || cluster.leader()).await;
+    let leader = wait_for("a leader", Duration::from_secs(30), || cluster.leader()).await;
 
     // An agent registered on the leader, and another client that claims through it.
     let agent = client(&cluster, leader).await;
-    wait_until("the signing keyring", Duration::from_secs(30), || async {
+    wait_for("the signing keyring", Duration::from_secs(30), || async {
         agent.claim_agent_id("disk-a", false).await.ok()
     })
     .await;
@@ -76,7 +78,7 @@ async fn a_node_whose_disk_fails_stops_and_its_agents_move() {
     );
 
     // The registered agent moved to another node by itself.
-    let moved_to = wait_until(
+    let moved_to = wait_for(
         "the agent to register elsewhere",
         Duration::from_secs(30),
         || {
@@ -103,13 +105,13 @@ async fn a_node_whose_disk_fails_stops_and_its_agents_move() {
     // the others, and it serves local validations from them.
     cluster.spawn(leader);
     let others: Vec<u64> = NODES.iter().copied().filter(|n| *n != leader).collect();
-    let expected = wait_until("the survivors' tables", Duration::from_secs(30), || {
+    let expected = wait_for("the survivors' tables", Duration::from_secs(30), || {
         cluster.tables(others[0])
     })
     .await;
     assert!(expected.0.contains_key("disk-a") && expected.0.contains_key("disk-b"));
     assert!(expected.1.contains_key("disk-a"));
-    wait_until(
+    wait_for(
         "the restarted node to catch up",
         Duration::from_secs(60),
         || async { (cluster.tables(leader).await.as_ref() == Some(&expected)).then_some(()) },

@@ -12,17 +12,19 @@ mod harness;
 #[path = "common/pki.rs"]
 #[allow(dead_code)]
 mod pki;
+#[path = "common/wait.rs"]
+mod wait;
 
 use std::time::Duration;
 
 use agentreg::transport::tls::{agent_client_config, DEFAULT_SERVER_NAME};
-use harness::{wait_until, Cluster};
+use harness::{wait_for, Cluster};
 use pki::{der, presented, Ca};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sighup_makes_a_node_take_up_its_renewed_certificate() {
     let mut cluster = Cluster::start().await;
-    wait_until("a leader", Duration::from_secs(30), || cluster.leader()).await;
+    wait_for("a leader", Duration::from_secs(30), || cluster.leader()).await;
     let tls_dir = cluster.tls_dir();
     let ca = cluster.ca_pem();
     let addr = cluster.addrs[&2];
@@ -39,7 +41,7 @@ async fn sighup_makes_a_node_take_up_its_renewed_certificate() {
     );
 
     cluster.hang_up(2);
-    wait_until(
+    wait_for(
         "node 2 to present its renewed certificate",
         Duration::from_secs(20),
         || async { (presented(addr, &ca).await == Ok(der(&cert))).then_some(()) },
@@ -55,7 +57,7 @@ async fn sighup_makes_a_node_take_up_its_renewed_certificate() {
         log.contains("TLS material reloaded") && log.contains("expires_in=5d"),
         "the log says so:\n{log}"
     );
-    let status = wait_until("node 2's status", Duration::from_secs(10), || {
+    let status = wait_for("node 2's status", Duration::from_secs(10), || {
         cluster.status(2)
     })
     .await;
@@ -70,8 +72,8 @@ async fn sighup_makes_a_node_take_up_its_renewed_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_restarted_with_a_renewed_key_resets_its_previous_runs_connections() {
     let mut cluster = Cluster::start().await;
-    wait_until("a leader", Duration::from_secs(30), || cluster.leader()).await;
-    wait_until("node 2 serving", Duration::from_secs(30), || {
+    wait_for("a leader", Duration::from_secs(30), || cluster.leader()).await;
+    wait_for("node 2 serving", Duration::from_secs(30), || {
         cluster.status(2)
     })
     .await;
@@ -92,7 +94,7 @@ async fn a_node_restarted_with_a_renewed_key_resets_its_previous_runs_connection
     cluster.spawn(2);
     let ca = cluster.ca_pem();
     let addr = cluster.addrs[&2];
-    wait_until(
+    wait_for(
         "node 2 back, with its renewed certificate",
         Duration::from_secs(30),
         || async { (presented(addr, &ca).await == Ok(der(&cert))).then_some(()) },

@@ -1,9 +1,8 @@
-//! A cluster of in-process nodes on 127.0.0.1 for tests: OS-chosen ports, a temp dir per
+//! A cluster of in-process nodes on loopback for tests: OS-chosen ports, a temp dir per
 //! cluster (removed on drop, also when a test fails), and waits with deadlines.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,6 +16,9 @@ use agentreg::transport::tls;
 
 pub mod faultnet;
 pub mod pki;
+pub mod wait;
+
+pub use wait::wait_for;
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -354,24 +356,6 @@ pub async fn http_get_at(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
-}
-
-/// Polls `f` until it returns `Some`, for at most `timeout`.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 pub fn now() -> u64 {

@@ -15,6 +15,7 @@ use agentreg::node::{AdminRequest, AgentInfo, ClaimInfo, NodeStatus};
 use agentreg::transport::tls;
 
 use super::faultnet::FaultNet;
+pub use super::wait::wait_for;
 
 pub const NODES: [u64; 3] = [1, 2, 3];
 
@@ -265,25 +266,6 @@ impl Drop for Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-}
-
-/// Polls `f` every 100 ms until it gives a value; fails the test after `timeout`.
-pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -11,6 +11,8 @@
 mod checker;
 #[path = "../common/faultnet.rs"]
 mod faultnet;
+#[path = "../common/wait.rs"]
+mod wait;
 // Shared with tests/disk_fault.rs and tests/sighup.rs, which use parts this run does not.
 #[allow(dead_code)]
 mod harness;
@@ -26,7 +28,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use harness::{wait_until, Cluster, NODES};
+use harness::{wait_for, Cluster, NODES};
 use history::{DigestSample, FaultWindow, FinalTables, History, OpKind, Ret, Serial};
 use workload::Shared;
 
@@ -145,7 +147,7 @@ async fn run(seed: u64, duration: Duration) -> Report {
     eprintln!("fault run: seed {seed}, {duration:?}");
     let started = Instant::now();
     let mut cluster = Cluster::start().await;
-    wait_until("a leader", Duration::from_secs(30), || async {
+    wait_for("a leader", Duration::from_secs(30), || async {
         cluster.leader().await
     })
     .await;
