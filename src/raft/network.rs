@@ -615,3 +615,28 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_addresses_are_kept_up_to_a_bound() {
+        let met = NodeAddresses::default();
+        let ip = |n: usize| IpAddr::from([10, 0, (n / 256) as u8, (n % 256) as u8]);
+        for n in 0..NodeAddresses::MAX {
+            met.note(ip(n));
+            met.note(ip(n));
+        }
+        assert!((0..NodeAddresses::MAX).all(|n| met.contains(ip(n))));
+        assert!(!met.contains(ip(NodeAddresses::MAX)));
+        // One more: the set starts again, from it.
+        met.note(ip(NodeAddresses::MAX));
+        assert!(met.contains(ip(NodeAddresses::MAX)));
+        assert!(!met.contains(ip(0)));
+        // Clones share the set.
+        let clone = met.clone();
+        clone.note(ip(0));
+        assert!(met.contains(ip(0)));
+    }
+}
