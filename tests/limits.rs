@@ -447,6 +447,7 @@ async fn a_node_full_of_handshakes_still_takes_its_peers_connections() {
         4,
         "the flood still fills the leader"
     );
+    assert!(metric(&cluster, leader, "agentreg_handshakes_let_through_total").await >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

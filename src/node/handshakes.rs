@@ -52,6 +52,8 @@ pub(crate) struct HandshakeMetrics {
     pub(crate) retried: Counter,
     pub(crate) refused: Counter,
     pub(crate) timed_out: Counter,
+    /// Taken on past a maximum, from a node's address.
+    pub(crate) let_through: Counter,
 }
 
 pub(crate) struct Handshakes {
@@ -135,6 +137,9 @@ impl Handshakes {
         };
         match self.decide(in_progress, from_source, from_node) {
             Admission::Accept => {
+                if from_node && self.decide(in_progress, from_source, false) == Admission::Refuse {
+                    self.metrics.let_through.inc();
+                }
                 self.metrics.in_progress.inc();
                 if let Some(s) = source {
                     self.per_source().add(s);

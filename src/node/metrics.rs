@@ -219,6 +219,10 @@ impl Metrics {
                 "agentreg_handshakes_timed_out",
                 "Handshakes dropped unfinished after [limits] handshake_timeout_ms",
             ),
+            let_through: counter(
+                "agentreg_handshakes_let_through",
+                "New connections from an address where this node has met another node, taken on past [limits] max_handshakes or max_handshakes_per_address",
+            ),
             in_progress: Gauge::default(),
         };
         registry.register(
