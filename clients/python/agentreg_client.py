@@ -13,8 +13,9 @@ pings, a tampered certificate, release. It prints one JSON object per step and e
 every answer is the one the protocol promises, 1 otherwise. With --move and more than one
 --node, it also waits after registering for its node to go (stop it: the node closes the
 connection with 0x103) and carries on at the next node: it reconnects there and registers
-again with its certificate. AgentConnection and connect_any are the parts to reuse in an
-agent of your own.
+again with its certificate. A request a node answers with clock_skew, shutting_down or
+connection_closing (it did nothing) is sent again at the next node. Agent (with
+AgentConnection and connect_any under it) is the part to reuse in an agent of your own.
 """
 
 import argparse
@@ -184,6 +185,46 @@ async def connect_any(stack, nodes, config):
     raise ConnectionError("no node took the connection: " + "; ".join(failures))
 
 
+# Answers after which a request is sent as it is to another node: the node did nothing with
+# it (docs/protocol.md, "Error codes").
+SEND_ELSEWHERE = ("clock_skew", "shutting_down", "connection_closing")
+
+
+class Agent:
+    """An agent's link to the cluster: one connection at a time, to the first of `nodes`
+    that takes it, kept alive. A request the node answers with one of SEND_ELSEWHERE is sent
+    again, as it is, on the next node (a claim carries its claim token, so sending it again
+    is safe in any case)."""
+
+    def __init__(self, stack, nodes, config):
+        self._stack = stack
+        self._nodes = nodes
+        self._config = config
+        self.node = None
+        self.conn = None
+
+    async def connect(self):
+        """Connects to the first node that takes the connection, starting after the current
+        one (so a node that refused a request is tried last)."""
+        start = self._nodes.index(self.node) + 1 if self.node in self._nodes else 0
+        order = self._nodes[start:] + self._nodes[:start]
+        if self.conn is not None and not self.conn.ended.done():
+            self.conn.close()
+        self.node, self.conn = await connect_any(self._stack, order, self._config)
+        self._stack.push_async_callback(cancelled, asyncio.ensure_future(self.conn.keep_alive(0.2)))
+
+    async def request(self, command, **fields):
+        for _ in self._nodes:
+            try:
+                return await self.conn.request(command, **fields)
+            except Refused as r:
+                if r.code not in SEND_ELSEWHERE:
+                    raise
+                print(json.dumps({"moved": {"from": self.node, "because": r.code}}), flush=True)
+            await self.connect()
+        return await self.conn.request(command, **fields)
+
+
 def configuration(ca_file, server_name):
     config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name=server_name)
     config.load_verify_locations(cafile=ca_file)
@@ -218,11 +259,10 @@ class Walk:
 
 async def walk(args):
     w = Walk()
-    config = configuration(args.ca, args.server_name)
     async with contextlib.AsyncExitStack() as stack:
-        node, conn = await connect_any(stack, args.node, config)
-        stack.push_async_callback(cancelled, asyncio.ensure_future(conn.keep_alive(0.2)))
-        cert = await agents_life(stack, config, node, conn, args, w)
+        agent = Agent(stack, args.node, configuration(args.ca, args.server_name))
+        await agent.connect()
+        cert = await agents_life(agent, args, w)
     print(json.dumps({"certificate": cert, "failures": w.failures}), flush=True)
     return 0 if not w.failures else 1
 
@@ -233,74 +273,71 @@ async def cancelled(task):
         await task
 
 
-async def agents_life(stack, config, node, conn, args, w):
+async def agents_life(agent, args, w):
     """The walk's steps; returns the certificate it was issued (and released)."""
     agent_id = args.agent_id
     token = secrets.token_hex(16)
-    claim = await conn.request("claim_agent_id", agent_id=agent_id, claim_token=token)
+    claim = await agent.request("claim_agent_id", agent_id=agent_id, claim_token=token)
     w.step("claim", claim, success=True, agent_id=agent_id, repeated=False)
     cert = claim["certificate"]
 
-    again = await conn.request("claim_agent_id", agent_id=agent_id, claim_token=token)
+    again = await agent.request("claim_agent_id", agent_id=agent_id, claim_token=token)
     w.step("the same claim sent again", again, repeated=True, certificate=cert)
 
     await w.refused(
         "a rival claim",
-        conn.request("claim_agent_id", agent_id=agent_id, claim_token=secrets.token_hex(16)),
+        agent.request("claim_agent_id", agent_id=agent_id, claim_token=secrets.token_hex(16)),
         "already_claimed",
     )
 
-    valid = await conn.request("validate_certificate", certificate=cert)
+    valid = await agent.request("validate_certificate", certificate=cert)
     w.step("validate", valid, valid=True, agent_id=agent_id)
 
-    reg = await conn.request("register_agent", agent_id=agent_id, certificate=cert, metadata={"lang": "python"})
+    reg = await agent.request("register_agent", agent_id=agent_id, certificate=cert, metadata={"lang": "python"})
     w.step("register", reg, success=True, agent_id=agent_id, took_over=False)
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.ping_patience
-    while conn.pings_answered < 2 and loop.time() < deadline:
+    while agent.conn.pings_answered < 2 and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    w.step("answer the node's pings", {"pings_answered": conn.pings_answered})
-    if conn.pings_answered < 2:
-        w.failures.append(f"answered {conn.pings_answered} pings in {args.ping_patience} s, not 2")
+    w.step("answer the node's pings", {"pings_answered": agent.conn.pings_answered})
+    if agent.conn.pings_answered < 2:
+        w.failures.append(f"answered {agent.conn.pings_answered} pings in {args.ping_patience} s, not 2")
 
     if args.move:
-        conn = await move(stack, config, node, conn, args, w, agent_id, cert)
+        await move(agent, args, w, agent_id, cert)
 
     tampered = dict(cert, serial=cert["serial"] + 1)
-    bad = await conn.request("validate_certificate", certificate=tampered, consistency="local")
+    bad = await agent.request("validate_certificate", certificate=tampered, consistency="local")
     w.step("validate a tampered certificate", bad, valid=False, code="certificate_bad_signature")
 
-    await w.refused("an unknown command", conn.request("fly_away"), "unknown_command")
-    await w.refused("a malformed request", conn.request("claim_agent_id", agent_id=7), "bad_request")
+    await w.refused("an unknown command", agent.request("fly_away"), "unknown_command")
+    await w.refused("a malformed request", agent.request("claim_agent_id", agent_id=7), "bad_request")
 
-    released = await conn.request("release_agent_id", agent_id=agent_id, certificate=cert)
+    released = await agent.request("release_agent_id", agent_id=agent_id, certificate=cert)
     w.step("release", released, success=True, agent_id=agent_id, serial=cert["serial"])
 
-    gone = await conn.request("validate_certificate", certificate=cert)
+    gone = await agent.request("validate_certificate", certificate=cert)
     w.step("validate after the release", gone, valid=False, code="certificate_revoked")
     return cert
 
 
-async def move(stack, config, node, conn, args, w, agent_id, cert):
+async def move(agent, args, w, agent_id, cert):
     """Waits for the node to close the connection, then registers at the next node with the
     certificate: a node that stops hands its sessions back, so the id is free to register
-    elsewhere at once. Returns the new connection."""
-    print(json.dumps({"waiting": "for the node to go", "node": node}), flush=True)
+    elsewhere at once."""
+    print(json.dumps({"waiting": "for the node to go", "node": agent.node}), flush=True)
     try:
-        code, reason = await asyncio.wait_for(asyncio.shield(conn.ended), args.move_patience)
+        code, reason = await asyncio.wait_for(asyncio.shield(agent.conn.ended), args.move_patience)
     except asyncio.TimeoutError:
-        w.failures.append(f"{node} did not close the connection within {args.move_patience} s")
-        return conn
+        w.failures.append(f"{agent.node} did not close the connection within {args.move_patience} s")
+        return
     w.step("the node goes", {"code": code, "reason": reason}, code=0x103)
-    others = [n for n in args.node if n != node]
-    node, conn = await connect_any(stack, others, config)
-    stack.push_async_callback(cancelled, asyncio.ensure_future(conn.keep_alive(0.2)))
+    await agent.connect()
     # took_over is true if the old node's hand-back has not been committed yet: the
     # certificate then takes the session over.
-    reg = await conn.request("register_agent", agent_id=agent_id, certificate=cert)
+    reg = await agent.request("register_agent", agent_id=agent_id, certificate=cert)
     w.step("register on another node", reg, success=True, agent_id=agent_id)
-    return conn
 
 
 def main():
