@@ -193,7 +193,9 @@ impl NodeAddresses {
     /// Addresses kept; past this many (nodes moved often), the set starts again.
     pub const MAX: usize = 64;
 
+    /// An IPv4 address as a dual-stack socket sees it (`::ffff:a.b.c.d`) counts as itself.
     pub fn note(&self, ip: IpAddr) {
+        let ip = ip.to_canonical();
         let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if !set.contains(&ip) {
             if set.len() >= Self::MAX {
@@ -207,7 +209,7 @@ impl NodeAddresses {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(&ip)
+            .contains(&ip.to_canonical())
     }
 }
 
@@ -638,5 +640,9 @@ mod tests {
         let clone = met.clone();
         clone.note(ip(0));
         assert!(met.contains(ip(0)));
+        // The same IPv4 address, seen by a dual-stack socket or not.
+        let v4 = std::net::Ipv4Addr::new(192, 0, 2, 7);
+        met.note(IpAddr::V6(v4.to_ipv6_mapped()));
+        assert!(met.contains(IpAddr::V4(v4)));
     }
 }
