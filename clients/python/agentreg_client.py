@@ -351,7 +351,12 @@ def main():
     )
     p.add_argument("--agent-id", default="python-agent")
     p.add_argument("--server-name", default=SERVER_NAME)
-    p.add_argument("--ping-patience", type=float, default=10.0, help="seconds to wait for two pings")
+    p.add_argument(
+        "--ping-patience",
+        type=float,
+        default=70.0,
+        help="seconds to wait for two pings (a node pings every [heartbeat] interval_ms, 30 s by default)",
+    )
     p.add_argument("--move", action="store_true", help="after registering, wait for the node to go, then go on at the next")
     p.add_argument("--move-patience", type=float, default=30.0, help="seconds to wait for the node to go")
     args = p.parse_args()
