@@ -214,15 +214,15 @@ class Agent:
         self._stack.push_async_callback(cancelled, asyncio.ensure_future(self.conn.keep_alive(0.2)))
 
     async def request(self, command, **fields):
-        for _ in self._nodes:
+        """Each node is asked at most once; the last refusal is raised."""
+        for attempt in range(len(self._nodes)):
             try:
                 return await self.conn.request(command, **fields)
             except Refused as r:
-                if r.code not in SEND_ELSEWHERE:
+                if r.code not in SEND_ELSEWHERE or attempt == len(self._nodes) - 1:
                     raise
                 print(json.dumps({"moved": {"from": self.node, "because": r.code}}), flush=True)
             await self.connect()
-        return await self.conn.request(command, **fields)
 
 
 def configuration(ca_file, server_name):

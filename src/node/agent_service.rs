@@ -155,7 +155,7 @@ async fn serve_stream(
         let mut reading = std::pin::pin!(read_stream_frame_within(
             &mut recv,
             MAX_AGENT_FRAME,
-            partial
+            Some(partial)
         ));
         match futures::poll!(reading.as_mut()) {
             std::task::Poll::Ready(read) => read,

@@ -120,9 +120,7 @@ pub async fn read_stream_frame(
     recv: &mut quinn::RecvStream,
     max: usize,
 ) -> Result<Vec<u8>, FrameError> {
-    let body = read_frame_within(recv, max, None).await?;
-    read_end_if_there(recv);
-    Ok(body)
+    read_stream_frame_within(recv, max, None).await
 }
 
 /// As [`read_stream_frame`], where the frames over 4 KiB read at once with
@@ -135,9 +133,9 @@ pub async fn read_stream_frame(
 pub async fn read_stream_frame_within(
     recv: &mut quinn::RecvStream,
     max: usize,
-    budget: &FrameBudget,
+    budget: Option<&FrameBudget>,
 ) -> Result<Vec<u8>, FrameError> {
-    let body = read_frame_within(recv, max, Some(budget)).await?;
+    let body = read_frame_within(recv, max, budget).await?;
     read_end_if_there(recv);
     Ok(body)
 }
