@@ -436,3 +436,72 @@ async fn a_draining_node_closes_new_agent_connections_unread_and_still_takes_pee
         .expect("shutdown finishes")
         .unwrap();
 }
+
+/// A leader that stops gracefully hands its leadership to a follower first: the claims an
+/// agent sends meanwhile wait for no lease and no election. The cluster's election timeout
+/// is set long (4-5 s), so that a leader that merely stopped would leave writes waiting for
+/// over 9 s (the followers' lease, then an election timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_leader_hands_its_leadership_over_and_claims_do_not_wait() {
+    let _serial = one_at_a_time().await;
+    let mut opts = Options::default();
+    opts.raft.heartbeat_interval_ms = 300;
+    opts.raft.election_timeout_min_ms = 4_000;
+    opts.raft.election_timeout_max_ms = 5_000;
+    opts.raft.write_timeout_ms = 30_000;
+    let (mut cluster, leader) = TestCluster::ready(opts).await;
+    let follower = cluster.follower().await;
+    let term = cluster
+        .node(follower)
+        .raft()
+        .metrics()
+        .borrow()
+        .current_term;
+
+    // An agent on a follower claims one id after another, through the stop.
+    let agent = Arc::new(cluster.raw(follower).await);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let claimer = {
+        let (agent, done) = (agent.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            let mut answered = 0;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                let started = std::time::Instant::now();
+                let answer = agent
+                    .request(
+                        json!({"type": "system_request", "command": "claim_agent_id",
+                        "agent_id": format!("through-the-stop-{answered}")}),
+                    )
+                    .await;
+                assert_eq!(answer["success"], true, "claim {answered}: {answer}");
+                slowest = slowest.max(started.elapsed());
+                answered += 1;
+            }
+            (answered, slowest)
+        })
+    };
+    cluster.stop(leader).await;
+    // Claims go on while the new leader settles in; then the claimer stops.
+    let new_leader = cluster.leader().await;
+    assert_ne!(new_leader, leader);
+    claim_ok(cluster.node(new_leader), "after-the-stop").await;
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let (answered, slowest) = tokio::time::timeout(TIMEOUT, claimer)
+        .await
+        .expect("the claimer finishes")
+        .unwrap();
+    assert!(
+        slowest < Duration::from_secs(3),
+        "a claim waited {slowest:?} for a leader"
+    );
+    assert!(answered >= 2, "{answered} claims answered");
+    // One election, won at once: the term moved on by one.
+    let now = cluster
+        .node(new_leader)
+        .raft()
+        .metrics()
+        .borrow()
+        .current_term;
+    assert_eq!(now, term + 1);
+}

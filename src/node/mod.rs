@@ -19,6 +19,7 @@ mod connections;
 mod disk;
 mod duties;
 mod forward;
+mod handover;
 mod handshakes;
 mod heartbeat;
 mod limits;
@@ -115,6 +116,10 @@ pub(crate) struct Inner {
     pub(crate) draining: CancellationToken,
     /// Agent and admin requests being served, waited for while draining.
     pub(crate) requests: TaskTracker,
+    /// Writes forwarded by followers being served here (the leader), waited for after a
+    /// leadership hand-over so that their answers (mostly "the leader is now...") are
+    /// delivered before the connections close.
+    pub(crate) forwards: TaskTracker,
     /// Cancelled once the requests are done: every background loop stops.
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
@@ -268,6 +273,7 @@ impl Node {
             tls_files,
             draining: CancellationToken::new(),
             requests: TaskTracker::new(),
+            forwards: TaskTracker::new(),
             shutdown,
             tasks: TaskTracker::new(),
             fault: tokio::sync::watch::Sender::new(None),
@@ -495,7 +501,9 @@ impl Node {
     /// 2. close every agent connection with code 0x103 (move to another node), and hand this
     ///    node's sessions back through the log (one EvictNode), so the agents find their ids
     ///    free wherever they reconnect;
-    /// 3. stop the background loops and Raft, flush sled, close QUIC.
+    /// 3. if this node leads, hand its leadership to a caught-up follower (`handover.rs`), so
+    ///    that writes do not wait out a leader lease and an election;
+    /// 4. stop the background loops and Raft, flush sled, close QUIC.
     pub async fn shutdown(self) {
         self.stop(true).await;
     }
@@ -537,6 +545,17 @@ impl Node {
         );
         if graceful {
             heartbeat::release_own_sessions(inner).await;
+            handover::hand_over(inner).await;
+            inner.forwards.close();
+            if tokio::time::timeout(handover::STEP, inner.forwards.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    in_flight = inner.forwards.len(),
+                    "forwarded writes still unanswered; closing their connections"
+                );
+            }
         }
         inner.shutdown.cancel();
         self.endpoint

@@ -62,6 +62,9 @@ async fn serve_stream(
         }
     };
     let raft = &inner.raft;
+    // A forwarded write is tracked until its answer is out: see `Inner::forwards`.
+    let forward = matches!(req, PeerRequest::Forward(_) | PeerRequest::ForwardBatch(_))
+        .then(|| inner.forwards.token());
     let resp = match req {
         PeerRequest::AppendEntries(r) => PeerResponse::AppendEntries(raft.append_entries(r).await),
         PeerRequest::Vote(r) => PeerResponse::Vote(raft.vote(r).await),
@@ -80,6 +83,9 @@ async fn serve_stream(
         }
         PeerRequest::ReadIndex => PeerResponse::ReadIndex(read::serve_read_index(inner).await),
         PeerRequest::Clock => PeerResponse::Clock(inner.clock.unix_millis()),
+        PeerRequest::Campaign { leader, term } => {
+            PeerResponse::Campaign(super::handover::campaign(inner, leader, term).await)
+        }
     };
     let bytes = match codec::encode(&resp) {
         Ok(b) => b,
@@ -93,7 +99,13 @@ async fn serve_stream(
         tracing::debug!(%remote, error = %e, "peer went away before the answer");
         return;
     }
-    let _ = send.finish();
+    if forward.is_some() && inner.draining.is_cancelled() {
+        // Its connection closes soon: the answer must have arrived by then.
+        super::finish_and_wait(send).await;
+    } else {
+        let _ = send.finish();
+    }
+    drop(forward);
 }
 
 /// Whether reading a request failed because the whole connection went away, rather than

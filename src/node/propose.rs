@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedRwLockWriteGuard, RwLock, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::raft::types::{Node, NodeId, Raft};
@@ -59,6 +59,8 @@ struct Pending {
 #[derive(Clone)]
 pub(crate) struct Proposer {
     tx: mpsc::UnboundedSender<Pending>,
+    /// Read by every write while it is out; written by [`Proposer::hold`].
+    gate: Arc<RwLock<()>>,
 }
 
 impl Proposer {
@@ -66,8 +68,17 @@ impl Proposer {
     /// within `write_timeout` gives up its slot (and its commands' answers).
     pub(crate) fn start(raft: Raft, write_timeout: Duration, stop: CancellationToken) -> Proposer {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(raft, write_timeout, rx, stop));
-        Proposer { tx }
+        let gate = Arc::new(RwLock::new(()));
+        tokio::spawn(run(raft, write_timeout, rx, gate.clone(), stop));
+        Proposer { tx, gate }
+    }
+
+    /// Waits until every write out has been answered, then keeps new ones from going out
+    /// (they queue) until the guard is dropped: the log stays as it is meanwhile, as a
+    /// leadership hand-over needs (`handover.rs`). A write openraft never answers holds it
+    /// up to the write timeout; callers bound the wait.
+    pub(super) async fn hold(&self) -> OwnedRwLockWriteGuard<()> {
+        self.gate.clone().write_owned().await
     }
 
     /// Proposes `cmd` and waits until it is committed and applied. `None` if the node is
@@ -83,6 +94,7 @@ async fn run(
     raft: Raft,
     write_timeout: Duration,
     mut rx: mpsc::UnboundedReceiver<Pending>,
+    gate: Arc<RwLock<()>>,
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
@@ -108,6 +120,11 @@ async fn run(
         else {
             return;
         };
+        // Not while the proposer is held (the lock is fair: a hold waiting goes first).
+        let out = tokio::select! {
+            _ = stop.cancelled() => return,
+            g = gate.clone().read_owned() => g,
+        };
         let raft = raft.clone();
         tokio::spawn(async move {
             // Every caller in the batch waits at most the write timeout from before it was
@@ -130,7 +147,7 @@ async fn run(
                     "a proposed write got no answer from Raft; its slot is freed"
                 );
             }
-            drop(slot);
+            drop((slot, out));
         });
     }
 }

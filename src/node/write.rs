@@ -122,6 +122,7 @@ async fn write_unaudited(inner: &Inner, cmd: Command) -> Result<Written, WriteEr
     // A follower that knows the leader forwards straight away; proposing here first would
     // only be told the same, one round through Raft later.
     let mut known_leader = super::read::leader_elsewhere(&inner.raft, inner.id);
+    let mut redirected = false;
     loop {
         let leader = match known_leader.take() {
             Some(leader) => Some(leader),
@@ -151,7 +152,16 @@ async fn write_unaudited(inner: &Inner, cmd: Command) -> Result<Written, WriteEr
                     }
                     return Ok(Written { index, response });
                 }
-                Ok(Err(ForwardError::NotLeader { .. })) => {}
+                Ok(Err(ForwardError::NotLeader { leader })) => {
+                    // Leadership moved (a leader that stops hands it over): go to the one
+                    // named at once, once; after that, wait for the cluster to settle.
+                    if !redirected && leader.as_ref().is_some_and(|(id, _)| *id != leader_id) {
+                        redirected = true;
+                        // (This node itself: propose here.)
+                        known_leader = leader.filter(|(id, _)| *id != inner.id);
+                        continue;
+                    }
+                }
                 Ok(Err(ForwardError::Unknown(e))) => return Err(WriteError::Unknown(e)),
                 // Not delivered: safe to try again once a leader is known.
                 Err(PeerError::Unreachable { .. }) => {}

@@ -82,6 +82,14 @@ pub enum PeerRequest {
     /// The callee's wall clock, in milliseconds since the Unix epoch (node/clock.rs). A node
     /// of a build before it refuses the request unread.
     Clock,
+    /// The leader, about to stop, asks a follower whose log has all of the leader's to stand
+    /// for election at once (node/handover.rs). The callee does so only while `leader` at
+    /// `term` is the leader it follows. A node of a build before it refuses the request
+    /// unread.
+    Campaign {
+        leader: NodeId,
+        term: u64,
+    },
 }
 
 /// Why a forwarded write was not applied by the node it was sent to.
@@ -108,6 +116,8 @@ pub enum PeerResponse {
     ReadIndex(Result<u64, ForwardError>),
     ForwardBatch(Vec<Result<(u64, Response), ForwardError>>),
     Clock(u64),
+    /// Whether the callee stood for election; if not, why.
+    Campaign(Result<(), String>),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -145,6 +155,7 @@ impl PeerRequest {
             PeerRequest::ForwardBatch(_) => "forward_batch",
             PeerRequest::ReadIndex => "read_index",
             PeerRequest::Clock => "clock",
+            PeerRequest::Campaign { .. } => "campaign",
         }
     }
 }
@@ -159,6 +170,7 @@ impl PeerResponse {
             PeerResponse::ForwardBatch(_) => "forward_batch",
             PeerResponse::ReadIndex(_) => "read_index",
             PeerResponse::Clock(_) => "clock",
+            PeerResponse::Campaign(_) => "campaign",
         }
     }
 }

@@ -1,0 +1,201 @@
+//! A leader that stops gracefully hands its leadership to a follower first.
+//!
+//! openraft 0.9 has no leader transfer, and its leader lease makes a follower refuse to vote
+//! for `election_timeout_max` after it last heard from its leader. A leader that just
+//! stopped left the cluster leaderless for that lease plus an election timeout (about
+//! 450 ms as shipped), and every write waited: each rolling restart cost one such pause. A
+//! stopping leader instead, once it has drained its own requests ([`hand_over`]):
+//!
+//! 1. holds its proposer: the writes out are answered, new ones (forwarded by followers)
+//!    queue, so its log stays as it is;
+//! 2. waits (briefly) for a voter whose log holds all of its own;
+//! 3. asks that voter to stand for election at once ([`PeerRequest::Campaign`]).
+//!
+//! The candidate's term is above the leader's and its log is as long, so the leader grants
+//! its vote and steps down (openraft dates a leader's own lease from its election; a leader
+//! elected less than a lease ago first waits it out): with the candidate's own vote that is a majority of two or three voters. The
+//! other follower heard from the leader moments ago and refuses on its lease, which changes
+//! nothing. The queued writes then find this node a follower and are forwarded to the new
+//! leader. With more than three voters the two votes are no majority and a refused
+//! candidate would only delay the election, so nothing is tried; nor when any step fails:
+//! the cluster then elects a leader as before once this node is gone.
+
+use std::time::{Duration, Instant};
+
+use openraft::RaftMetrics;
+
+use super::Inner;
+use crate::raft::network::{PeerRequest, PeerResponse};
+use crate::raft::types::{Node, NodeId};
+
+/// How long each step may take before the hand-over is given up.
+pub(super) const STEP: Duration = Duration::from_secs(1);
+
+/// Hands leadership to a follower if this node leads (see the module docs). Returns once
+/// another node leads or the attempt is given up.
+pub(super) async fn hand_over(inner: &Inner) {
+    let started = Instant::now();
+    let (term, voters) = {
+        let metrics = inner.raft.metrics();
+        let m = metrics.borrow();
+        if m.current_leader != Some(inner.id) {
+            return;
+        }
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        (m.current_term, voters)
+    };
+    if !(2..=3).contains(&voters.len()) {
+        tracing::info!(
+            voters = voters.len(),
+            "not handing leadership over: only possible with two or three voters"
+        );
+        return;
+    }
+    // 0. openraft dates a leader's own lease from its election: a leader elected less than
+    //    a lease ago would refuse the candidate its vote. Writes go on meanwhile.
+    let lease = Duration::from_millis(inner.raft.config().election_timeout_max);
+    if let Ok(Some(since)) = inner.raft.with_raft_state(|s| s.vote_last_modified()).await {
+        tokio::time::sleep_until(since + lease + Duration::from_millis(1)).await;
+    }
+    let held_from = Instant::now();
+    // 1. The log stays as it is from here on.
+    let Ok(_held) = tokio::time::timeout(STEP, inner.proposer.hold()).await else {
+        tracing::warn!("not handing leadership over: a write is still out after {STEP:?}");
+        return;
+    };
+    // 2. The followers whose logs hold all of this node's.
+    let ready = inner
+        .raft
+        .wait(Some(STEP))
+        .metrics(
+            |m| !caught_up(m, inner.id).is_empty(),
+            "a follower with all of the leader's log",
+        )
+        .await;
+    let candidates = match ready {
+        Ok(m) if m.current_leader == Some(inner.id) && m.current_term == term => {
+            caught_up(&m, inner.id)
+        }
+        Ok(_) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "not handing leadership over: no follower caught up");
+            return;
+        }
+    };
+    // 3. The first that agrees stands for election.
+    for target in candidates {
+        let Some(addr) = node_addr(inner, target) else {
+            continue;
+        };
+        let client = inner.peers.client(target, &addr);
+        let request = PeerRequest::Campaign {
+            leader: inner.id,
+            term,
+        };
+        match client.call(&request, STEP).await {
+            Ok(PeerResponse::Campaign(Ok(()))) => {}
+            Ok(PeerResponse::Campaign(Err(why))) => {
+                tracing::info!(target_node = target, reason = %why, "follower declined to stand for election");
+                continue;
+            }
+            Ok(other) => {
+                tracing::warn!(
+                    target_node = target,
+                    got = other.kind(),
+                    "unexpected answer to a campaign request"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::info!(target_node = target, error = %e, "could not ask a follower to stand for election");
+                continue;
+            }
+        }
+        let moved = inner
+            .raft
+            .wait(Some(STEP))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != inner.id),
+                "leadership handed over",
+            )
+            .await;
+        match moved {
+            Ok(m) => tracing::info!(
+                new_leader = m.current_leader,
+                term = m.current_term,
+                took_ms = started.elapsed().as_millis() as u64,
+                writes_held_ms = held_from.elapsed().as_millis() as u64,
+                "handed leadership over"
+            ),
+            Err(e) => {
+                tracing::warn!(target_node = target, error = %e, "leadership not handed over; the cluster elects a leader when this node is gone")
+            }
+        }
+        return;
+    }
+    tracing::warn!(
+        "no follower stood for election; the cluster elects a leader when this node is gone"
+    );
+}
+
+/// The voters other than `me` whose matched log is this leader's last entry, lowest id first.
+fn caught_up(m: &RaftMetrics<NodeId, Node>, me: NodeId) -> Vec<NodeId> {
+    let Some(replication) = &m.replication else {
+        return Vec::new();
+    };
+    let last = m.last_log_index;
+    let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+    replication
+        .iter()
+        .filter(|(id, matched)| {
+            **id != me && voters.contains(id) && matched.map(|l| l.index) == last && last.is_some()
+        })
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+fn node_addr(inner: &Inner, id: NodeId) -> Option<String> {
+    let metrics = inner.raft.metrics();
+    let m = metrics.borrow();
+    Some(m.membership_config.membership().get_node(&id)?.addr.clone())
+}
+
+/// A follower asked by `leader` (at `term`) to stand for election: it does so only if that is
+/// still the leader it follows, it votes, it is not stopping and its clock can be trusted
+/// (a leader whose clock is off could not stamp writes).
+pub(super) async fn campaign(inner: &Inner, leader: NodeId, term: u64) -> Result<(), String> {
+    {
+        let metrics = inner.raft.metrics();
+        let m = metrics.borrow();
+        if m.current_leader != Some(leader) || m.current_term != term {
+            return Err(format!(
+                "this node follows {:?} at term {}, not node {leader} at term {term}",
+                m.current_leader, m.current_term
+            ));
+        }
+        if !m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == inner.id)
+        {
+            return Err("this node does not vote".to_owned());
+        }
+    }
+    if inner.draining.is_cancelled() {
+        return Err("this node is stopping too".to_owned());
+    }
+    super::write::now_checked(inner).map_err(|e| e.to_string())?;
+    inner
+        .raft
+        .trigger()
+        .elect()
+        .await
+        .map_err(|e| format!("raft stopped: {e}"))?;
+    tracing::info!(
+        leader,
+        term,
+        "standing for election at the leader's request"
+    );
+    Ok(())
+}
