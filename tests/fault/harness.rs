@@ -152,6 +152,11 @@ impl Cluster {
         }
     }
 
+    /// SIGTERM: the node stops gracefully and exits.
+    pub fn terminate(&self, id: u64) {
+        self.signal(id, "-TERM");
+    }
+
     /// SIGHUP: the node reloads its TLS files.
     pub fn hang_up(&self, id: u64) {
         self.signal(id, "-HUP");

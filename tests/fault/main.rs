@@ -48,9 +48,12 @@ enum Fault {
     /// Every write of a node to a file fails from now on (a zero file-size limit, as a full
     /// disk): it must stop and exit with status 1 by itself; restarted without the limit.
     DiskFails,
+    /// SIGTERM to a node (the leader half the time): it drains, hands its leadership over if
+    /// it leads, and exits with status 0 by itself; restarted after the hold.
+    Stop,
 }
 
-const FAULTS: [Fault; 7] = [
+const FAULTS: [Fault; 8] = [
     Fault::Kill,
     Fault::Pause,
     Fault::IsolateLeader,
@@ -58,10 +61,13 @@ const FAULTS: [Fault; 7] = [
     Fault::CutLink,
     Fault::OneWay,
     Fault::DiskFails,
+    Fault::Stop,
 ];
 
 /// A node whose disk failed did not stop and exit with status 1 by the end of the fault.
 const DISK_FAULT_IGNORED: &str = "failing disk not acted on";
+/// A node sent SIGTERM did not exit with status 0 by the end of the fault.
+const STOP_UNFINISHED: &str = "graceful stop unfinished";
 /// A node exited that no fault asked to (Raft stopped on an error the run did not cause).
 const NODE_EXITED: &str = "node exited by itself";
 
@@ -188,10 +194,23 @@ async fn run(seed: u64, duration: Duration) -> Report {
         let start = shared.micros();
         // The node the fault cuts off from the other two, which remain a quorum.
         let mut cut_off = Some(victim);
+        // The node asked to stop, which then exits by itself.
+        let mut stopped = None;
         let what = match fault {
             Fault::DiskFails => {
                 cluster.limit_file_size(victim, 0);
                 format!("node {victim}'s disk writes fail, restart after {hold:?}")
+            }
+            Fault::Stop => {
+                let subject = if rng.gen_bool(0.5) {
+                    cluster.leader().await.unwrap_or(victim)
+                } else {
+                    victim
+                };
+                cut_off = Some(subject);
+                stopped = Some(subject);
+                cluster.terminate(subject);
+                format!("SIGTERM node {subject}, restart after {hold:?}")
             }
             Fault::Kill => {
                 cluster.kill(victim);
@@ -253,6 +272,7 @@ async fn run(seed: u64, duration: Duration) -> Report {
         for id in NODES
             .iter()
             .filter(|id| fault != Fault::DiskFails || **id != victim)
+            .filter(|id| Some(**id) != stopped)
         {
             if let Some(status) = cluster.exited(*id, Duration::ZERO).await {
                 harness_violations.push(checker::Violation {
@@ -276,6 +296,23 @@ async fn run(seed: u64, duration: Duration) -> Report {
                         ops: vec![],
                     });
                     cluster.kill(victim);
+                }
+            }
+        }
+        if let Some(subject) = stopped {
+            // A graceful stop takes a second or two (a drain, a hand-over, sled's flush).
+            match cluster.exited(subject, Duration::from_secs(10)).await {
+                Some(status) if status.success() => {}
+                other => {
+                    harness_violations.push(checker::Violation {
+                        kind: STOP_UNFINISHED,
+                        message: format!(
+                            "node {subject}, sent SIGTERM, did not exit with status 0 within \
+                             {hold:?} and 10 s: {other:?}"
+                        ),
+                        ops: vec![],
+                    });
+                    cluster.kill(subject);
                 }
             }
         }
