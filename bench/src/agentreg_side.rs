@@ -337,6 +337,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
     }
     if args.runs("failover") {
         leader_failover(args, &mut c, &mut rows).await?;
+        leader_stopped(args, &mut c, &mut rows).await?;
         node_failover(args, &mut c, &mut rows).await?;
     }
     Ok(rows)
@@ -610,6 +611,41 @@ async fn leader_failover(
     }
     rows.push((
         "leader killed -> next acknowledged claim".into(),
+        Cell::Times(times),
+    ));
+    Ok(())
+}
+
+/// Leader stopped gracefully (SIGTERM) -> the longest a claim through a survivor waited.
+async fn leader_stopped(
+    args: &Args,
+    c: &mut Cluster,
+    rows: &mut Vec<(String, Cell)>,
+) -> anyhow::Result<()> {
+    let all = [1, 2, 3];
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap())?;
+    let mut times = Vec::new();
+    for _ in 0..args.repeat {
+        c.wait_ready().await?;
+        let leader = c.leader().await.context("no leader")?;
+        let survivor = *all.iter().find(|n| **n != leader).unwrap();
+        let conn = c.connect(&endpoint, survivor).await?;
+        let mut child = c.procs.remove(&leader).context("leader not running")?;
+        let gap = crate::longest_gap(
+            || {
+                let conn = conn.clone();
+                async move { request(&conn, claim_request(&fresh("gs"))).await.is_ok() }
+            },
+            || crate::terminate(&child),
+        )
+        .await;
+        times.push(gap);
+        conn.close(quinn::VarInt::from_u32(0), b"done");
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        c.spawn(leader)?;
+    }
+    rows.push((
+        "leader stopped (SIGTERM) -> longest wait between claims".into(),
         Cell::Times(times),
     ));
     Ok(())

@@ -386,6 +386,36 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<(String, Cell)>> {
             "leader killed -> next acknowledged claim".into(),
             Cell::Times(times),
         ));
+        // Leader stopped gracefully (SIGTERM; etcd hands its leadership over) -> the longest
+        // a claim through a survivor waited.
+        let mut times = Vec::new();
+        for _ in 0..args.repeat {
+            e.wait_ready().await?;
+            let leader = e.leader().await.context("no etcd leader")?;
+            let survivor = (leader + 1) % 3;
+            let c = e.client(&[urls[survivor].clone()]).await?;
+            let lease = c.clone().lease_grant(LONG_LEASE_SECS, None).await?.id();
+            let mut child = e.members[leader]
+                .child
+                .take()
+                .context("leader not running")?;
+            times.push(
+                crate::longest_gap(
+                    || {
+                        let mut c = c.clone();
+                        async move { claim(&mut c, &fresh("/claims/gs"), lease).await.is_ok() }
+                    },
+                    || crate::terminate(&child),
+                )
+                .await,
+            );
+            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+            e.spawn_existing(leader)?;
+        }
+        rows.push((
+            "leader stopped (SIGTERM) -> longest wait between claims".into(),
+            Cell::Times(times),
+        ));
     }
     Ok(rows)
 }

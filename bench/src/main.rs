@@ -189,6 +189,55 @@ pub async fn drive_list(
     .await
 }
 
+/// Claims (`op`) sent one after another from before `stop` is called until at least
+/// [`STOP_WINDOW`] after it: the longest time between two acknowledged ones, which is how
+/// long writes paused. A claim that fails is sent again (after 5 ms). Gives up after 60 s.
+pub async fn longest_gap<F, Fut>(op: F, stop: impl FnOnce()) -> Duration
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let attempt = || async {
+        tokio::time::timeout(Duration::from_secs(60), op())
+            .await
+            .unwrap_or(false)
+    };
+    while !attempt().await {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut last = std::time::Instant::now();
+    stop();
+    let stopped = std::time::Instant::now();
+    let mut longest = Duration::ZERO;
+    loop {
+        let ok = attempt().await;
+        let now = std::time::Instant::now();
+        if ok {
+            longest = longest.max(now - last);
+            last = now;
+            if now - stopped >= STOP_WINDOW {
+                return longest;
+            }
+        } else if now - stopped >= Duration::from_secs(60) {
+            return longest.max(now - last);
+        } else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// How long after a stop [`longest_gap`] goes on claiming: past a lost leader's election on
+/// either system.
+pub const STOP_WINDOW: Duration = Duration::from_secs(5);
+
+/// Sends SIGTERM to `child` (a graceful stop), without waiting for it to exit.
+pub fn terminate(child: &std::process::Child) {
+    // SAFETY: kill(2) on the pid of a child not yet reaped (so not reused).
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+}
+
 /// Starts an attempt `op()` every `every` (earlier ones keep going) until one succeeds;
 /// returns when the first success completed, measured from `since`. Gives up after 60 s.
 pub async fn first_success<F, Fut>(since: std::time::Instant, every: Duration, op: F) -> Duration

@@ -76,7 +76,14 @@ pub(super) async fn hand_over(inner: &Inner) {
         Ok(m) if m.current_leader == Some(inner.id) && m.current_term == term => {
             caught_up(&m, inner.id)
         }
-        Ok(_) => return,
+        Ok(m) => {
+            tracing::info!(
+                leader = m.current_leader,
+                term = m.current_term,
+                "not handing leadership over: it moved meanwhile"
+            );
+            return;
+        }
         Err(e) => {
             tracing::warn!(error = %e, "not handing leadership over: no follower caught up");
             return;
