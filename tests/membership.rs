@@ -76,6 +76,15 @@ async fn a_fourth_node_joins_and_a_dead_one_is_removed_while_agents_stay_connect
         .unwrap_err();
     assert!(err.to_string().contains("run on the leader"), "{err:#}");
     cluster.applied_everywhere(index).await;
+    // With four voters the leadership cannot be handed over (two votes are no majority).
+    let err = admin
+        .call(
+            &leader_addr,
+            &AdminRequest::MembersMoveLeader { node_id: Some(4) },
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("two or three voters"), "{err:#}");
     assert_eq!(
         cluster.tables(4),
         cluster.tables(leader),
@@ -174,4 +183,51 @@ async fn a_fourth_node_joins_and_a_dead_one_is_removed_while_agents_stay_connect
         }
     }
     admin.close().await;
+}
+
+/// `agentreg members move-leader`: the leader hands its leadership to the node named (or to
+/// any caught-up voter) and writes go on; refused, changing nothing, at a follower, for a
+/// node that does not vote and for the leader itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leadership_moves_to_the_node_named_and_writes_go_on() {
+    let (cluster, leader) = TestCluster::ready(Options::default()).await;
+    cluster.keyring_ready().await;
+    let admin = AdminClient::new(&cluster.admin_args()).unwrap();
+    let at = |id: u64| cluster.addrs[&id].to_string();
+    let move_to = |node_id| AdminRequest::MembersMoveLeader { node_id };
+    // The higher of the two followers: the first caught up (the lower) would not do.
+    let named = cluster.others(leader).into_iter().max().unwrap();
+    let follower = cluster.others(leader).into_iter().min().unwrap();
+
+    for (to, node_id, said) in [
+        (follower, Some(named), "run on the leader"),
+        (leader, Some(9), "not a voting member"),
+        (leader, Some(leader), "leads already"),
+    ] {
+        let err = admin.call(&at(to), &move_to(node_id)).await.unwrap_err();
+        assert!(err.to_string().contains(said), "{err:#}");
+    }
+    assert_eq!(cluster.leader().await, leader);
+    let term = cluster.node(leader).raft().metrics().borrow().current_term;
+
+    let v = admin
+        .call(&at(leader), &move_to(Some(named)))
+        .await
+        .unwrap();
+    assert_eq!(v["leader"], named, "{v}");
+    assert_eq!(cluster.leader().await, named);
+    assert_eq!(
+        cluster.node(named).raft().metrics().borrow().current_term,
+        term + 1,
+        "one election, won at once"
+    );
+    // Writes go on, through the old leader too.
+    claim_ok(cluster.node(leader), "after-the-move").await;
+
+    // And on to whichever voter is ready.
+    let v = admin.call(&at(named), &move_to(None)).await.unwrap();
+    let next = v["leader"].as_u64().unwrap();
+    assert_ne!(next, named, "{v}");
+    assert_eq!(cluster.leader().await, next);
+    claim_ok(cluster.node(named), "after-the-second-move").await;
 }

@@ -1,4 +1,5 @@
-//! `agentreg members list|add|remove`: membership changes while the cluster serves.
+//! `agentreg members list|add|remove|move-leader`: membership changes while the cluster
+//! serves, and moving its leadership.
 
 use anyhow::Context;
 use clap::Subcommand;
@@ -14,6 +15,9 @@ pub enum MembersCommand {
     Add { node_id: u64, addr: String },
     /// Remove a node, dead or alive (replace a dead node: add the new one, remove the old).
     Remove { node_id: u64 },
+    /// Hand the leadership to a node (by default, any voter that has all of the leader's
+    /// log); writes pause for milliseconds, not an election. Two or three voters only.
+    MoveLeader { node_id: Option<u64> },
 }
 
 pub async fn run(args: &AdminArgs, cmd: MembersCommand, json: bool) -> anyhow::Result<()> {
@@ -39,6 +43,7 @@ pub async fn run(args: &AdminArgs, cmd: MembersCommand, json: bool) -> anyhow::R
         }
         MembersCommand::Add { node_id, addr } => AdminRequest::MembersAdd { node_id, addr },
         MembersCommand::Remove { node_id } => AdminRequest::MembersRemove { node_id },
+        MembersCommand::MoveLeader { node_id } => AdminRequest::MembersMoveLeader { node_id },
     };
     // Membership changes run on the leader.
     let leader = status.leader.ok_or_else(|| {
@@ -54,6 +59,11 @@ pub async fn run(args: &AdminArgs, cmd: MembersCommand, json: bool) -> anyhow::R
     client.close().await;
     if json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else if matches!(req, AdminRequest::MembersMoveLeader { .. }) {
+        println!(
+            "done: node {} leads at term {} (writes held {} ms)",
+            answer["leader"], answer["term"], answer["writes_held_ms"]
+        );
     } else {
         println!(
             "done: membership change committed at index {}",

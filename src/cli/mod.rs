@@ -92,7 +92,7 @@ pub enum Command {
         #[command(subcommand)]
         command: keys::KeysCommand,
     },
-    /// Cluster membership: list, add a node, remove a node.
+    /// Cluster membership: list, add a node, remove a node, move the leadership.
     Members {
         #[command(flatten)]
         conn: AdminArgs,

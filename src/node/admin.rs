@@ -73,6 +73,12 @@ pub enum AdminRequest {
     MembersRemove {
         node_id: u64,
     },
+    /// Hand the leadership to `node_id` (or to any caught-up voter), as a stopping leader
+    /// does (`handover.rs`): before maintenance of the leader's host, say. Leader only.
+    MembersMoveLeader {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node_id: Option<u64>,
+    },
     /// A backup of the tables after a read barrier: the answer frame is followed by the
     /// backup file's bytes (see `raft::backup`) until the stream ends.
     SnapshotSave,
@@ -429,6 +435,7 @@ async fn handle(inner: &Inner, req: AdminRequest) -> serde_json::Value {
         ),
         AdminRequest::MembersAdd { node_id, addr } => members_add(inner, node_id, addr).await,
         AdminRequest::MembersRemove { node_id } => members_remove(inner, node_id).await,
+        AdminRequest::MembersMoveLeader { node_id } => move_leader(inner, node_id).await,
         AdminRequest::Revoke { agent_id } => match commit(Op::RevokeAgent {
             agent_id: agent_id.clone(),
         })
@@ -526,7 +533,7 @@ fn not_leader(inner: &Inner) -> Option<serde_json::Value> {
     let mut refusal = failed(
         admin_code::NOT_LEADER,
         format!(
-            "membership changes run on the leader; this node is not it (leader: {})",
+            "membership changes and leadership moves run on the leader; this node is not it (leader: {})",
             leader_addr.as_deref().unwrap_or("unknown")
         ),
     );
@@ -608,6 +615,43 @@ async fn members_remove(inner: &Inner, node_id: u64) -> serde_json::Value {
         Err(e) => failed(
             admin_code::OUTCOME_UNKNOWN,
             format!("cannot remove node {node_id}: {e}"),
+        ),
+    }
+}
+
+async fn move_leader(inner: &Inner, to: Option<u64>) -> serde_json::Value {
+    use super::handover::{transfer, NotHanded};
+    use serde_json::json;
+    if let Some(refusal) = not_leader(inner) {
+        return refusal;
+    }
+    tracing::info!(target: "audit", event = "move_leader", to, "moving the leadership");
+    match transfer(inner, to).await {
+        Ok(h) => {
+            tracing::info!(
+                new_leader = h.new_leader,
+                term = h.term,
+                writes_held_ms = h.writes_held.as_millis() as u64,
+                "handed leadership over"
+            );
+            json!({
+                "success": true,
+                "leader": h.new_leader,
+                "term": h.term,
+                "took_ms": h.took.as_millis() as u64,
+                "writes_held_ms": h.writes_held.as_millis() as u64,
+            })
+        }
+        Err(NotHanded::NotLeader { .. }) => not_leader(inner).unwrap_or_else(|| {
+            failed(
+                admin_code::NOT_LEADER,
+                "this node stopped leading meanwhile",
+            )
+        }),
+        Err(e @ NotHanded::Refused(_)) => failed(admin_code::REFUSED, e),
+        Err(e @ NotHanded::Failed(_)) => failed(
+            admin_code::UNAVAILABLE,
+            format!("leadership not handed over: {e}"),
         ),
     }
 }

@@ -31,25 +31,86 @@ use crate::raft::types::{Node, NodeId};
 /// How long each step may take before the hand-over is given up.
 pub(super) const STEP: Duration = Duration::from_secs(1);
 
-/// Hands leadership to a follower if this node leads (see the module docs). Returns once
-/// another node leads or the attempt is given up.
+/// How a hand-over went.
+#[derive(Debug)]
+pub(super) struct Handed {
+    pub new_leader: NodeId,
+    pub term: u64,
+    /// From the start, a wait for this leader's own lease included.
+    pub took: Duration,
+    /// How long new writes waited (queued) for it.
+    pub writes_held: Duration,
+}
+
+/// Why leadership was not handed over.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum NotHanded {
+    /// This node does not lead (`leader`, if known, does).
+    #[error("this node is not the leader")]
+    NotLeader { leader: Option<NodeId> },
+    /// Refused on its merits before anything was done (nothing changed).
+    #[error("{0}")]
+    Refused(String),
+    /// Tried and given up: this node may still lead, or an election may follow.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Hands leadership to a follower if this node leads, on its way to stopping (see the module
+/// docs), and logs how it went. Returns once another node leads or the attempt is given up.
 pub(super) async fn hand_over(inner: &Inner) {
+    match transfer(inner, None).await {
+        Ok(h) => tracing::info!(
+            new_leader = h.new_leader,
+            term = h.term,
+            took_ms = h.took.as_millis() as u64,
+            writes_held_ms = h.writes_held.as_millis() as u64,
+            "handed leadership over"
+        ),
+        Err(NotHanded::NotLeader { .. }) => {}
+        Err(e @ NotHanded::Refused(_)) => {
+            tracing::info!(reason = %e, "not handing leadership over");
+        }
+        Err(e) => tracing::warn!(
+            reason = %e,
+            "leadership not handed over; the cluster elects a leader when this node is gone"
+        ),
+    }
+}
+
+/// Hands this leader's leadership to `to`, or to the first caught-up voter that agrees.
+///
+/// # Errors
+/// See [`NotHanded`].
+pub(super) async fn transfer(inner: &Inner, to: Option<NodeId>) -> Result<Handed, NotHanded> {
     let started = Instant::now();
     let (term, voters) = {
         let metrics = inner.raft.metrics();
         let m = metrics.borrow();
         if m.current_leader != Some(inner.id) {
-            return;
+            return Err(NotHanded::NotLeader {
+                leader: m.current_leader,
+            });
         }
         let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
         (m.current_term, voters)
     };
     if !(2..=3).contains(&voters.len()) {
-        tracing::info!(
-            voters = voters.len(),
-            "not handing leadership over: only possible with two or three voters"
-        );
-        return;
+        return Err(NotHanded::Refused(format!(
+            "leadership can be handed over with two or three voters only ({} vote)",
+            voters.len()
+        )));
+    }
+    match to {
+        Some(id) if id == inner.id => {
+            return Err(NotHanded::Refused(format!("node {id} leads already")))
+        }
+        Some(id) if !voters.contains(&id) => {
+            return Err(NotHanded::Refused(format!(
+                "node {id} is not a voting member"
+            )))
+        }
+        _ => {}
     }
     // 0. openraft dates a leader's own lease from its election: a leader elected less than
     //    a lease ago would refuse the candidate its vote. Writes go on meanwhile.
@@ -60,36 +121,38 @@ pub(super) async fn hand_over(inner: &Inner) {
     let held_from = Instant::now();
     // 1. The log stays as it is from here on.
     let Ok(_held) = tokio::time::timeout(STEP, inner.proposer.hold()).await else {
-        tracing::warn!("not handing leadership over: a write is still out after {STEP:?}");
-        return;
+        return Err(NotHanded::Failed(format!(
+            "a write was still out after {STEP:?}"
+        )));
     };
-    // 2. The followers whose logs hold all of this node's.
+    // 2. The followers (or the one asked for) whose logs hold all of this node's.
+    let wanted = |id: &NodeId| to.is_none_or(|t| t == *id);
     let ready = inner
         .raft
         .wait(Some(STEP))
         .metrics(
-            |m| !caught_up(m, inner.id).is_empty(),
+            |m| caught_up(m, inner.id).iter().any(wanted),
             "a follower with all of the leader's log",
         )
         .await;
-    let candidates = match ready {
+    let candidates: Vec<NodeId> = match ready {
         Ok(m) if m.current_leader == Some(inner.id) && m.current_term == term => {
-            caught_up(&m, inner.id)
+            caught_up(&m, inner.id).into_iter().filter(wanted).collect()
         }
         Ok(m) => {
-            tracing::info!(
-                leader = m.current_leader,
-                term = m.current_term,
-                "not handing leadership over: it moved meanwhile"
-            );
-            return;
+            return Err(NotHanded::Failed(format!(
+                "leadership moved meanwhile (to {:?}, term {})",
+                m.current_leader, m.current_term
+            )))
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "not handing leadership over: no follower caught up");
-            return;
+        Err(_) => {
+            return Err(NotHanded::Failed(format!(
+                "no follower had all of the leader's log within {STEP:?}"
+            )))
         }
     };
     // 3. The first that agrees stands for election.
+    let mut declined = Vec::new();
     for target in candidates {
         let Some(addr) = node_addr(inner, target) else {
             continue;
@@ -102,19 +165,15 @@ pub(super) async fn hand_over(inner: &Inner) {
         match client.call(&request, STEP).await {
             Ok(PeerResponse::Campaign(Ok(()))) => {}
             Ok(PeerResponse::Campaign(Err(why))) => {
-                tracing::info!(target_node = target, reason = %why, "follower declined to stand for election");
+                declined.push(format!("node {target} declined: {why}"));
                 continue;
             }
             Ok(other) => {
-                tracing::warn!(
-                    target_node = target,
-                    got = other.kind(),
-                    "unexpected answer to a campaign request"
-                );
+                declined.push(format!("node {target} answered {}", other.kind()));
                 continue;
             }
             Err(e) => {
-                tracing::info!(target_node = target, error = %e, "could not ask a follower to stand for election");
+                declined.push(format!("node {target}: {e}"));
                 continue;
             }
         }
@@ -126,23 +185,22 @@ pub(super) async fn hand_over(inner: &Inner) {
                 "leadership handed over",
             )
             .await;
-        match moved {
-            Ok(m) => tracing::info!(
-                new_leader = m.current_leader,
-                term = m.current_term,
-                took_ms = started.elapsed().as_millis() as u64,
-                writes_held_ms = held_from.elapsed().as_millis() as u64,
-                "handed leadership over"
-            ),
-            Err(e) => {
-                tracing::warn!(target_node = target, error = %e, "leadership not handed over; the cluster elects a leader when this node is gone")
-            }
-        }
-        return;
+        return match moved {
+            Ok(m) => Ok(Handed {
+                new_leader: m.current_leader.unwrap_or(target),
+                term: m.current_term,
+                took: started.elapsed(),
+                writes_held: held_from.elapsed(),
+            }),
+            Err(_) => Err(NotHanded::Failed(format!(
+                "node {target} stood for election but no new leader was known within {STEP:?}"
+            ))),
+        };
     }
-    tracing::warn!(
-        "no follower stood for election; the cluster elects a leader when this node is gone"
-    );
+    Err(NotHanded::Failed(format!(
+        "no follower stood for election ({})",
+        declined.join("; ")
+    )))
 }
 
 /// The voters other than `me` whose matched log is this leader's last entry, lowest id first.
