@@ -78,11 +78,25 @@ pub(super) async fn hand_over(inner: &Inner) {
     }
 }
 
-/// Hands this leader's leadership to `to`, or to the first caught-up voter that agrees.
+/// Hands this leader's leadership to `to`, or to the first caught-up voter that agrees;
+/// counted in the node's metrics.
 ///
 /// # Errors
 /// See [`NotHanded`].
 pub(super) async fn transfer(inner: &Inner, to: Option<NodeId>) -> Result<Handed, NotHanded> {
+    let result = try_transfer(inner, to).await;
+    let counter = match &result {
+        Ok(_) => Some(&inner.metrics.handovers.handed),
+        Err(NotHanded::Failed(_)) => Some(&inner.metrics.handovers.failed),
+        Err(_) => None,
+    };
+    if let Some(c) = counter {
+        c.inc();
+    }
+    result
+}
+
+async fn try_transfer(inner: &Inner, to: Option<NodeId>) -> Result<Handed, NotHanded> {
     let started = Instant::now();
     let (term, voters) = {
         let metrics = inner.raft.metrics();

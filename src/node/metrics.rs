@@ -58,6 +58,16 @@ pub(crate) struct Metrics {
     pub(crate) connections_refused: Counter,
     /// Handshakes in progress, retried, refused, given up (`handshakes.rs`).
     pub(crate) handshakes: super::handshakes::HandshakeMetrics,
+    /// Leadership hand-overs done and given up (`handover.rs`).
+    pub(crate) handovers: Handovers,
+}
+
+/// Counters of the leadership hand-overs this node tried as leader (on stopping, or asked
+/// by `agentreg members move-leader`); one refused before anything was done is not counted.
+#[derive(Clone, Default)]
+pub(crate) struct Handovers {
+    pub(crate) handed: Counter,
+    pub(crate) failed: Counter,
 }
 
 /// Counters of the writes a follower forwards to the leader: calls below writes means the
@@ -206,6 +216,16 @@ impl Metrics {
             "agentreg_agent_connections_refused",
             "Agent connections closed unread because the node was at [limits] max_agent_connections or max_agent_connections_per_address",
         );
+        let handovers = Handovers {
+            handed: counter(
+                "agentreg_leadership_handovers",
+                "Times this node, leading, handed its leadership to another node (on stopping, or by members move-leader)",
+            ),
+            failed: counter(
+                "agentreg_leadership_handovers_failed",
+                "Leadership hand-overs this node tried and gave up (the cluster then elects as after a crash)",
+            ),
+        };
         let handshakes = super::handshakes::HandshakeMetrics {
             retried: counter(
                 "agentreg_handshakes_retried",
@@ -240,6 +260,7 @@ impl Metrics {
             claims_limited,
             connections_refused,
             handshakes,
+            handovers,
             registry,
             requests,
             latency,
