@@ -240,4 +240,21 @@ async fn the_leadership_moves_to_the_node_named_and_writes_go_on() {
     assert_ne!(next, named, "{v}");
     assert_eq!(cluster.leader().await, next);
     claim_ok(cluster.node(named), "after-the-second-move").await;
+
+    // A voter that has stopped answering is refused at once, and the leadership stays.
+    let mut cluster = cluster;
+    let gone = cluster.others(next).into_iter().max().unwrap();
+    cluster.crash(gone).await;
+    let admin = AdminClient::new(&cluster.admin_args()).unwrap();
+    let refusal = wait_for("a move to the crashed node refused", TIMEOUT, || async {
+        let err = admin
+            .call(&cluster.addrs[&next].to_string(), &move_to(Some(gone)))
+            .await
+            .expect_err("no move to a crashed node");
+        let err = err.to_string();
+        err.contains("has not answered").then_some(err)
+    })
+    .await;
+    assert!(refusal.contains(&format!("node {gone}")), "{refusal}");
+    assert_eq!(cluster.leader().await, next);
 }

@@ -642,7 +642,7 @@ async fn move_leader(inner: &Inner, to: Option<u64>) -> serde_json::Value {
                 "writes_held_ms": h.writes_held.as_millis() as u64,
             })
         }
-        Err(NotHanded::NotLeader { .. }) => not_leader(inner).unwrap_or_else(|| {
+        Err(NotHanded::NotLeader) => not_leader(inner).unwrap_or_else(|| {
             failed(
                 admin_code::NOT_LEADER,
                 "this node stopped leading meanwhile",

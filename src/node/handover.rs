@@ -1,10 +1,12 @@
-//! A leader that stops gracefully hands its leadership to a follower first.
+//! A leader hands its leadership to a follower: when it stops gracefully, and when an
+//! operator asks (`agentreg members move-leader`).
 //!
 //! openraft 0.9 has no leader transfer, and its leader lease makes a follower refuse to vote
 //! for `election_timeout_max` after it last heard from its leader. A leader that just
 //! stopped left the cluster leaderless for that lease plus an election timeout (about
 //! 450 ms as shipped), and every write waited: each rolling restart cost one such pause. A
-//! stopping leader instead, once it has drained its own requests ([`hand_over`]):
+//! stopping leader instead, once it has drained its own requests ([`hand_over`]), and a
+//! leader asked to ([`transfer`]):
 //!
 //! 1. holds its proposer: the writes out are answered, new ones (forwarded by followers)
 //!    queue, so its log stays as it is;
@@ -13,12 +15,13 @@
 //!
 //! The candidate's term is above the leader's and its log is as long, so the leader grants
 //! its vote and steps down (openraft dates a leader's own lease from its election; a leader
-//! elected less than a lease ago first waits it out): with the candidate's own vote that is a majority of two or three voters. The
-//! other follower heard from the leader moments ago and refuses on its lease, which changes
-//! nothing. The queued writes then find this node a follower and are forwarded to the new
-//! leader. With more than three voters the two votes are no majority and a refused
-//! candidate would only delay the election, so nothing is tried; nor when any step fails:
-//! the cluster then elects a leader as before once this node is gone.
+//! elected less than a lease ago first waits it out): with the candidate's own vote that is
+//! a majority of two or three voters. The other follower heard from the leader moments ago
+//! and refuses on its lease, which changes nothing. The queued writes then find this node a
+//! follower and are forwarded to the new leader. With more than three voters the two votes
+//! are no majority and a refused candidate would only delay the election, so nothing is
+//! tried; nor when no voter has answered this node lately. When a step fails the cluster
+//! goes on as before (a stopping leader's then elects a leader once it is gone).
 
 use std::time::{Duration, Instant};
 
@@ -45,9 +48,9 @@ pub(super) struct Handed {
 /// Why leadership was not handed over.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum NotHanded {
-    /// This node does not lead (`leader`, if known, does).
+    /// This node does not lead.
     #[error("this node is not the leader")]
-    NotLeader { leader: Option<NodeId> },
+    NotLeader,
     /// Refused on its merits before anything was done (nothing changed).
     #[error("{0}")]
     Refused(String),
@@ -67,7 +70,7 @@ pub(super) async fn hand_over(inner: &Inner) {
             writes_held_ms = h.writes_held.as_millis() as u64,
             "handed leadership over"
         ),
-        Err(NotHanded::NotLeader { .. }) => {}
+        Err(NotHanded::NotLeader) => {}
         Err(e @ NotHanded::Refused(_)) => {
             tracing::info!(reason = %e, "not handing leadership over");
         }
@@ -102,9 +105,7 @@ async fn try_transfer(inner: &Inner, to: Option<NodeId>) -> Result<Handed, NotHa
         let metrics = inner.raft.metrics();
         let m = metrics.borrow();
         if m.current_leader != Some(inner.id) {
-            return Err(NotHanded::NotLeader {
-                leader: m.current_leader,
-            });
+            return Err(NotHanded::NotLeader);
         }
         let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
         (m.current_term, voters)
@@ -126,6 +127,24 @@ async fn try_transfer(inner: &Inner, to: Option<NodeId>) -> Result<Handed, NotHa
         }
         _ => {}
     }
+    // A voter that has not answered lately (down, cut off) would keep writes held for a
+    // step and then decline: refused at once instead, nothing held.
+    let wanted = |id: &NodeId| to.is_none_or(|t| t == *id);
+    let lately = STEP.max(2 * Duration::from_millis(inner.raft.config().heartbeat_interval));
+    let answering = voters
+        .iter()
+        .filter(|id| **id != inner.id && wanted(id))
+        .any(|id| {
+            node_addr(inner, *id)
+                .and_then(|addr| inner.peers.client(*id, &addr).last_ok())
+                .is_some_and(|at| at.elapsed() < lately)
+        });
+    if !answering {
+        return Err(NotHanded::Refused(match to {
+            Some(id) => format!("node {id} has not answered this node in the last {lately:?}"),
+            None => format!("no other voter has answered this node in the last {lately:?}"),
+        }));
+    }
     // 0. openraft dates a leader's own lease from its election: a leader elected less than
     //    a lease ago would refuse the candidate its vote. Writes go on meanwhile.
     let lease = Duration::from_millis(inner.raft.config().election_timeout_max);
@@ -140,12 +159,11 @@ async fn try_transfer(inner: &Inner, to: Option<NodeId>) -> Result<Handed, NotHa
         )));
     };
     // 2. The followers (or the one asked for) whose logs hold all of this node's.
-    let wanted = |id: &NodeId| to.is_none_or(|t| t == *id);
     let ready = inner
         .raft
         .wait(Some(STEP))
         .metrics(
-            |m| caught_up(m, inner.id).iter().any(wanted),
+            |m| m.current_leader != Some(inner.id) || caught_up(m, inner.id).iter().any(wanted),
             "a follower with all of the leader's log",
         )
         .await;

@@ -153,8 +153,8 @@ async fn write_unaudited(inner: &Inner, cmd: Command) -> Result<Written, WriteEr
                     return Ok(Written { index, response });
                 }
                 Ok(Err(ForwardError::NotLeader { leader })) => {
-                    // Leadership moved (a leader that stops hands it over): go to the one
-                    // named at once, once; after that, wait for the cluster to settle.
+                    // Leadership moved (handed over, say): go to the one named at once,
+                    // once; after that, wait for the cluster to settle.
                     if !redirected && leader.as_ref().is_some_and(|(id, _)| *id != leader_id) {
                         redirected = true;
                         // (This node itself: propose here.)

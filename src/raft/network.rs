@@ -82,10 +82,10 @@ pub enum PeerRequest {
     /// The callee's wall clock, in milliseconds since the Unix epoch (node/clock.rs). A node
     /// of a build before it refuses the request unread.
     Clock,
-    /// The leader, about to stop, asks a follower whose log has all of the leader's to stand
-    /// for election at once (node/handover.rs). The callee does so only while `leader` at
-    /// `term` is the leader it follows. A node of a build before it refuses the request
-    /// unread.
+    /// The leader, handing its leadership over (stopping, or asked by an operator), asks a
+    /// follower whose log has all of the leader's to stand for election at once
+    /// (node/handover.rs). The callee does so only while `leader` at `term` is the leader it
+    /// follows. A node of a build before it refuses the request unread.
     Campaign {
         leader: NodeId,
         term: u64,
