@@ -43,7 +43,8 @@ async fn start_draining(node: agentreg::node::Node) -> tokio::task::JoinHandle<(
     let metrics = node.metrics_addr().unwrap();
     let stopping = tokio::spawn(node.shutdown());
     wait_for("the node to report draining", TIMEOUT, || async {
-        let (code, body) = http_get_at(metrics, "/readyz").await;
+        // (A connection turned away is asked again.)
+        let (code, body) = try_http_get_at(metrics, "/readyz").await.ok()?;
         (code == 503 && body.contains("draining")).then_some(())
     })
     .await;
@@ -183,7 +184,7 @@ async fn the_client_sends_a_request_refused_by_a_stopping_node_to_the_next_node(
         "the client's claim refused by the draining node",
         TIMEOUT,
         || async {
-            let (_, text) = http_get_at(metrics, "/metrics").await;
+            let (_, text) = try_http_get_at(metrics, "/metrics").await.ok()?;
             text.lines()
                 .any(|l| {
                     l.starts_with("agentreg_requests_total{")

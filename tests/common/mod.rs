@@ -334,18 +334,24 @@ pub async fn http_get(node: &Node, path: &str) -> (u16, String) {
 /// GET `path` from `addr`: (status code, body).
 #[allow(dead_code)]
 pub async fn http_get_at(addr: SocketAddr, path: &str) -> (u16, String) {
+    try_http_get_at(addr, path)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"))
+}
+
+/// As [`http_get_at`], the failure to connect or read returned, for polls that ask again:
+/// a poll of a draining node once had its connection reset (in CI, cause not found) and
+/// failed its test.
+#[allow(dead_code)]
+pub async fn try_http_get_at(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to metrics");
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+        .await?;
     let mut out = String::new();
     tokio::time::timeout(TIMEOUT, s.read_to_string(&mut out))
         .await
-        .expect("http answer")
-        .unwrap();
+        .map_err(|_| std::io::Error::other("no answer"))??;
     let status = out
         .split_whitespace()
         .nth(1)
@@ -355,7 +361,7 @@ pub async fn http_get_at(addr: SocketAddr, path: &str) -> (u16, String) {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
 }
 
 pub fn now() -> u64 {
