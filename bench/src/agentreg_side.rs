@@ -580,20 +580,27 @@ async fn eviction(args: &Args, c: &Cluster, rows: &mut Vec<(String, Cell)>) -> a
     Ok(())
 }
 
+/// Once the cluster is ready: its leader, and a connection to another node.
+async fn leader_and_survivor(
+    c: &Cluster,
+    endpoint: &quinn::Endpoint,
+) -> anyhow::Result<(u64, quinn::Connection)> {
+    c.wait_ready().await?;
+    let leader = c.leader().await.context("no leader")?;
+    let survivor = [1, 2, 3].into_iter().find(|n| *n != leader).unwrap();
+    Ok((leader, c.connect(endpoint, survivor).await?))
+}
+
 /// Leader killed -> next acknowledged claim, through a survivor.
 async fn leader_failover(
     args: &Args,
     c: &mut Cluster,
     rows: &mut Vec<(String, Cell)>,
 ) -> anyhow::Result<()> {
-    let all = [1, 2, 3];
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap())?;
     let mut times = Vec::new();
     for _ in 0..args.repeat {
-        c.wait_ready().await?;
-        let leader = c.leader().await.context("no leader")?;
-        let survivor = *all.iter().find(|n| **n != leader).unwrap();
-        let conn = c.connect(&endpoint, survivor).await?;
+        let (leader, conn) = leader_and_survivor(c, &endpoint).await?;
         request(&conn, claim_request(&fresh("pre")))
             .await
             .map_err(anyhow::Error::msg)?;
@@ -622,14 +629,10 @@ async fn leader_stopped(
     c: &mut Cluster,
     rows: &mut Vec<(String, Cell)>,
 ) -> anyhow::Result<()> {
-    let all = [1, 2, 3];
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap())?;
     let mut times = Vec::new();
     for _ in 0..args.repeat {
-        c.wait_ready().await?;
-        let leader = c.leader().await.context("no leader")?;
-        let survivor = *all.iter().find(|n| **n != leader).unwrap();
-        let conn = c.connect(&endpoint, survivor).await?;
+        let (leader, conn) = leader_and_survivor(c, &endpoint).await?;
         let mut child = c.procs.remove(&leader).context("leader not running")?;
         let gap = crate::longest_gap(
             || {

@@ -45,7 +45,7 @@ pub async fn run(args: &AdminArgs, cmd: MembersCommand, json: bool) -> anyhow::R
         MembersCommand::Remove { node_id } => AdminRequest::MembersRemove { node_id },
         MembersCommand::MoveLeader { node_id } => AdminRequest::MembersMoveLeader { node_id },
     };
-    // Membership changes run on the leader.
+    // Membership changes and leadership moves run on the leader.
     let leader = status.leader.ok_or_else(|| {
         super::NoEndpoint("none is the leader right now (an election?); retry".into())
     })?;

@@ -71,6 +71,16 @@ const STOP_UNFINISHED: &str = "graceful stop unfinished";
 /// A node exited that no fault asked to (Raft stopped on an error the run did not cause).
 const NODE_EXITED: &str = "node exited by itself";
 
+/// The leader half the time (when one is known), else `victim`: the subject of a fault
+/// that should hit the leader often.
+async fn leader_half_the_time(cluster: &Cluster, rng: &mut StdRng, victim: u64) -> u64 {
+    if rng.gen_bool(0.5) {
+        cluster.leader().await.unwrap_or(victim)
+    } else {
+        victim
+    }
+}
+
 struct Report {
     seed: u64,
     history: History,
@@ -202,11 +212,7 @@ async fn run(seed: u64, duration: Duration) -> Report {
                 format!("node {victim}'s disk writes fail, restart after {hold:?}")
             }
             Fault::Stop => {
-                let subject = if rng.gen_bool(0.5) {
-                    cluster.leader().await.unwrap_or(victim)
-                } else {
-                    victim
-                };
+                let subject = leader_half_the_time(&cluster, &mut rng, victim).await;
                 cut_off = Some(subject);
                 stopped = Some(subject);
                 cluster.terminate(subject);
@@ -242,11 +248,7 @@ async fn run(seed: u64, duration: Duration) -> Report {
                 format!("cut node {victim} <-> node {other} for {hold:?}")
             }
             Fault::OneWay => {
-                let subject = if rng.gen_bool(0.5) {
-                    cluster.leader().await.unwrap_or(victim)
-                } else {
-                    victim
-                };
+                let subject = leader_half_the_time(&cluster, &mut rng, victim).await;
                 cut_off = Some(subject);
                 let others = NODES.iter().copied().filter(|n| *n != subject);
                 match rng.gen_range(0..3) {
