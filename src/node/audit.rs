@@ -39,6 +39,12 @@ pub(super) fn record(node_id: u64, cmd: &Command, result: &Result<Written, Write
                     Outcome::NodeEvicted { removed } => {
                         detail = format!("{} sessions", removed.len())
                     }
+                    Outcome::ClaimsForgotten { forgotten, more } => {
+                        detail = format!(
+                            "{forgotten} claims{}",
+                            if *more { ", more due" } else { "" }
+                        )
+                    }
                     Outcome::Revoked {
                         serial: s, newly, ..
                     } => {
@@ -116,5 +122,6 @@ fn describe(op: &Op) -> (&'static str, Option<&str>, Option<u64>, Option<u64>) {
         Op::RetireKey { .. } => ("key_retire", None, None, None),
         // Batches are formed below the audit log: each command in one was recorded alone.
         Op::Batch(_) => ("batch", None, None, None),
+        Op::ForgetExpiredClaims => ("forget_expired_claims", None, None, None),
     }
 }

@@ -1,15 +1,15 @@
 //! Work driven by Raft's state: installing the first signing key of a new cluster (the
-//! leader), evicting the sessions of lost nodes (the leader), and stopping service when Raft
-//! stops on a fault of its own (every node).
+//! leader), evicting the sessions of lost nodes (the leader), forgetting claims long expired
+//! (the leader), and stopping service when Raft stops on a fault of its own (every node).
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::ServerState;
 
 use super::Inner;
 use crate::identity::Secret;
-use crate::registry::{Command, Op};
+use crate::registry::{Command, Op, Outcome, EXPIRY_GRACE_SECS};
 
 /// Wall clock as fractional Unix seconds (ping timestamps, renewal schedule).
 pub fn unix_now_f64() -> f64 {
@@ -21,6 +21,7 @@ pub fn unix_now_f64() -> f64 {
 
 pub(super) fn spawn(inner: Arc<Inner>) {
     spawn_lost_node_watch(inner.clone());
+    spawn_expired_claims_sweep(inner.clone());
     // One task for what follows Raft's metrics: they change at every commit and apply, and
     // each task watching them is woken each time.
     let tasks = inner.tasks.clone();
@@ -112,6 +113,64 @@ fn spawn_lost_node_watch(inner: Arc<Inner>) {
             super::heartbeat::evict_lost_nodes(&inner, since).await;
         }
     });
+}
+
+/// How often the leader looks whether a claim has come due to be forgotten.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// While leading: forgets the claims whose certificates expired over `EXPIRY_GRACE_SECS` ago
+/// and that no session holds ([`Op::ForgetExpiredClaims`]), once a second as they come due,
+/// and command after command while more are due (a backlog after an upgrade). Without it
+/// every id ever claimed would keep its row, in every node's memory, snapshot and backup.
+fn spawn_expired_claims_sweep(inner: Arc<Inner>) {
+    let tasks = inner.tasks.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = inner.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            while !inner.draining.is_cancelled() && claims_due(&inner) {
+                if !forget_expired_claims(&inner).await {
+                    break;
+                }
+            }
+        }
+    });
+}
+
+/// Whether this node leads and, by its tables and clock, some claim is due to be forgotten.
+fn claims_due(inner: &Inner) -> bool {
+    if inner.raft.metrics().borrow().state != ServerState::Leader {
+        return false;
+    }
+    let Some(first) = inner.state.read().state.first_unheld_expiry() else {
+        return false;
+    };
+    // An untrusted clock proposes nothing; the clock's own warning says why.
+    super::write::now_checked(inner).is_ok_and(|now| first.saturating_add(EXPIRY_GRACE_SECS) < now)
+}
+
+/// Proposes one [`Op::ForgetExpiredClaims`] (the audit trail records it); whether more are
+/// due at once.
+async fn forget_expired_claims(inner: &Inner) -> bool {
+    let Ok(at) = super::write::now_checked(inner) else {
+        return false;
+    };
+    let cmd = Command {
+        at,
+        op: Op::ForgetExpiredClaims,
+    };
+    match super::write::write(inner, cmd).await {
+        Ok(w) => matches!(w.response, Ok(Outcome::ClaimsForgotten { more: true, .. })),
+        // Tried again at the next tick, by whichever node leads then.
+        Err(e) => {
+            tracing::debug!(error = %e, "expired claims not forgotten yet");
+            false
+        }
+    }
 }
 
 /// When Raft stops on its own (a log or state-machine write failed, a fault in openraft):

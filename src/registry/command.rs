@@ -103,6 +103,12 @@ pub enum Op {
     /// is kept while its certificate is the id's current one. Last, so that the variants
     /// before it keep their tags: builds before it cannot read it (see docs/operations.md).
     ClaimWithToken { claim: ClaimArgs, token: TokenHash },
+    /// Forgets claims whose certificates expired more than `EXPIRY_GRACE_SECS` before `at`
+    /// and that no session holds (at most `MAX_FORGOTTEN_PER_COMMAND`, the earliest first):
+    /// free ids whose rows every id ever claimed would otherwise keep. Proposed by the leader
+    /// while there are some ([`Outcome::ClaimsForgotten`] says whether more are due). Last,
+    /// like `ClaimWithToken`: builds before it cannot read it (see docs/operations.md).
+    ForgetExpiredClaims,
 }
 
 impl Command {
@@ -159,6 +165,7 @@ impl Command {
             Op::InitKeyring { secret } | Op::RotateKey { secret } => N + secret.len(),
             Op::RetireKey { key_id } => text(key_id),
             Op::Batch(cmds) => N + cmds.iter().map(Command::size_hint).sum::<usize>(),
+            Op::ForgetExpiredClaims => 0,
         };
         // `at` and the variant's tag.
         2 * N + op
@@ -185,6 +192,7 @@ impl Op {
             Op::RotateKey { .. } => "rotate_key",
             Op::RetireKey { .. } => "retire_key",
             Op::Batch(_) => "batch",
+            Op::ForgetExpiredClaims => "forget_expired_claims",
         }
     }
 }
@@ -245,6 +253,11 @@ pub enum Outcome {
     /// keep their tags (only `ClaimWithToken`, which earlier builds never send, yields it).
     ClaimRepeated {
         certificate: Certificate,
+    },
+    /// Expired claims forgotten; `more` when others were due beyond the command's maximum.
+    ClaimsForgotten {
+        forgotten: u64,
+        more: bool,
     },
 }
 

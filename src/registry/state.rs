@@ -17,9 +17,14 @@ use crate::identity::{check_agent_id, Certificate, Invalid, Keyring, Secret};
 pub const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
 /// Largest session metadata accepted, in bytes of JSON text.
 pub const MAX_METADATA_LEN: usize = 16 * 1024;
-/// Revocations (and expired claims) are dropped this long after the certificate expired, so
-/// that a node whose clock runs behind the proposer's still finds the revocation.
+/// Revocations are dropped this long after the certificate expired, so that a node whose
+/// clock runs behind the proposer's still finds the revocation; expired claims are forgotten
+/// after as long ([`Op::ForgetExpiredClaims`]), so that `claims list` still shows them for a
+/// while.
 pub const EXPIRY_GRACE_SECS: u64 = 3600;
+/// Most claims one [`Op::ForgetExpiredClaims`] forgets, so that applying it holds up the
+/// writes behind it for about a millisecond however many claims have expired.
+pub const MAX_FORGOTTEN_PER_COMMAND: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {
@@ -133,12 +138,28 @@ pub struct TableSizes {
     pub keys: usize,
 }
 
-/// The tables plus indexes derived from them (rebuilt on load, never serialised).
+/// The tables plus indexes derived from them (rebuilt on load, never serialised). Each index
+/// is a function of the tables alone, so a node that loaded a snapshot and one that applied
+/// the log up to it hold the same indexes, and forget the same claims.
 #[derive(Debug, Clone, Default)]
 pub struct RegistryState {
     tables: Tables,
     /// (expires_at, serial) of every revocation, to drop them in order.
     revocation_expiry: OrdSet<(u64, u64)>,
+    /// (expires_at, agent_id) of every claim that no session holds ([`Tables::holds`]): the
+    /// claims [`Op::ForgetExpiredClaims`] may forget, in the order they expire.
+    claim_expiry: OrdSet<(u64, String)>,
+}
+
+impl Tables {
+    /// Whether `claim`, the claim of `agent_id`, is held: the id's session registered with its
+    /// certificate. A held claim is never forgotten, expired or not, so that revoking the id
+    /// still ends that session.
+    fn holds(&self, agent_id: &str, claim: &Claim) -> bool {
+        self.sessions
+            .get(agent_id)
+            .is_some_and(|s| s.cert_serial == Some(claim.serial))
+    }
 }
 
 impl RegistryState {
@@ -148,10 +169,23 @@ impl RegistryState {
             .iter()
             .map(|(serial, r)| (r.expires_at, *serial))
             .collect();
+        let claim_expiry = tables
+            .claims
+            .iter()
+            .filter(|(id, c)| !tables.holds(id, c))
+            .map(|(id, c)| (c.expires_at, id.clone()))
+            .collect();
         RegistryState {
             tables,
             revocation_expiry,
+            claim_expiry,
         }
+    }
+
+    /// When the claim that expires first among those no session holds expires: none is
+    /// forgotten before this plus [`EXPIRY_GRACE_SECS`].
+    pub fn first_unheld_expiry(&self) -> Option<u64> {
+        self.claim_expiry.get_min().map(|(at, _)| *at)
     }
 
     pub fn tables(&self) -> &Tables {
@@ -292,6 +326,7 @@ impl RegistryState {
                     .map_err(RegistryError::Keyring)
             }
             Op::Batch(_) => unreachable!("batches are applied above"),
+            Op::ForgetExpiredClaims => Ok(self.forget_expired_claims(at)),
             Op::RetireKey { key_id } => self
                 .tables
                 .keyring
@@ -381,6 +416,7 @@ impl RegistryState {
             .active()
             .ok_or(RegistryError::NoSigningKey)?;
         let certificate = Certificate::issue(agent_id, id, at, at + ttl_secs, key_id, secret);
+        let was = self.claim_expiry_of(agent_id);
         self.tables.claims.insert(
             agent_id.to_owned(),
             Claim {
@@ -400,6 +436,7 @@ impl RegistryState {
                 self.tables.claim_tokens.remove(agent_id);
             }
         }
+        self.reindex(agent_id, was);
         Ok(Outcome::Claimed { certificate })
     }
 
@@ -490,6 +527,7 @@ impl RegistryState {
                 cert_serial,
             },
         );
+        self.reindex(agent_id, self.claim_expiry_of(agent_id));
         Ok(Outcome::Registered {
             session_id: id,
             replaced: existing.filter(|s| s.conn != conn),
@@ -499,7 +537,11 @@ impl RegistryState {
     /// Removes the session of `agent_id` if its id is still `session_id` (the fence).
     fn end_session(&mut self, agent_id: &str, session_id: u64) -> Option<Session> {
         match self.tables.sessions.get(agent_id) {
-            Some(s) if s.session_id == session_id => self.tables.sessions.remove(agent_id),
+            Some(s) if s.session_id == session_id => {
+                let ended = self.tables.sessions.remove(agent_id);
+                self.reindex(agent_id, self.claim_expiry_of(agent_id));
+                ended
+            }
             _ => None,
         }
     }
@@ -514,6 +556,7 @@ impl RegistryState {
             .collect();
         for (id, _) in &doomed {
             self.tables.sessions.remove(id);
+            self.reindex(id, self.claim_expiry_of(id));
         }
         Outcome::NodeEvicted { removed: doomed }
     }
@@ -573,6 +616,7 @@ impl RegistryState {
             },
         );
         self.revocation_expiry.insert((expires_at, serial));
+        let was = self.claim_expiry_of(agent_id);
         if self
             .tables
             .claims
@@ -586,10 +630,13 @@ impl RegistryState {
             .tables
             .sessions
             .get(agent_id)
-            .filter(|s| s.cert_serial == Some(serial))?
-            .as_ref();
-        self.tables.sessions.remove(agent_id);
-        Some((agent_id.to_owned(), session))
+            .filter(|s| s.cert_serial == Some(serial))
+            .map(Session::as_ref);
+        if session.is_some() {
+            self.tables.sessions.remove(agent_id);
+        }
+        self.reindex(agent_id, was);
+        Some((agent_id.to_owned(), session?))
     }
 
     fn init_keyring(&mut self, id: u64, at: u64, secret: &Secret) -> Response {
@@ -608,6 +655,46 @@ impl RegistryState {
             key_id,
             created: true,
         })
+    }
+
+    /// Forgets claims whose certificates expired more than [`EXPIRY_GRACE_SECS`] before
+    /// `at` and that no session holds, the earliest first, at most
+    /// [`MAX_FORGOTTEN_PER_COMMAND`]. A forgotten claim was already free to claim: what goes
+    /// is its row (and its claim token), which every id ever claimed would otherwise keep.
+    fn forget_expired_claims(&mut self, at: u64) -> Outcome {
+        let due = |e: &(u64, String)| e.0.saturating_add(EXPIRY_GRACE_SECS) < at;
+        let mut forgotten = 0;
+        while forgotten < MAX_FORGOTTEN_PER_COMMAND && self.claim_expiry.get_min().is_some_and(due)
+        {
+            let Some((_, agent_id)) = self.claim_expiry.remove_min() else {
+                break;
+            };
+            self.tables.claims.remove(&agent_id);
+            self.tables.claim_tokens.remove(&agent_id);
+            forgotten += 1;
+        }
+        Outcome::ClaimsForgotten {
+            forgotten: forgotten as u64,
+            more: self.claim_expiry.get_min().is_some_and(due),
+        }
+    }
+
+    fn claim_expiry_of(&self, agent_id: &str) -> Option<u64> {
+        self.tables.claims.get(agent_id).map(|c| c.expires_at)
+    }
+
+    /// Brings [`Self::claim_expiry`] up to date for `agent_id` after its claim or session
+    /// changed; `was` is when its claim expired before the change.
+    fn reindex(&mut self, agent_id: &str, was: Option<u64>) {
+        if let Some(expires_at) = was {
+            self.claim_expiry.remove(&(expires_at, agent_id.to_owned()));
+        }
+        if let Some(c) = self.tables.claims.get(agent_id) {
+            if !self.tables.holds(agent_id, c) {
+                self.claim_expiry
+                    .insert((c.expires_at, agent_id.to_owned()));
+            }
+        }
     }
 
     fn drop_expired_revocations(&mut self, at: u64) {

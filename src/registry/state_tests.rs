@@ -635,6 +635,206 @@ fn revocations_are_kept_until_the_certificate_expired_plus_grace() {
     assert_eq!(restored.sizes().revocations, 0);
 }
 
+// ---- forgetting expired claims ----
+
+impl Log {
+    /// Applies ForgetExpiredClaims at `at`: (claims forgotten, whether more are due).
+    fn forget(&mut self, at: u64) -> (u64, bool) {
+        match self.ok(at, Op::ForgetExpiredClaims) {
+            Outcome::ClaimsForgotten { forgotten, more } => (forgotten, more),
+            o => panic!("{o:?}"),
+        }
+    }
+}
+
+#[test]
+fn an_expired_claim_is_forgotten_an_hour_after_and_its_id_stays_free() {
+    let mut log = Log::new();
+    let a = log.token_claim(T0, "a", "token-of-the-claim-of-a");
+    let b = log.claim(T0 + 100, "b");
+    assert_eq!(log.sm.first_unheld_expiry(), Some(a.expires_at));
+    // Not before its certificate expired and the grace went by.
+    assert_eq!(log.forget(a.expires_at), (0, false));
+    assert_eq!(log.forget(a.expires_at + EXPIRY_GRACE_SECS), (0, false));
+    assert_eq!(log.sm.sizes().claims, 2);
+    assert_eq!(log.forget(a.expires_at + EXPIRY_GRACE_SECS + 1), (1, false));
+    assert!(log.sm.claim("a").is_none());
+    assert!(
+        log.sm.tables().claim_tokens.is_empty(),
+        "its claim token goes with it"
+    );
+    assert!(log.sm.claim("b").is_some(), "b expired later");
+    assert_eq!(log.sm.first_unheld_expiry(), Some(b.expires_at));
+    // The certificate stays invalid, now for want of a claim, and the id is free.
+    let later = a.expires_at + EXPIRY_GRACE_SECS + 2;
+    assert_eq!(log.sm.validate(&a, later), Err(Invalid::Expired));
+    let again = log.claim(later, "a");
+    log.sm.validate(&again, later).unwrap();
+}
+
+#[test]
+fn a_claim_its_session_holds_is_kept_until_the_session_ends() {
+    let mut log = Log::new();
+    let a = log.claim(T0, "a");
+    let session_id = match log.register(T0, "a", conn(1, 1), Some(&a)).unwrap() {
+        Outcome::Registered { session_id, .. } => session_id,
+        o => panic!("{o:?}"),
+    };
+    let late = a.expires_at + EXPIRY_GRACE_SECS + 1;
+    assert_eq!(log.forget(late), (0, false));
+    assert_eq!(log.sm.first_unheld_expiry(), None);
+    // The operator can still revoke the id, which ends the session.
+    let mut revoked = Log {
+        sm: log.sm.clone(),
+        next: log.next,
+    };
+    match revoked.ok(
+        late,
+        Op::RevokeAgent {
+            agent_id: "a".into(),
+        },
+    ) {
+        Outcome::Revoked { ended, .. } => {
+            assert_eq!(ended.map(|e| e.1.session_id), Some(session_id))
+        }
+        o => panic!("{o:?}"),
+    }
+    // Once the session has ended, the claim is forgotten.
+    log.ok(
+        late,
+        Op::Unregister {
+            agent_id: "a".into(),
+            session_id,
+        },
+    );
+    assert_eq!(log.forget(late + 1), (1, false));
+    assert!(log.sm.claim("a").is_none());
+}
+
+#[test]
+fn a_session_without_the_claims_certificate_does_not_hold_it() {
+    let mut log = Log::new();
+    let a = log.claim(T0, "a");
+    let late = a.expires_at + EXPIRY_GRACE_SECS + 1;
+    // Expired, so the id takes a session without a certificate; that holds nothing.
+    log.register(a.expires_at, "a", conn(1, 1), None).unwrap();
+    assert_eq!(log.forget(late), (1, false));
+    assert!(log.sm.claim("a").is_none());
+    assert!(log.sm.session("a").is_some(), "the session stays");
+}
+
+#[test]
+fn a_claim_made_again_is_forgotten_by_its_own_expiry() {
+    let mut log = Log::new();
+    let first = log.claim(T0, "a");
+    let second = match log.ok(T0 + 500, claim_op("a", true, Some(&first), None)) {
+        Outcome::Claimed { certificate } => certificate,
+        o => panic!("{o:?}"),
+    };
+    // Past the first certificate's expiry and grace, not the second's.
+    assert_eq!(
+        log.forget(first.expires_at + EXPIRY_GRACE_SECS + 1),
+        (0, false)
+    );
+    assert_eq!(log.sm.claim("a").map(|c| c.serial), Some(second.serial));
+    assert_eq!(
+        log.forget(second.expires_at + EXPIRY_GRACE_SECS + 1),
+        (1, false)
+    );
+}
+
+#[test]
+fn forgetting_takes_the_earliest_first_and_at_most_the_maximum() {
+    let mut log = Log::new();
+    let n = MAX_FORGOTTEN_PER_COMMAND + 5;
+    for i in 0..n {
+        log.claim(T0 + i as u64, &format!("id-{i:05}"));
+    }
+    let late = T0 + n as u64 + DAY + EXPIRY_GRACE_SECS;
+    assert_eq!(log.forget(late), (MAX_FORGOTTEN_PER_COMMAND as u64, true));
+    let left: Vec<String> = log.sm.tables().claims.keys().cloned().collect();
+    let expected: Vec<String> = (MAX_FORGOTTEN_PER_COMMAND..n)
+        .map(|i| format!("id-{i:05}"))
+        .collect();
+    assert_eq!(left, expected, "the earliest expired went first");
+    assert_eq!(log.forget(late), (5, false));
+    assert_eq!(log.sm.sizes().claims, 0);
+}
+
+/// Random commands over a few ids, connections and times: after each, the index of claims
+/// that may be forgotten is exactly what the tables alone give (as after loading a
+/// snapshot), so that every node forgets the same claims however it came by its tables.
+#[test]
+fn the_forgettable_claims_are_what_the_tables_say_after_any_commands() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    let ids = ["a", "b", "c", "d"];
+    for seed in 0..20 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut log = Log::new();
+        let mut certs: Vec<Certificate> = Vec::new();
+        let mut at = T0;
+        for _ in 0..400 {
+            at += rng.gen_range(0..2 * EXPIRY_GRACE_SECS);
+            let id = ids[rng.gen_range(0..ids.len())];
+            let c = conn(rng.gen_range(1..3), rng.gen_range(1..3));
+            let cert = (!certs.is_empty()).then(|| certs[rng.gen_range(0..certs.len())].clone());
+            let op = match rng.gen_range(0..10) {
+                0 | 1 => Op::Claim(ClaimArgs {
+                    agent_id: id.into(),
+                    ttl_secs: rng.gen_range(1..3 * EXPIRY_GRACE_SECS),
+                    force: rng.gen_bool(0.3),
+                    proof: cert.clone().filter(|c| c.agent_id == id),
+                    conn: rng.gen_bool(0.5).then_some(c),
+                }),
+                2 | 3 => register_op(
+                    id,
+                    c,
+                    cert.as_ref().filter(|_| rng.gen_bool(0.7)),
+                    false,
+                    false,
+                ),
+                4 => match log.sm.session(id) {
+                    Some(s) => Op::Unregister {
+                        agent_id: id.into(),
+                        session_id: s.session_id,
+                    },
+                    None => Op::ForgetExpiredClaims,
+                },
+                5 => Op::EvictNode {
+                    node_id: c.node_id,
+                    max_session_id: u64::MAX,
+                },
+                6 => match cert {
+                    Some(certificate) if rng.gen_bool(0.5) => Op::Release {
+                        certificate,
+                        by: None,
+                    },
+                    Some(certificate) => Op::RevokeCertificate {
+                        certificate,
+                        by: None,
+                    },
+                    None => Op::RevokeAgent {
+                        agent_id: id.into(),
+                    },
+                },
+                7 => Op::RevokeAgent {
+                    agent_id: id.into(),
+                },
+                _ => Op::ForgetExpiredClaims,
+            };
+            if let Ok(Outcome::Claimed { certificate }) = log.apply(at, op.clone()) {
+                certs.push(certificate);
+            }
+            let rebuilt = RegistryState::from_tables(log.sm.tables().clone());
+            assert_eq!(
+                log.sm.claim_expiry, rebuilt.claim_expiry,
+                "seed {seed}, after {op:?} at {at}"
+            );
+        }
+    }
+}
+
 // ---- claim tokens ----
 
 fn token_claim(id: &str, force: bool, proof: Option<&Certificate>, token: &str) -> Op {
