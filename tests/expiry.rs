@@ -16,13 +16,6 @@ fn claim(agent_id: &str) -> Value {
     json!({"type": "system_request", "command": "claim_agent_id", "agent_id": agent_id})
 }
 
-fn claims_gauge(metrics: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("agentreg_claims "))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// Waits until every node's claims table holds `n` claims.
 async fn claims_everywhere(cluster: &TestCluster, n: usize, what: &str) {
     wait_for(&format!("{what} on every node"), TIMEOUT, || async {
@@ -72,8 +65,8 @@ async fn claims_expired_over_an_hour_ago_are_forgotten_everywhere_unless_held() 
     assert!(tables.sessions.contains_key("stays"));
     for id in cluster.nodes.keys() {
         assert_eq!(cluster.tables(*id).digest(), tables.digest(), "node {id}");
-        let (_, metrics) = http_get(cluster.node(*id), "/metrics").await;
-        assert_eq!(claims_gauge(&metrics), Some(1.0), "node {id}");
+        let claims = gauge(cluster.node(*id), "agentreg_claims").await;
+        assert_eq!(claims, Some(1.0), "node {id}");
     }
 
     // A forgotten id is free, as it was once expired.
@@ -88,4 +81,73 @@ async fn claims_expired_over_an_hour_ago_are_forgotten_everywhere_unless_held() 
     })
     .await;
     assert_eq!(cluster.tables(spare).claims.len(), 2);
+}
+
+/// A gauge of `node`'s /metrics, by its full name with labels.
+async fn gauge(node: &agentreg::node::Node, name: &str) -> Option<f64> {
+    let (_, metrics) = http_get(node, "/metrics").await;
+    let prefix = format!("{name} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Mid-upgrade, a member of a build before `ForgetExpiredClaims` could not read the entry:
+/// it would stop following at it, and with a second such member the cluster would commit
+/// nothing more. So while a member has not said it reads the entry (a build before build
+/// probes refuses the question unread), the leader keeps the expired claims and says why;
+/// once every member reads it, they go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expired_claims_wait_until_every_member_reads_the_entry_that_forgets_them() {
+    let (cluster, leader) = TestCluster::ready(Options::default()).await;
+    let earlier = cluster.follower().await;
+    cluster.node(earlier).act_as_earlier_build_for_tests(true);
+    let peer_format = format!("agentreg_peer_log_format{{peer=\"{earlier}\"}}");
+    wait_for(
+        "the leader to hear that a member reads log format 1",
+        TIMEOUT,
+        || async { (gauge(cluster.node(leader), &peer_format).await? == 1.0).then_some(()) },
+    )
+    .await;
+
+    let raw = cluster.raw(leader).await;
+    for i in 0..5 {
+        let a = raw.request(claim(&format!("short-lived-{i}"))).await;
+        assert_eq!(a["success"], true, "{a}");
+    }
+    claims_everywhere(&cluster, 5, "every claim").await;
+    for node in cluster.nodes.values() {
+        node.shift_clock_for_tests(A_DAY_AND_TWO_HOURS_MS);
+    }
+    let why = wait_for("the leader to say why it keeps them", TIMEOUT, || async {
+        cluster.node(leader).status().forgetting_held_back
+    })
+    .await;
+    assert!(
+        why.contains(&format!("node {earlier} reads log format 1, not 2")),
+        "{why}"
+    );
+    assert_eq!(
+        gauge(cluster.node(leader), "agentreg_expired_claims_held_back").await,
+        Some(1.0)
+    );
+    for id in cluster.nodes.keys() {
+        assert_eq!(cluster.tables(*id).claims.len(), 5, "node {id}");
+    }
+
+    // The member upgraded: the claims go, and nothing is held back any more.
+    cluster.node(earlier).act_as_earlier_build_for_tests(false);
+    claims_everywhere(&cluster, 0, "the expired claims forgotten").await;
+    assert_eq!(cluster.node(leader).status().forgetting_held_back, None);
+    assert_eq!(
+        gauge(cluster.node(leader), "agentreg_expired_claims_held_back").await,
+        Some(0.0)
+    );
+    let build = cluster
+        .node(earlier)
+        .status()
+        .build
+        .expect("build in status");
+    assert_eq!(build.log_format, agentreg::registry::LOG_FORMAT);
 }

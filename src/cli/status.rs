@@ -49,7 +49,7 @@ pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<4} {:<22} {:<10} {:<7} {:<6} {:>9} {:>9} {:<12} {:>7} {:>9} {:>12} {:>5} {:>7} {:>8} {:>7} {:>8} {:>7}  CLOCK",
+        "{:<4} {:<22} {:<10} {:<7} {:<6} {:>9} {:>9} {:<12} {:>7} {:>9} {:>12} {:>5} {:>7} {:>8} {:>7} {:>8} {:>7} {:<9}  CLOCK",
         "ID",
         "ADDRESS",
         "ROLE",
@@ -66,13 +66,14 @@ pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
         "PINGS",
         "MISSED",
         "EVICTED",
-        "CERT"
+        "CERT",
+        "BUILD"
     );
     let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
     for (id, addr, s) in rows {
         match s {
             Ok(s) => println!(
-                "{:<4} {:<22} {:<10} {:<7} {:<6} {:>9} {:>9} {:<12} {:>7} {:>9} {:>12} {:>5} {:>7} {:>8} {:>7} {:>8} {:>7}  {}",
+                "{:<4} {:<22} {:<10} {:<7} {:<6} {:>9} {:>9} {:<12} {:>7} {:>9} {:>12} {:>5} {:>7} {:>8} {:>7} {:>8} {:>7} {:<9}  {}",
                 id,
                 addr,
                 s.role,
@@ -90,6 +91,9 @@ pub async fn run(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
                 s.heartbeat.pings_missed,
                 s.heartbeat.evictions_committed,
                 s.tls_valid_until.map_or("-".to_owned(), crate::node::time_left),
+                s.build
+                    .as_ref()
+                    .map_or("-".to_owned(), |b| format!("{} f{}", b.version, b.log_format)),
                 clock_cell(s.clock.as_ref())
             ),
             Err(e) => println!("{id:<4} {addr:<22} unreachable: {e}"),

@@ -165,6 +165,14 @@ pub struct NodeStatus {
     /// Its data dir's size and the room left beside it; absent from nodes of earlier builds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<super::DiskUsage>,
+    /// Its version and the newest kind of log entry it reads; absent from nodes of builds
+    /// before build probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<crate::raft::network::BuildInfo>,
+    /// On the leader, while expired claims are due to be forgotten but are not: which
+    /// member does not read the entry that forgets them (mid-upgrade).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forgetting_held_back: Option<String>,
 }
 
 /// What `agentreg health` reports of one node.
@@ -264,6 +272,8 @@ pub(super) fn status(inner: &Inner) -> NodeStatus {
         clock: Some(inner.clock.status(|| voters.len())),
         tls_valid_until: Some(inner.tls.valid_until()),
         disk: Some(super::DiskUsage::of(&inner.config.data_dir)),
+        build: Some(crate::raft::network::BuildInfo::this()),
+        forgetting_held_back: super::duties::forgetting_held_back(inner),
     }
 }
 

@@ -43,6 +43,14 @@ pub(crate) struct PeerLabel {
     peer: String,
 }
 
+impl PeerLabel {
+    pub(crate) fn of(peer: NodeId) -> PeerLabel {
+        PeerLabel {
+            peer: peer.to_string(),
+        }
+    }
+}
+
 pub(crate) struct Clock {
     /// Added to the system clock, in milliseconds: a node given a wrong clock, in tests.
     shift_ms: AtomicI64,
@@ -214,6 +222,22 @@ fn judge(offsets: &[(NodeId, i64)], voters: usize, max_skew_ms: u64) -> Result<(
 
 /// Asks every other voter for its clock, every [`PROBE_INTERVAL`], until the node stops.
 pub(super) fn spawn_probes(inner: Arc<Inner>) {
+    spawn_rounds(inner, true, |inner, peers| async move {
+        let ids: Vec<NodeId> = peers.iter().map(|(id, _)| *id).collect();
+        inner.clock.forget_all_but(&ids);
+        let probes = peers.iter().map(|(id, addr)| probe(&inner, *id, addr));
+        futures::future::join_all(probes).await;
+        inner.clock.asked.store(true, Ordering::Release);
+    });
+}
+
+/// Runs `round` over the other members, as (id, address), every [`PROBE_INTERVAL`] until
+/// the node stops: the voters only, or the learners too.
+pub(super) fn spawn_rounds<F, Fut>(inner: Arc<Inner>, voters_only: bool, round: F)
+where
+    F: Fn(Arc<Inner>, Vec<(NodeId, String)>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let tasks = inner.tasks.clone();
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(PROBE_INTERVAL);
@@ -228,16 +252,13 @@ pub(super) fn spawn_probes(inner: Arc<Inner>) {
                 let m = metrics.borrow();
                 let membership = m.membership_config.membership();
                 membership
-                    .voter_ids()
-                    .filter(|id| *id != inner.id)
-                    .filter_map(|id| Some((id, membership.get_node(&id)?.addr.clone())))
+                    .nodes()
+                    .filter(|(id, _)| **id != inner.id)
+                    .filter(|(id, _)| !voters_only || membership.voter_ids().any(|v| v == **id))
+                    .map(|(id, node)| (*id, node.addr.clone()))
                     .collect()
             };
-            let ids: Vec<NodeId> = peers.iter().map(|(id, _)| *id).collect();
-            inner.clock.forget_all_but(&ids);
-            let probes = peers.iter().map(|(id, addr)| probe(&inner, *id, addr));
-            futures::future::join_all(probes).await;
-            inner.clock.asked.store(true, Ordering::Release);
+            round(inner.clone(), peers).await;
         }
     });
 }

@@ -127,18 +127,48 @@ fn spawn_expired_claims_sweep(inner: Arc<Inner>) {
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(SWEEP_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Why forgetting was last held back, so that it is said once.
+        let mut said: Option<String> = None;
         loop {
             tokio::select! {
                 _ = inner.shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
+            let mut held_back = None;
             while !inner.draining.is_cancelled() && claims_due(&inner) {
+                // A member that cannot read the entry would stop following at it.
+                if let Err(why) = super::builds::members_read(&inner, FORGET.log_format()) {
+                    held_back = Some(why);
+                    break;
+                }
                 if !forget_expired_claims(&inner).await {
                     break;
                 }
             }
+            if held_back != said {
+                if let Some(why) = &held_back {
+                    tracing::warn!(reason = %why, "expired claims are kept until every member reads the entry that forgets them");
+                }
+                said.clone_from(&held_back);
+            }
+            *inner
+                .forgetting_held_back
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = held_back;
         }
     });
+}
+
+const FORGET: Op = Op::ForgetExpiredClaims;
+
+/// Why the last sweep kept expired claims that were due to be forgotten, if it did: a member
+/// does not read the entry yet (mid-upgrade).
+pub(super) fn forgetting_held_back(inner: &Inner) -> Option<String> {
+    inner
+        .forgetting_held_back
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
 }
 
 /// Whether this node leads and, by its tables and clock, some claim is due to be forgotten.
@@ -159,10 +189,7 @@ async fn forget_expired_claims(inner: &Inner) -> bool {
     let Ok(at) = super::write::now_checked(inner) else {
         return false;
     };
-    let cmd = Command {
-        at,
-        op: Op::ForgetExpiredClaims,
-    };
+    let cmd = Command { at, op: FORGET };
     match super::write::write(inner, cmd).await {
         Ok(w) => matches!(w.response, Ok(Outcome::ClaimsForgotten { more: true, .. })),
         // Tried again at the next tick, by whichever node leads then.

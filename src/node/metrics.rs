@@ -35,6 +35,12 @@ struct RoleLabel {
     role: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    log_format: String,
+}
+
 type HistogramFamily = Family<CommandLabel, Histogram, fn() -> Histogram>;
 
 /// The node's metrics. Request metrics are recorded as requests finish; the rest is read
@@ -52,6 +58,8 @@ pub(crate) struct Metrics {
     forwarding: Forwarding,
     read_index: ReadIndex,
     clock_offsets: super::clock::OffsetGauges,
+    /// The members' log formats (`builds.rs`).
+    pub(crate) peer_log_formats: super::builds::FormatGauges,
     /// Claims refused for their source's rate (`limits.rs`).
     pub(crate) claims_limited: Counter,
     /// Agent connections closed unread at a connection limit (`limits.rs`).
@@ -137,6 +145,11 @@ const GAUGES: &[(&str, &str)] = &[
         "1 while this node stamps no writes and judges no certificates: its clock disagrees \
          with its peers' (agents are answered clock_skew)",
     ),
+    (
+        "agentreg_expired_claims_held_back",
+        "1 while this node leads and expired claims are due to be forgotten, but a member \
+         has not said it reads the log entry that forgets them (mid-upgrade)",
+    ),
 ];
 
 fn latency_histogram() -> Histogram {
@@ -164,6 +177,19 @@ impl Metrics {
             "agentreg_role",
             "1 for this node's current Raft role",
             role.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        let this = crate::raft::network::BuildInfo::this();
+        build
+            .get_or_create(&BuildLabels {
+                version: this.version,
+                log_format: this.log_format.to_string(),
+            })
+            .set(1);
+        registry.register(
+            "agentreg_build_info",
+            "1, labelled with this node's version and the newest kind of log entry it reads",
+            build,
         );
         let gauges: Vec<(&'static str, Gauge)> = GAUGES
             .iter()
@@ -256,7 +282,15 @@ impl Metrics {
             "How far each peer's wall clock is ahead of this node's (negative: behind)",
             clock_offsets.clone(),
         );
+        let peer_log_formats = super::builds::FormatGauges::default();
+        registry.register(
+            "agentreg_peer_log_format",
+            "The newest kind of log entry each other member said it reads (1 for builds \
+             before they said)",
+            peer_log_formats.clone(),
+        );
         Metrics {
+            peer_log_formats,
             claims_limited,
             connections_refused,
             handshakes,
@@ -365,6 +399,10 @@ fn render(inner: &Inner) -> String {
     m.gauge(
         "agentreg_clock_refused",
         u64::from(super::write::now_checked(inner).is_err()),
+    );
+    m.gauge(
+        "agentreg_expired_claims_held_back",
+        u64::from(super::duties::forgetting_held_back(inner).is_some()),
     );
     let c = &inner.counters;
     Metrics::counter_to(&m.pings_sent, c.pings_sent.load(Relaxed));

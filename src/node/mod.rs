@@ -13,6 +13,7 @@
 mod admin;
 mod agent_service;
 mod audit;
+mod builds;
 mod clock;
 mod coalesce;
 mod connections;
@@ -133,6 +134,12 @@ pub(crate) struct Inner {
     pub(crate) conn_limits: limits::ConnectionLimits,
     /// QUIC handshakes in progress (see `handshakes.rs`).
     pub(crate) handshakes: handshakes::Handshakes,
+    /// Which kinds of log entry the other members read (see `builds.rs`).
+    pub(crate) peer_formats: builds::PeerFormats,
+    /// Why the leader's last sweep kept expired claims that were due (see `duties.rs`).
+    pub(crate) forgetting_held_back: std::sync::Mutex<Option<String>>,
+    /// Tests: answer `PeerRequest::Build` as a build before it does (refused unread).
+    pub(crate) act_as_earlier_build: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -240,6 +247,7 @@ impl Node {
         let shutdown = CancellationToken::new();
         let metrics = metrics::Metrics::new();
         let clock = clock::Clock::new(config.identity.max_clock_skew_ms, metrics.clock_offsets());
+        let peer_formats = builds::PeerFormats::new(metrics.peer_log_formats.clone());
         let claim_limits = limits::ClaimLimits::new(&config.limits);
         let conn_limits = limits::ConnectionLimits::new(&config.limits);
         let handshakes = handshakes::Handshakes::new(&config.limits, metrics.handshakes.clone());
@@ -281,6 +289,9 @@ impl Node {
             claim_limits,
             conn_limits,
             handshakes,
+            peer_formats,
+            forgetting_held_back: Default::default(),
+            act_as_earlier_build: Default::default(),
         });
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(l) = metrics_listener {
@@ -295,6 +306,7 @@ impl Node {
         duties::spawn(node.inner.clone());
         heartbeat::spawn(node.inner.clone());
         clock::spawn_probes(node.inner.clone());
+        builds::spawn_probes(node.inner.clone());
         tls_reload::spawn_watch(node.inner.clone());
         agent_service::spawn_session_closer(node.inner.clone(), session_ends);
 
@@ -465,6 +477,15 @@ impl Node {
             .await
             .expect("the node holds the sender");
         seen.clone().unwrap_or_default()
+    }
+
+    /// Makes this node answer its peers' build probes as a build before them does (it
+    /// cannot read the request): for tests of a cluster mid-upgrade.
+    #[doc(hidden)]
+    pub fn act_as_earlier_build_for_tests(&self, earlier: bool) {
+        self.inner
+            .act_as_earlier_build
+            .store(earlier, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Moves this node's clock by `ms` from the system's: a node with a wrong clock, for

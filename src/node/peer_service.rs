@@ -61,6 +61,16 @@ async fn serve_stream(
             return;
         }
     };
+    if matches!(req, PeerRequest::Build)
+        && inner
+            .act_as_earlier_build
+            .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        // What a build before build probes does with a request it cannot decode (above).
+        let _ = recv.stop(BAD_FRAME);
+        let _ = send.reset(BAD_FRAME);
+        return;
+    }
     let raft = &inner.raft;
     // A forwarded write is tracked until its answer is out: see `Inner::forwards`.
     let forward = matches!(req, PeerRequest::Forward(_) | PeerRequest::ForwardBatch(_))
@@ -86,6 +96,7 @@ async fn serve_stream(
         PeerRequest::Campaign { leader, term } => {
             PeerResponse::Campaign(super::handover::campaign(inner, leader, term).await)
         }
+        PeerRequest::Build => PeerResponse::Build(crate::raft::network::BuildInfo::this()),
     };
     let bytes = match codec::encode(&resp) {
         Ok(b) => b,

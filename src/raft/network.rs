@@ -90,6 +90,28 @@ pub enum PeerRequest {
         leader: NodeId,
         term: u64,
     },
+    /// The callee's build: which kinds of log entry it reads (node/builds.rs). A node of a
+    /// build before it refuses the request unread.
+    Build,
+}
+
+/// What a node says of its build (`PeerRequest::Build`, and `agentreg status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildInfo {
+    /// The crate version.
+    pub version: String,
+    /// The newest kind of log entry it reads ([`crate::registry::LOG_FORMAT`]).
+    pub log_format: u32,
+}
+
+impl BuildInfo {
+    /// This build's.
+    pub fn this() -> BuildInfo {
+        BuildInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            log_format: crate::registry::LOG_FORMAT,
+        }
+    }
 }
 
 /// Why a forwarded write was not applied by the node it was sent to.
@@ -118,6 +140,7 @@ pub enum PeerResponse {
     Clock(u64),
     /// Whether the callee stood for election; if not, why.
     Campaign(Result<(), String>),
+    Build(BuildInfo),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -156,6 +179,7 @@ impl PeerRequest {
             PeerRequest::ReadIndex => "read_index",
             PeerRequest::Clock => "clock",
             PeerRequest::Campaign { .. } => "campaign",
+            PeerRequest::Build => "build",
         }
     }
 }
@@ -171,6 +195,7 @@ impl PeerResponse {
             PeerResponse::ReadIndex(_) => "read_index",
             PeerResponse::Clock(_) => "clock",
             PeerResponse::Campaign(_) => "campaign",
+            PeerResponse::Build(_) => "build",
         }
     }
 }

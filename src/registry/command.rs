@@ -176,7 +176,21 @@ impl Command {
 /// a length prefix.
 const VARINT_MAX: usize = 9;
 
+/// The newest kind of log entry this build writes and reads ([`Op::log_format`]): 1 is every
+/// kind up to claim tokens (batches, `ClaimWithToken`), 2 adds `ForgetExpiredClaims`.
+pub const LOG_FORMAT: u32 = 2;
+
 impl Op {
+    /// The log format that first had this kind of entry: a member of a build that reads
+    /// less cannot decode it (see node/builds.rs).
+    pub fn log_format(&self) -> u32 {
+        match self {
+            Op::ForgetExpiredClaims => 2,
+            Op::Batch(cmds) => cmds.iter().map(|c| c.op.log_format()).max().unwrap_or(1),
+            _ => 1,
+        }
+    }
+
     /// Short name for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {

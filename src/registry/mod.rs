@@ -5,7 +5,7 @@ mod state;
 
 pub use command::{
     ClaimArgs, Command, ConnRef, EndCause, Op, Outcome, RegistryError, Response, SessionEnd,
-    SessionRef, TokenHash,
+    SessionRef, TokenHash, LOG_FORMAT,
 };
 pub use state::{
     Claim, ClaimToken, RegistryState, Revocation, Session, TableSizes, Tables, EXPIRY_GRACE_SECS,
