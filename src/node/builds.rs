@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::clock::PeerLabel;
+use super::clock::{PeerLabel, PROBE_TIMEOUT};
 use super::Inner;
 use crate::raft::network::{PeerError, PeerRequest, PeerResponse};
 use crate::raft::types::NodeId;
@@ -21,8 +21,6 @@ use crate::raft::types::NodeId;
 /// What a member that refuses `PeerRequest::Build` unread reads: it is of a build before
 /// build probes, which read every kind of entry up to claim tokens and none after.
 const FORMAT_OF_EARLIER_BUILDS: u32 = 1;
-
-const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub(crate) type FormatGauges = Family<PeerLabel, Gauge>;
 

@@ -31,7 +31,7 @@ use crate::raft::types::NodeId;
 /// How often each peer's clock is asked for.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// A probe answered later than this is dropped: its error would be too large to judge by.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a peer's sample counts.
 const FRESH_FOR: Duration = Duration::from_secs(10);
 

@@ -147,7 +147,10 @@ fn spawn_expired_claims_sweep(inner: Arc<Inner>) {
             }
             if held_back != said {
                 if let Some(why) = &held_back {
-                    tracing::warn!(reason = %why, "expired claims are kept until every member reads the entry that forgets them");
+                    tracing::warn!(
+                        reason = %why,
+                        "expired claims are kept until every member reads the entry that forgets them"
+                    );
                 }
                 said.clone_from(&held_back);
             }
