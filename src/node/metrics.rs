@@ -285,8 +285,8 @@ impl Metrics {
         let peer_log_formats = super::builds::FormatGauges::default();
         registry.register(
             "agentreg_peer_log_format",
-            "The newest kind of log entry each other member said it reads (1 for builds \
-             before they said)",
+            "The newest kind of log entry each other member said it reads (1 for a build \
+             before build probes)",
             peer_log_formats.clone(),
         );
         Metrics {

@@ -105,9 +105,11 @@ pub enum Op {
     ClaimWithToken { claim: ClaimArgs, token: TokenHash },
     /// Forgets claims whose certificates expired more than `EXPIRY_GRACE_SECS` before `at`
     /// and that no session holds (at most `MAX_FORGOTTEN_PER_COMMAND`, the earliest first):
-    /// free ids whose rows every id ever claimed would otherwise keep. Proposed by the leader
-    /// while there are some ([`Outcome::ClaimsForgotten`] says whether more are due). Last,
-    /// like `ClaimWithToken`: builds before it cannot read it (see docs/operations.md).
+    /// their ids were already free, and the tables would otherwise keep a row for every id
+    /// ever claimed. Proposed by the leader while some are due ([`Outcome::ClaimsForgotten`]
+    /// says whether more are). Last, like `ClaimWithToken`: builds before it cannot read it,
+    /// so the leader writes it only once every member has said it reads it (`log_format` 2;
+    /// node/builds.rs).
     ForgetExpiredClaims,
 }
 
