@@ -25,11 +25,11 @@ fn validate(cert: &Value, consistency: &str) -> Value {
 
 /// The offset a node's metrics report for `peer`'s clock, in seconds.
 async fn offset_of(node: &agentreg::node::Node, peer: u64) -> Option<f64> {
-    let (_, text) = http_get(node, "/metrics").await;
-    let prefix = format!("agentreg_peer_clock_offset_seconds{{peer=\"{peer}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
+    metric(
+        node,
+        &format!("agentreg_peer_clock_offset_seconds{{peer=\"{peer}\"}}"),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

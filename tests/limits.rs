@@ -311,10 +311,9 @@ async fn wait_for_metric(cluster: &TestCluster, id: u64, name: &str, ok: impl Fn
 
 /// The value of the metric `name` (without labels) on node `id`.
 async fn metric(cluster: &TestCluster, id: u64, name: &str) -> u64 {
-    let (_, text) = http_get(cluster.node(id), "/metrics").await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} in {text}"))
+    common::metric(cluster.node(id), name)
+        .await
+        .unwrap_or_else(|| panic!("{name} missing from /metrics")) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

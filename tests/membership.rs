@@ -216,15 +216,9 @@ async fn the_leadership_moves_to_the_node_named_and_writes_go_on() {
         .unwrap();
     assert_eq!(v["leader"], named, "{v}");
     let nodes = &cluster;
-    let handovers = |id| async move {
-        let (_, metrics) = http_get(nodes.node(id), "/metrics").await;
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("agentreg_leadership_handovers_total "))
-            .map(|v| v.trim().to_owned())
-    };
-    assert_eq!(handovers(leader).await.as_deref(), Some("1"));
-    assert_eq!(handovers(named).await.as_deref(), Some("0"));
+    let handovers = |id| metric(nodes.node(id), "agentreg_leadership_handovers_total");
+    assert_eq!(handovers(leader).await, Some(1.0));
+    assert_eq!(handovers(named).await, Some(0.0));
     assert_eq!(cluster.leader().await, named);
     assert_eq!(
         cluster.node(named).raft().metrics().borrow().current_term,

@@ -20,11 +20,9 @@ fn write(path: std::path::PathBuf, contents: &str) {
 
 /// The expiry a node's /metrics reports.
 async fn expiry_in_metrics(node: &agentreg::node::Node) -> u64 {
-    let (_, text) = http_get(node, "/metrics").await;
-    text.lines()
-        .find_map(|l| l.strip_prefix("agentreg_tls_certificate_expiry_timestamp_seconds "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("the expiry gauge")
+    metric(node, "agentreg_tls_certificate_expiry_timestamp_seconds")
+        .await
+        .expect("the expiry gauge") as u64
 }
 
 fn near(got: u64, want: u64) -> bool {

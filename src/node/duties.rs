@@ -127,8 +127,6 @@ fn spawn_expired_claims_sweep(inner: Arc<Inner>) {
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(SWEEP_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Why forgetting was last held back, so that it is said once.
-        let mut said: Option<String> = None;
         loop {
             tokio::select! {
                 _ = inner.shutdown.cancelled() => break,
@@ -145,19 +143,20 @@ fn spawn_expired_claims_sweep(inner: Arc<Inner>) {
                     break;
                 }
             }
-            if held_back != said {
-                if let Some(why) = &held_back {
-                    tracing::warn!(
-                        reason = %why,
-                        "expired claims are kept until every member reads the entry that forgets them"
-                    );
-                }
-                said.clone_from(&held_back);
+            let before = std::mem::replace(
+                &mut *inner
+                    .forgetting_held_back
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+                held_back.clone(),
+            );
+            // Said once each time the reason changes.
+            if let Some(why) = held_back.filter(|why| before.as_ref() != Some(why)) {
+                tracing::warn!(
+                    reason = %why,
+                    "expired claims are kept until every member reads the entry that forgets them"
+                );
             }
-            *inner
-                .forgetting_held_back
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = held_back;
         }
     });
 }

@@ -331,6 +331,14 @@ pub async fn http_get(node: &Node, path: &str) -> (u16, String) {
     http_get_at(node.metrics_addr().expect("metrics enabled"), path).await
 }
 
+/// The value a node's `/metrics` gives `name` (with its labels as the text shows them, e.g.
+/// `agentreg_peer_log_format{peer="2"}`), if it has that line.
+pub async fn metric(node: &Node, name: &str) -> Option<f64> {
+    let (_, text) = http_get(node, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// GET `path` from `addr`: (status code, body).
 #[allow(dead_code)]
 pub async fn http_get_at(addr: SocketAddr, path: &str) -> (u16, String) {
