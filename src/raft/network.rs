@@ -554,6 +554,17 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
     }
 }
 
+/// The longest openraft waits before trying again to reach a peer it could not reach.
+///
+/// A peer that restarts must hear from the leader before its own patience runs out (its
+/// leader lease plus an election timeout from its start: 350-400 ms as shipped); else it
+/// stands for election, and its higher term deposes the leader (openraft 0.9 has no
+/// pre-vote), pausing writes for an election on every step of a rolling restart. A backoff
+/// that grew to seconds while the peer was stopping (it refuses connections as it drains)
+/// made that the rule. Trying every 100 ms costs little: a call that merely times out (a
+/// peer gone) puts no backoff, and is tried again at every heartbeat anyway.
+pub const UNREACHABLE_RETRY: Duration = Duration::from_millis(100);
+
 /// openraft's view of one peer.
 pub struct PeerNetwork {
     client: Arc<PeerClient>,
@@ -647,10 +658,11 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         .await
     }
 
+    /// How long openraft waits between attempts to replicate to a peer it could not reach
+    /// (refused, as by a draining node, or not dialled): 50 ms, then [`UNREACHABLE_RETRY`].
     fn backoff(&self) -> Backoff {
-        // 50 ms, 100 ms, 200 ms, ... capped at 2 s between attempts to reach a lost peer.
         Backoff::new(
-            (0u32..).map(|i| Duration::from_millis(50u64.saturating_mul(1 << i.min(6)).min(2000))),
+            std::iter::once(Duration::from_millis(50)).chain(std::iter::repeat(UNREACHABLE_RETRY)),
         )
     }
 }
