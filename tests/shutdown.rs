@@ -51,6 +51,32 @@ async fn start_draining(node: agentreg::node::Node) -> tokio::task::JoinHandle<(
     stopping
 }
 
+/// A peer client of `to`, with the certificate of node `as_node`.
+fn peer_client(
+    cluster: &TestCluster,
+    as_node: u64,
+    to: u64,
+) -> agentreg::raft::network::PeerClient {
+    use agentreg::raft::network::{PeerClient, PeerDialer};
+    use agentreg::transport::tls::{self, NodeTls, TlsFiles};
+    let dir = cluster.tls_dir();
+    let tls = NodeTls::load(&TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join(format!("node{as_node}.pem")),
+        key: dir.join(format!("node{as_node}.key")),
+    })
+    .unwrap();
+    PeerClient::new(
+        to,
+        cluster.addrs[&to].to_string(),
+        PeerDialer {
+            endpoint: quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap(),
+            client_config: tls.peer_client_config().unwrap(),
+            server_name: tls::DEFAULT_SERVER_NAME.into(),
+        },
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stopping_node_finishes_in_flight_writes_and_hands_sessions_back() {
     let _serial = one_at_a_time().await;
@@ -365,8 +391,7 @@ async fn an_admin_request_that_began_before_the_drain_is_served_even_if_it_arriv
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_draining_node_closes_new_agent_connections_unread_and_still_takes_peers() {
     let _serial = one_at_a_time().await;
-    use agentreg::raft::network::{PeerClient, PeerDialer, PeerRequest, PeerResponse};
-    use agentreg::transport::tls::{self, NodeTls, TlsFiles};
+    use agentreg::raft::network::{PeerRequest, PeerResponse};
 
     let (mut cluster, _) = TestCluster::ready(Options::default()).await;
     let f = cluster.follower().await;
@@ -409,22 +434,7 @@ async fn a_draining_node_closes_new_agent_connections_unread_and_still_takes_pee
     agent.ping().await.expect("answered by the next node");
     assert_ne!(agent.current_node().unwrap(), cluster.addrs[&f].to_string());
 
-    let dir = cluster.tls_dir();
-    let peer_tls = NodeTls::load(&TlsFiles {
-        ca: dir.join("ca.pem"),
-        cert: dir.join(format!("node{other}.pem")),
-        key: dir.join(format!("node{other}.key")),
-    })
-    .unwrap();
-    let peer = PeerClient::new(
-        f,
-        cluster.addrs[&f].to_string(),
-        PeerDialer {
-            endpoint: quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap(),
-            client_config: peer_tls.peer_client_config().unwrap(),
-            server_name: tls::DEFAULT_SERVER_NAME.into(),
-        },
-    );
+    let peer = peer_client(&cluster, other, f);
     match peer.call(&PeerRequest::ReadIndex, TIMEOUT).await {
         Ok(PeerResponse::ReadIndex(_)) => {}
         other => panic!("a peer could not reach the draining node: {other:?}"),
@@ -561,4 +571,45 @@ async fn a_restarted_follower_rejoins_without_an_election() {
         );
     }
     assert_eq!(cluster.leader().await, leader);
+}
+
+/// A call that dials a node while it is down does not hold up the calls made once the node is
+/// back: each later call sends a fresh first packet rather than wait behind the first dial,
+/// whose lost packet QUIC sends again only after about a second. Calls used to queue behind
+/// the dial in flight, for as long as the first caller's timeout: a leader's build probe
+/// (500 ms) kept its heartbeats from a restarted node past that node's patience.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_to_a_node_back_up_do_not_wait_behind_a_dial_made_while_it_was_down() {
+    use agentreg::raft::network::{PeerRequest, PeerResponse};
+
+    let _serial = one_at_a_time().await;
+    let (mut cluster, _) = TestCluster::ready(Options::default()).await;
+    let down = cluster.follower().await;
+    let other = cluster.others(down)[0];
+    let peer = Arc::new(peer_client(&cluster, other, down));
+    cluster.stop(down).await;
+    let first = {
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            peer.call(&PeerRequest::ReadIndex, Duration::from_secs(10))
+                .await
+        })
+    };
+    cluster.restart(down).await;
+    let started = std::time::Instant::now();
+    match peer
+        .call(&PeerRequest::ReadIndex, Duration::from_millis(400))
+        .await
+    {
+        Ok(PeerResponse::ReadIndex(_)) => {}
+        other => panic!(
+            "a call to the restarted node failed after {:?}: {other:?}",
+            started.elapsed()
+        ),
+    }
+    // The first call is answered too, on the connection the second one dialled.
+    match first.await.unwrap() {
+        Ok(PeerResponse::ReadIndex(_)) => {}
+        other => panic!("the first call failed: {other:?}"),
+    }
 }

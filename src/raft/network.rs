@@ -17,8 +17,9 @@
 //!
 //! Snapshots travel as openraft's chunked `InstallSnapshot` calls (`snapshot_max_chunk_size`
 //! bytes each), so a large snapshot never has to fit one frame. A peer that cannot be reached
-//! is reported as `Unreachable`; openraft then waits out [`RaftNetwork::backoff`] (exponential,
-//! capped) before the next attempt, which reconnects. A connection that carries nothing back
+//! is reported as `Unreachable`; openraft then waits out [`RaftNetwork::backoff`] (at most
+//! [`UNREACHABLE_RETRY`]) before the next attempt, which reconnects. Dials outlive the calls
+//! that started them (see [`PeerClient`]). A connection that carries nothing back
 //! for [`SILENCE_LIMIT`] while calls on it time out is closed with [`SILENT`] and dialled
 //! afresh: QUIC's retransmission backoff would keep it mute for seconds after a partition
 //! heals.
@@ -250,22 +251,56 @@ impl NodeAddresses {
     }
 }
 
+/// How long a dial goes on before it is given up (the peer is down, or does not answer).
+const DIAL_LIMIT: Duration = Duration::from_secs(1);
+
+/// How long after one dial a call that finds no connection starts another, the first going
+/// on beside it. A peer that is down loses a dial's first packet, and QUIC sends it again
+/// only after about a second; a peer just started must be reached sooner than that (see
+/// [`UNREACHABLE_RETRY`]), so calls keep sending fresh first packets. A dial is never dropped
+/// because a call timed out: a peer slow to answer (busy starting) would be left holding
+/// handshakes that never finish, each for tens of seconds (QUIC's backoff again).
+const REDIAL_AFTER: Duration = Duration::from_millis(100);
+
 /// One peer: its address and the connection to it, kept for reuse.
+///
+/// The connection is dialled by a task of its own, which the calls that need it wait for
+/// (each within its own timeout) and none holds up: a call that times out leaves the dial
+/// going, for the next call to find done. Another dial starts once the last is
+/// [`REDIAL_AFTER`] old; the first to be answered is kept, any later one closed.
 pub struct PeerClient {
     target: NodeId,
     addr: String,
     dialer: PeerDialer,
     /// Where the peer's address is noted once dialled.
     met: NodeAddresses,
-    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+    conn: Arc<Mutex<ConnSlot>>,
+    /// Woken when a dial ends.
+    dialled: Arc<tokio::sync::Notify>,
     /// When a call to this peer last succeeded.
     last_ok: Mutex<Option<tokio::time::Instant>>,
     /// What the peer refused unread on the current connection (an older build): a bit per
     /// [`Newer`] kind; cleared when a new connection is dialled, as the peer may have been
     /// upgraded meanwhile.
-    refuses: std::sync::atomic::AtomicU8,
+    refuses: Arc<std::sync::atomic::AtomicU8>,
     /// What a timed-out call last saw of the connection: see [`PeerClient::silent_for`].
     heard: Mutex<Option<Heard>>,
+}
+
+/// The connection to a peer and the dials towards it.
+#[derive(Default)]
+struct ConnSlot {
+    open: Option<quinn::Connection>,
+    /// When the last dial began.
+    dialled_at: Option<tokio::time::Instant>,
+    /// When a dial last failed, and why.
+    failed: Option<(tokio::time::Instant, String)>,
+}
+
+impl ConnSlot {
+    fn open(&self) -> Option<&quinn::Connection> {
+        self.open.as_ref().filter(|c| c.close_reason().is_none())
+    }
 }
 
 /// The datagrams a connection had received when a timed-out call looked, and since when that
@@ -284,9 +319,10 @@ impl PeerClient {
             addr,
             dialer,
             met: NodeAddresses::default(),
-            conn: tokio::sync::Mutex::new(None),
+            conn: Arc::default(),
+            dialled: Arc::default(),
             last_ok: Mutex::new(None),
-            refuses: std::sync::atomic::AtomicU8::new(0),
+            refuses: Arc::default(),
             heard: Mutex::new(None),
         }
     }
@@ -324,41 +360,84 @@ impl PeerClient {
         }
     }
 
-    /// The open connection to this peer, dialling a new one if there is none.
+    /// The open connection to this peer; if there is none, waits for a dial (starting one
+    /// unless one began less than [`REDIAL_AFTER`] ago). Returns `Unreachable` if a dial
+    /// fails meanwhile; the caller's timeout bounds the wait.
     async fn connection(&self) -> Result<quinn::Connection, PeerError> {
-        let mut slot = self.conn.lock().await;
-        if let Some(conn) = slot.as_ref() {
-            if conn.close_reason().is_none() {
-                return Ok(conn.clone());
-            }
+        let asked = tokio::time::Instant::now();
+        loop {
+            let dialled = self.dialled.notified();
+            tokio::pin!(dialled);
+            // Registered before the slot is read, so a dial ending in between still wakes it.
+            dialled.as_mut().enable();
+            let redial_in = {
+                let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(conn) = slot.open() {
+                    return Ok(conn.clone());
+                }
+                slot.open = None;
+                if let Some((_, why)) = slot.failed.as_ref().filter(|(at, _)| *at >= asked) {
+                    return Err(self.unreachable(why));
+                }
+                let since = slot.dialled_at.map(|at| at.elapsed());
+                match since {
+                    Some(since) if since < REDIAL_AFTER => REDIAL_AFTER - since,
+                    _ => {
+                        slot.dialled_at = Some(tokio::time::Instant::now());
+                        self.spawn_dial();
+                        REDIAL_AFTER
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(redial_in, dialled).await;
         }
-        *slot = None;
-        let addr = resolve(&self.addr).await.map_err(|e| self.unreachable(e))?;
-        let connecting = self
-            .dialer
-            .endpoint
-            .connect_with(
-                self.dialer.client_config.clone(),
-                addr,
-                &self.dialer.server_name,
-            )
-            .map_err(|e| self.unreachable(e))?;
-        let conn = connecting.await.map_err(|e| self.unreachable(e))?;
-        self.met.note(addr.ip());
-        self.refuses.store(0, std::sync::atomic::Ordering::Relaxed);
-        tracing::debug!(target_node = self.target, addr = %self.addr, "connected to peer");
-        *slot = Some(conn.clone());
-        Ok(conn)
+    }
+
+    /// Dials the peer in a task of its own: see [`PeerClient`].
+    fn spawn_dial(&self) {
+        let (target, addr) = (self.target, self.addr.clone());
+        let dialer = self.dialer.clone();
+        let (slot, dialled) = (self.conn.clone(), self.dialled.clone());
+        let (met, refuses) = (self.met.clone(), self.refuses.clone());
+        tokio::spawn(async move {
+            let dial = async {
+                let to = resolve(&addr).await.map_err(|e| e.to_string())?;
+                let connecting = dialer
+                    .endpoint
+                    .connect_with(dialer.client_config.clone(), to, &dialer.server_name)
+                    .map_err(|e| e.to_string())?;
+                connecting.await.map_err(|e| e.to_string())
+            };
+            let result = tokio::time::timeout(DIAL_LIMIT, dial).await;
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            match result {
+                Ok(Ok(conn)) if slot.open().is_some() => {
+                    drop(slot);
+                    conn.close(quinn::VarInt::from_u32(0), b"connected already");
+                }
+                Ok(Ok(conn)) => {
+                    met.note(conn.remote_address().ip());
+                    refuses.store(0, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(target_node = target, %addr, "connected to peer");
+                    slot.open = Some(conn);
+                }
+                Ok(Err(why)) => slot.failed = Some((tokio::time::Instant::now(), why)),
+                // Not answered: the calls waiting for it have timed out, and have said so.
+                Err(_) => {}
+            }
+            dialled.notify_waiters();
+        });
     }
 
     /// Forgets `conn` if it is still the cached one, so the next call dials afresh.
-    async fn discard(&self, conn: &quinn::Connection) {
-        let mut slot = self.conn.lock().await;
+    fn discard(&self, conn: &quinn::Connection) {
+        let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         if slot
+            .open
             .as_ref()
             .is_some_and(|c| c.stable_id() == conn.stable_id())
         {
-            *slot = None;
+            slot.open = None;
         }
     }
 
@@ -415,7 +494,7 @@ impl PeerClient {
                             "peer connection carries nothing back; dialling anew"
                         );
                         conn.close(SILENT, b"silent");
-                        self.discard(&conn).await;
+                        self.discard(&conn);
                     }
                 }
                 Err(PeerError::Timeout {
@@ -442,7 +521,7 @@ impl PeerClient {
         let (mut send, mut recv) = match conn.open_bi().await {
             Ok(s) => s,
             Err(e) => {
-                self.discard(&conn).await;
+                self.discard(&conn);
                 return Err(self.unreachable(e));
             }
         };
@@ -473,7 +552,7 @@ impl PeerClient {
             Ok(a) => a,
             Err(e) => {
                 if conn.close_reason().is_some() {
-                    self.discard(&conn).await;
+                    self.discard(&conn);
                 }
                 return Err(e);
             }
