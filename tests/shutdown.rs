@@ -588,6 +588,13 @@ async fn calls_to_a_node_back_up_do_not_wait_behind_a_dial_made_while_it_was_dow
     let other = cluster.others(down)[0];
     let peer = Arc::new(peer_client(&cluster, other, down));
     cluster.stop(down).await;
+    // Down, not stopping: nothing answers at its address (a stopped endpoint refuses
+    // connections until its last one has drained).
+    let addr = cluster.addrs[&down];
+    wait_for("the stopped node's port free", TIMEOUT, || async {
+        std::net::UdpSocket::bind(addr).ok().map(drop)
+    })
+    .await;
     let first = {
         let peer = peer.clone();
         tokio::spawn(async move {

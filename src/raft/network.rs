@@ -252,15 +252,22 @@ impl NodeAddresses {
 }
 
 /// How long a dial goes on before it is given up (the peer is down, or does not answer).
-const DIAL_LIMIT: Duration = Duration::from_secs(1);
+///
+/// A dial given up while the peer answers leaves the peer a handshake that never finishes,
+/// which it keeps, resending with QUIC's backoff, for tens of seconds. QUIC sends a dial's
+/// first packet again about a second after the first (the initial RTT estimate, 333 ms, makes
+/// the probe timeout about a second), and then three seconds after it: so a dial to a peer
+/// that was down when it began is answered at about one second once the peer is back, and
+/// is not given up before two.
+const DIAL_LIMIT: Duration = Duration::from_secs(2);
 
 /// How long after one dial a call that finds no connection starts another, the first going
 /// on beside it. A peer that is down loses a dial's first packet, and QUIC sends it again
 /// only after about a second; a peer just started must be reached sooner than that (see
-/// [`UNREACHABLE_RETRY`]), so calls keep sending fresh first packets. A dial is never dropped
-/// because a call timed out: a peer slow to answer (busy starting) would be left holding
-/// handshakes that never finish, each for tens of seconds (QUIC's backoff again).
-const REDIAL_AFTER: Duration = Duration::from_millis(100);
+/// [`UNREACHABLE_RETRY`]), so calls keep sending fresh first packets: at most fourteen dials are
+/// out towards a peer that is down, each sending a packet a second. A dial is never dropped
+/// because a call timed out (see [`DIAL_LIMIT`] for why).
+const REDIAL_AFTER: Duration = Duration::from_millis(150);
 
 /// One peer: its address and the connection to it, kept for reuse.
 ///
