@@ -300,6 +300,8 @@ struct ConnSlot {
     open: Option<quinn::Connection>,
     /// When the last dial began.
     dialled_at: Option<tokio::time::Instant>,
+    /// Dials not yet ended.
+    dialling: usize,
     /// When a dial last failed, and why.
     failed: Option<(tokio::time::Instant, String)>,
 }
@@ -368,8 +370,8 @@ impl PeerClient {
     }
 
     /// The open connection to this peer; if there is none, waits for a dial (starting one
-    /// unless one began less than [`REDIAL_AFTER`] ago). Returns `Unreachable` if a dial
-    /// fails meanwhile; the caller's timeout bounds the wait.
+    /// unless one is out that began less than [`REDIAL_AFTER`] ago). Returns `Unreachable` if
+    /// a dial fails meanwhile; the caller's timeout bounds the wait.
     async fn connection(&self) -> Result<quinn::Connection, PeerError> {
         let asked = tokio::time::Instant::now();
         loop {
@@ -388,9 +390,12 @@ impl PeerClient {
                 }
                 let since = slot.dialled_at.map(|at| at.elapsed());
                 match since {
-                    Some(since) if since < REDIAL_AFTER => REDIAL_AFTER - since,
+                    Some(since) if since < REDIAL_AFTER && slot.dialling > 0 => {
+                        REDIAL_AFTER - since
+                    }
                     _ => {
                         slot.dialled_at = Some(tokio::time::Instant::now());
+                        slot.dialling += 1;
                         self.spawn_dial();
                         REDIAL_AFTER
                     }
@@ -417,6 +422,7 @@ impl PeerClient {
             };
             let result = tokio::time::timeout(DIAL_LIMIT, dial).await;
             let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            slot.dialling -= 1;
             match result {
                 Ok(Ok(conn)) if slot.open().is_some() => {
                     drop(slot);
