@@ -273,8 +273,8 @@ const REDIAL_AFTER: Duration = Duration::from_millis(150);
 ///
 /// The connection is dialled by a task of its own, which the calls that need it wait for
 /// (each within its own timeout) and none holds up: a call that times out leaves the dial
-/// going, for the next call to find done. Another dial starts once the last is
-/// [`REDIAL_AFTER`] old; the first to be answered is kept, any later one closed.
+/// going, for the next call to find done. Another dial starts when none is out or the last
+/// is [`REDIAL_AFTER`] old; the first to be answered is kept, any later one closed.
 pub struct PeerClient {
     target: NodeId,
     addr: String,
