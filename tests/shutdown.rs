@@ -462,12 +462,7 @@ async fn a_stopping_leader_hands_its_leadership_over_and_claims_do_not_wait() {
     opts.raft.write_timeout_ms = 30_000;
     let (mut cluster, leader) = TestCluster::ready(opts).await;
     let follower = cluster.follower().await;
-    let term = cluster
-        .node(follower)
-        .raft()
-        .metrics()
-        .borrow()
-        .current_term;
+    let term = cluster.term(follower);
 
     // An agent on a follower claims one id after another, through the stop.
     let agent = Arc::new(cluster.raw(follower).await);
@@ -508,13 +503,7 @@ async fn a_stopping_leader_hands_its_leadership_over_and_claims_do_not_wait() {
     );
     assert!(answered >= 2, "{answered} claims answered");
     // One election, won at once: the term moved on by one.
-    let now = cluster
-        .node(new_leader)
-        .raft()
-        .metrics()
-        .borrow()
-        .current_term;
-    assert_eq!(now, term + 1);
+    assert_eq!(cluster.term(new_leader), term + 1);
 }
 
 /// A follower stopped gracefully and started again (one step of a rolling restart) rejoins
@@ -539,9 +528,7 @@ async fn a_restarted_follower_rejoins_without_an_election() {
     opts.heartbeat.ping_timeout_ms = 5_000;
     let (mut cluster, leader) = TestCluster::ready(opts).await;
     let follower = cluster.follower().await;
-    let term =
-        |cluster: &TestCluster, id: u64| cluster.node(id).raft().metrics().borrow().current_term;
-    let before = term(&cluster, leader);
+    let before = cluster.term(leader);
     cluster.stop(follower).await;
     // Writes go on without it, for as long as a restart takes: the node is down 3.5 s (not a
     // wait for a condition: the time the old backoff needed to grow to its cap).
@@ -549,23 +536,10 @@ async fn a_restarted_follower_rejoins_without_an_election() {
     tokio::time::sleep(Duration::from_millis(3_500)).await;
     cluster.restart(follower).await;
     let index = claim_ok(cluster.node(leader), "after-restart").await.index;
-    wait_for(
-        "the restarted follower applies the leader's writes",
-        TIMEOUT,
-        || async {
-            let applied = cluster
-                .node(follower)
-                .raft()
-                .metrics()
-                .borrow()
-                .last_applied;
-            applied.is_some_and(|l| l.index >= index).then_some(())
-        },
-    )
-    .await;
+    cluster.applied_everywhere(index).await;
     for id in [1, 2, 3] {
         assert_eq!(
-            term(&cluster, id),
+            cluster.term(id),
             before,
             "node {id}'s term moved on: an election was held"
         );

@@ -304,6 +304,11 @@ impl TestCluster {
         }
     }
 
+    /// The Raft term a running node is at.
+    pub fn term(&self, id: u64) -> u64 {
+        self.node(id).raft().metrics().borrow().current_term
+    }
+
     /// The tables of a running node.
     pub fn tables(&self, id: u64) -> Tables {
         self.node(id).state().read().state.tables().clone()
